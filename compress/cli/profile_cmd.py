@@ -1,0 +1,63 @@
+"""``compress profile``: latency of an artifact on this machine or on a device over TVM RPC."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from compress.cli.common import JsonOption, emit_json, print_table, say
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("profile")
+    def profile_cmd(
+        artifact: Path = typer.Argument(..., help="Artifact folder."),
+        target: str | None = typer.Option(None, "--target", "-t", help="Target (default: the artifact's)."),
+        batch: int = typer.Option(1, min=1, help="Batch size."),
+        threads: int | None = typer.Option(None, help="Runtime threads (default: the target's)."),
+        min_runs: int = typer.Option(30, min=1, help="At least this many timed runs..."),
+        min_seconds: float = typer.Option(2.0, min=0.0, help="...and at least this many seconds of timing."),
+        rpc: str | None = typer.Option(None, "--rpc", help="TVM RPC server host:port of the device."),
+        tracker: str | None = typer.Option(None, "--tracker", help="TVM RPC tracker host:port (a device farm)."),
+        key: str | None = typer.Option(None, "--key", help="Device key for --rpc/--tracker."),
+        timeout: float = typer.Option(60.0, help="Seconds before a silent device is given up on."),
+        max_latency_ms: float | None = typer.Option(None, help="Fail (exit 4) when p50 latency is higher."),
+        json_out: bool = JsonOption,
+    ) -> None:
+        """Measure ARTIFACT's latency: warm-up excluded, >= min-runs and >= min-seconds, p50/p90/p99."""
+        from compress.errors import GateFailure
+        from compress.evaluation import profile_artifact
+        from export import load_artifact
+        from targets import get_target
+
+        art = load_artifact(artifact)
+        tgt = get_target(target) if target else (get_target(art.manifest.target["name"]) if art.manifest.target else None)
+        if rpc or tracker:
+            from runtimes.tvm_rpc import profile_remote  # provided by the TVM backend
+
+            stats = profile_remote(art, rpc=rpc, tracker=tracker, key=key, target=tgt, batch=batch,
+                                   min_runs=min_runs, min_seconds=min_seconds, timeout=timeout)  # fmt: skip
+        else:
+            stats = profile_artifact(art, target=tgt, batch=batch, threads=threads, min_runs=min_runs,
+                                     min_seconds=min_seconds)  # fmt: skip
+        result = {"artifact": str(art.path), "format": art.manifest.format, "target": tgt.name if tgt else None,
+                  "tuned": art.manifest.extra.get("tuned"), **stats.to_dict()}  # fmt: skip
+        failed = max_latency_ms is not None and stats.p50_ms > max_latency_ms
+        if json_out:
+            emit_json({**result, "passed": not failed})
+        else:
+            print_table(
+                f"latency of {art.path}",
+                ["runtime", "where", "threads", "batch", "runs", "p50 ms", "p90 ms", "p99 ms"],
+                [[stats.runtime, stats.where, stats.threads, stats.batch, stats.runs, stats.p50_ms, stats.p90_ms,
+                  stats.p99_ms]],
+            )  # fmt: skip
+            if stats.note:
+                say(f"note: {stats.note}")
+        if failed:
+            raise GateFailure(
+                f"p50 latency {stats.p50_ms:.3f} ms > {max_latency_ms} ms",
+                [{"target": tgt.name if tgt else "-", "gate": "max_latency_ms", "limit": max_latency_ms,
+                  "value": stats.p50_ms, "excess": stats.p50_ms - max_latency_ms}],
+            )  # fmt: skip

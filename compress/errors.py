@@ -1,0 +1,35 @@
+"""Errors of the compress domain. The CLI maps them to exit codes (see compress.cli.errors)."""
+
+from __future__ import annotations
+
+
+class CompressError(Exception):
+    """Base of the errors this package raises on purpose."""
+
+
+class CheckpointError(CompressError, ValueError):
+    """A checkpoint cannot be read, is unsafe to load, or does not fit its model (exit code 2)."""
+
+
+class DataError(CompressError, ValueError):
+    """A dataset is missing, empty, malformed or contains non-finite values (exit code 2)."""
+
+
+class ConfigError(CompressError, ValueError):
+    """A technique config or a recipe is invalid (exit code 2)."""
+
+
+class UnsupportedError(CompressError, NotImplementedError):
+    """The combination asked for cannot work (technique on this model, stage order): exit code 3."""
+
+
+class GateFailure(CompressError, RuntimeError):
+    """One or more gates (accuracy, latency, size) failed (exit code 4).
+
+    Attributes:
+        failures: one dict per failed gate: ``{"target", "gate", "limit", "value", "excess"}``.
+    """
+
+    def __init__(self, message: str, failures: list[dict] | None = None):
+        super().__init__(message)
+        self.failures = failures or []

@@ -1,0 +1,116 @@
+"""Exporting models to artifacts by format name (the layer the CLI and recipes call).
+
+Formats: ``onnx`` (built in) and any registered with :func:`register_export_format` (``tvm`` by the
+TVM backend). An ``.onnx`` file given instead of a checkpoint becomes an ONNX artifact as is
+(checked and shape-inferred).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from compress.checkpoint import ModelBundle
+from compress.errors import ConfigError, UnsupportedError
+from export import Artifact, StageRecord, TensorSpec, export_onnx, sha256_file, write_onnx_artifact
+
+# name -> fn(source: ModelBundle | Artifact, target, out, **options) -> Artifact
+_FORMATS: dict[str, Callable[..., Artifact]] = {}
+
+
+def register_export_format(name: str, fn: Callable[..., Artifact]) -> None:
+    _FORMATS[name] = fn
+
+
+def export_formats() -> list[str]:
+    _ensure_builtins()
+    return sorted(_FORMATS)
+
+
+def source_info(bundle: ModelBundle) -> dict[str, Any]:
+    """Where a model came from, for the manifest (so `compress check` can rebuild the reference)."""
+    info: dict[str, Any] = {"model_name": bundle.model_name, "input_shape": list(bundle.input_shape)}
+    if bundle.source and Path(bundle.source).is_file():
+        info["source_checkpoint"] = str(Path(bundle.source).resolve())
+        info["source_sha256"] = sha256_file(Path(bundle.source))
+    return info
+
+
+def _export_onnx_format(source: ModelBundle | Artifact, target: Any, out: Path, **options: Any) -> Artifact:
+    if isinstance(source, Artifact):
+        if not source.manifest.format.startswith("onnx"):
+            raise UnsupportedError(f"cannot turn a {source.manifest.format!r} artifact into ONNX")
+        import onnx
+
+        return write_onnx_artifact(
+            onnx.load(str(source.model_path)), out, fmt=source.manifest.format, model_name=source.manifest.model_name,
+            target=target, inputs=source.manifest.inputs, preprocessing=source.manifest.preprocessing,
+            stages=source.manifest.stages, parent_hash=source.hash, metrics=dict(source.manifest.metrics),
+            extra=dict(source.manifest.extra),
+        )  # fmt: skip
+    return export_onnx(
+        source.module,
+        source.input_shape,
+        out,
+        target=target,
+        model_name=source.model_name,
+        preprocessing=source.preprocessing,
+        stages=[StageRecord(**s) for s in source.metadata.get("stages", [])],
+        opset=int(options.get("opset") or 17),
+        extra=source_info(source),
+    )
+
+
+def import_onnx_file(path: str | Path, out: str | Path, *, target: Any = None) -> Artifact:
+    """Make an artifact from a user's ``.onnx`` file (checked, shapes inferred).
+
+    Raises:
+        ConfigError: the file is not a valid ONNX model.
+    """
+    import onnx
+
+    p = Path(path)
+    try:
+        model = onnx.load(str(p))
+        onnx.checker.check_model(model)
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:  # protobuf DecodeError, ValidationError, OSError: all mean a bad file
+        raise ConfigError(f"{p} is not a valid ONNX model: {str(exc).splitlines()[0][:200]}") from None
+    graph_inputs = {i.name for i in model.graph.initializer}
+    inputs = [
+        TensorSpec(
+            name=i.name,
+            shape=[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim],
+        )
+        for i in model.graph.input
+        if i.name not in graph_inputs
+    ]
+    return write_onnx_artifact(
+        model, out, fmt="onnx", model_name=p.stem, target=target, inputs=inputs,
+        stages=[StageRecord(stage="import-onnx", config={"source": str(p.resolve())})],
+        extra={"source_onnx": str(p.resolve()), "source_sha256": sha256_file(p)},
+    )  # fmt: skip
+
+
+def export_model(source: ModelBundle | Artifact, fmt: str, target: Any, out: str | Path, **options: Any) -> Artifact:
+    """Export ``source`` (a loaded checkpoint or an ONNX artifact) to ``fmt`` for ``target``.
+
+    Raises:
+        ConfigError: unknown format (lists the known ones).
+    """
+    _ensure_builtins()
+    if fmt not in _FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; known: {', '.join(sorted(_FORMATS))}")
+    return _FORMATS[fmt](source, target, Path(out), **options)
+
+
+def _ensure_builtins() -> None:
+    if "onnx" in _FORMATS:
+        return
+    register_export_format("onnx", _export_onnx_format)
+    try:
+        from export.tvm import export_tvm_format  # the TVM backend, when present
+    except ImportError:
+        return
+    register_export_format("tvm", export_tvm_format)

@@ -1,0 +1,213 @@
+"""Running a recipe: load -> stages -> export per target -> check -> profile -> gates -> report.
+
+Every stage writes into ``OUT/stages/NN-name/`` and finishes by writing ``done.json`` with its
+cache key (the hash of its input + resolved config + data). Rerunning a recipe reuses finished
+stages with the same key; a stage killed midway resumes from its own checkpoints. Exports go to
+``OUT/artifacts/<target>-<format>/`` (atomic), and ``OUT/summary.json`` + ``OUT/report.md``
+summarise the run. Gates are evaluated last; failures raise :class:`GateFailure` (exit 4) after
+everything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from compress.checkpoint import ModelBundle, load_checkpoint
+from compress.data import load_splits
+from compress.errors import ConfigError, GateFailure, UnsupportedError
+from compress.recipe import ExportSpec, Recipe, resolved_dict
+from compress.stages import StageContext, StageOutput, get_stage
+
+log = logging.getLogger(__name__)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def model_hash(bundle: ModelBundle) -> str:
+    """Content hash of a model's weights (and name), for stage cache keys."""
+    h = hashlib.sha256(bundle.model_name.encode())
+    for k, v in sorted(bundle.module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_recipe_model(recipe: Recipe, *, allow_code: bool = False) -> ModelBundle:
+    """The recipe's starting model (a built-in example is trained once and cached)."""
+    spec = recipe.model
+    if spec.example:
+        from compress.examples import example_checkpoint
+
+        path = example_checkpoint(spec.example, seed=recipe.seed)
+        return load_checkpoint(path)
+    assert spec.checkpoint is not None  # guaranteed by ModelSpec's validator
+    return load_checkpoint(
+        spec.checkpoint,
+        model_factory=spec.factory,
+        allow_code=allow_code,
+        trust_pickle=spec.trust_pickle,
+        input_shape=tuple(spec.input_shape) if spec.input_shape else None,
+    )
+
+
+def _gates_for(recipe: Recipe, target: Any) -> dict[str, float | None]:
+    gates = target.budgets.to_dict()
+    if target.name in recipe.gates:
+        spec = recipe.gates[target.name]
+        gates.update({k: getattr(spec, k) for k in spec.model_fields_set})
+    return gates
+
+
+def evaluate_gates(target_name: str, gates: dict[str, float | None], metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Compare measured metrics with gates; one dict per failed (or unmeasurable) gate."""
+    measured = {
+        "max_accuracy_drop": metrics.get("accuracy_drop"),
+        "max_latency_ms": metrics.get("latency_p50_ms"),
+        "max_size_mb": None if metrics.get("size_bytes") is None else metrics["size_bytes"] / 1e6,
+    }
+    failures = []
+    for gate, limit in gates.items():
+        if limit is None:
+            continue
+        value = measured.get(gate)
+        if value is None:
+            failures.append({"target": target_name, "gate": gate, "limit": limit, "value": "not measured", "excess": "-"})
+        elif value > limit:
+            failures.append({"target": target_name, "gate": gate, "limit": limit, "value": value, "excess": value - limit})
+    return failures
+
+
+def run_stages(recipe: Recipe, bundle: ModelBundle, out: Path, splits: Any, targets: list[Any]) -> tuple[StageOutput, list[dict]]:
+    """Apply the recipe's stages in order, reusing finished ones; returns the last output and the lineage."""
+    current = StageOutput(bundle=bundle)
+    key = model_hash(bundle)
+    data_fp = splits.train.fingerprint()
+    lineage: list[dict] = []
+    for i, (name, cfg) in enumerate(recipe.resolved_stages()):
+        spec = get_stage(name)
+        stage_dir = out / "stages" / f"{i:02d}-{name}"
+        cfg_json = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+        key = hashlib.sha256(f"{key}|{name}|{cfg_json}|{data_fp}|{recipe.seed}".encode()).hexdigest()
+        done = stage_dir / "done.json"
+        if current.bundle is None and spec.consumes == "module":
+            raise UnsupportedError(
+                f"stage {i} ({name}) needs a PyTorch model, but the stage before it produced an ONNX artifact; "
+                f"put {name!r} before ONNX stages such as 'ptq'"
+            )
+        source = current.bundle if current.bundle is not None else current.artifact
+        t0 = time.perf_counter()
+        if done.exists() and json.loads(done.read_text()).get("key") == key:
+            log.info("stage %s: reusing finished output in %s", name, stage_dir)
+            current = spec.load(stage_dir, source, cfg)
+            reused = True
+        else:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            ctx = StageContext(out_dir=stage_dir, splits=splits, targets=targets, seed=recipe.seed, resume=True)
+            current = spec.run(source, cfg, ctx)
+            _write_json(done, {"key": key, "stage": name, "metrics": current.metrics})
+            reused = False
+        lineage.append({"stage": name, "config": json.loads(cfg_json), "metrics": current.metrics,
+                        "seconds": round(time.perf_counter() - t0, 2), "reused": reused})  # fmt: skip
+        if current.bundle is not None:
+            current.bundle.metadata.setdefault("stages", [])
+            current.bundle.metadata["stages"] = [
+                {"stage": r["stage"], "config": r["config"], "metrics": r["metrics"]} for r in lineage
+            ]
+    return current, lineage
+
+
+def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False) -> dict[str, Any]:
+    """Run a recipe into the folder ``out`` and return the summary (also written to summary.json).
+
+    Raises:
+        GateFailure: after writing every output, when a gate failed (exit code 4).
+    """
+    from compress.evaluation import check_artifact, profile_artifact
+    from compress.exporting import export_model
+    from targets import get_target
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved_dict(recipe), sort_keys=False))
+    t_start = time.perf_counter()
+    reference = load_recipe_model(recipe, allow_code=allow_code)
+    splits = load_splits(recipe.data, seed=recipe.seed, preprocessing=reference.preprocessing or None,
+                         input_shape=reference.input_shape)  # fmt: skip
+    targets = [get_target(t) for t in recipe.targets]
+    final, lineage = run_stages(recipe, reference, out, splits, targets)
+    exports = recipe.export or [ExportSpec(format="onnx", target=t.name) for t in targets]
+    results, failures = [], []
+    for e in exports:
+        target = get_target(e.target)
+        art_dir = out / "artifacts" / f"{target.name}-{e.format}"
+        source = final.artifact if final.bundle is None else final.bundle
+        if final.artifact is not None and e.format == "onnx":
+            source = final.artifact
+        art = export_model(source, e.format, target, art_dir, **e.options)
+        check = check_artifact(art, splits.test, target=target, reference=reference)
+        metrics: dict[str, Any] = {
+            "accuracy": check["accuracy"],
+            "reference_accuracy": check.get("reference_accuracy"),
+            "accuracy_drop": check.get("accuracy_drop"),
+            "top1_agreement": check["rows"][-1].get("top1_agreement"),
+            "sqnr_db": check["rows"][-1].get("sqnr_db"),
+            "size_bytes": art.size_bytes,
+        }
+        if target.is_host:
+            lat = profile_artifact(art, target=target, batch=int(recipe.profile.get("batch", 1)),
+                                   min_runs=int(recipe.profile.get("min_runs", 30)),
+                                   min_seconds=float(recipe.profile.get("min_seconds", 2.0)))  # fmt: skip
+            metrics.update(latency_p50_ms=lat.p50_ms, latency_p90_ms=lat.p90_ms, latency_runtime=lat.runtime,
+                           latency_threads=lat.threads, latency_runs=lat.runs)  # fmt: skip
+        else:
+            metrics["latency_note"] = f"not measured: {target.name} is a remote device (use compress profile --rpc)"
+        art.update_metrics(**{k: v for k, v in metrics.items() if v is not None})
+        gates = _gates_for(recipe, target)
+        failed = evaluate_gates(target.name, gates, metrics)
+        failures.extend(failed)
+        results.append({"target": target.name, "format": e.format, "artifact": str(art.path), "metrics": metrics,
+                        "gates": gates, "failed_gates": failed})  # fmt: skip
+    summary = {
+        "recipe": recipe.name,
+        "model": reference.model_name,
+        "data": recipe.data,
+        "stages": lineage,
+        "results": results,
+        "passed": not failures,
+        "failures": failures,
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    _write_json(out / "summary.json", summary)
+    from compress.report import write_report
+
+    write_report(out)
+    if failures:
+        raise GateFailure(f"{len(failures)} gate(s) failed; see {out / 'report.md'}", failures)
+    return summary
+
+
+def check_recipe_inputs(recipe: Recipe) -> None:
+    """Cheap up-front checks for --dry-run (the model file exists, the data resolves)."""
+    if recipe.model.checkpoint and not Path(recipe.model.checkpoint).is_file():
+        raise ConfigError(f"recipe model checkpoint {recipe.model.checkpoint!r} does not exist")
+    if recipe.model.example:
+        from compress.models import list_models
+
+        if recipe.model.example not in list_models():
+            raise ConfigError(f"unknown example model {recipe.model.example!r}; known: {', '.join(list_models())}")

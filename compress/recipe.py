@@ -1,0 +1,191 @@
+"""Recipes: one YAML file (``version: 1``) naming the model, data, targets, stages, exports and gates.
+
+Example::
+
+    version: 1
+    model: {example: cnn}            # or {checkpoint: ex/cnn.pt, factory: cnn, input_shape: [1, 28, 28]}
+    data: mnist
+    targets: [x86-64]
+    stages:
+      - sparsify: {pattern: "2:4", method: mdgf}
+    export:
+      - {format: onnx, target: x86-64}
+    gates:
+      x86-64: {max_accuracy_drop: 1.0, max_latency_ms: 5.0, max_size_mb: 1.0}
+
+Unknown keys are rejected with the valid ones listed. A recipe never imports Python code unless
+the user passes ``--allow-code`` (needed for ``factory: package.module:function``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from compress.errors import ConfigError
+
+RECIPE_VERSION = 1
+
+
+class ModelSpec(BaseModel):
+    """Where the model comes from: a built-in example, or a checkpoint (+ factory)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    example: str | None = None
+    checkpoint: str | None = None
+    factory: str | None = None
+    input_shape: list[int] | None = None
+    trust_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.example is None) == (self.checkpoint is None):
+            raise ValueError("model needs exactly one of 'example' (a built-in model) or 'checkpoint' (a path)")
+        return self
+
+
+class ExportSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = "onnx"
+    target: str
+    options: dict[str, Any] = {}
+
+
+class GateSpec(BaseModel):
+    """Per-target gates; None disables a gate. Unset fields take the target's default budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_accuracy_drop: float | None = None
+    max_latency_ms: float | None = None
+    max_size_mb: float | None = None
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = RECIPE_VERSION
+    name: str = "recipe"
+    model: ModelSpec
+    data: str = "mnist"
+    seed: int = 0
+    targets: list[str] = Field(default_factory=lambda: ["x86-64"])
+    stages: list[dict[str, Any]] = []
+    export: list[ExportSpec] = []
+    gates: dict[str, GateSpec] = {}
+    profile: dict[str, Any] = Field(default_factory=lambda: {"batch": 1, "min_runs": 30, "min_seconds": 2.0})
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != RECIPE_VERSION:
+            raise ValueError(f"recipe version {v} is not supported; this edgecompress reads version {RECIPE_VERSION}")
+        return v
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_shape(cls, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, s in enumerate(stages):
+            if not isinstance(s, dict) or len(s) != 1:
+                raise ValueError(f"stage {i} must be a mapping with one key, the stage name (e.g. '- qat: {{bits: 4}}')")
+        return stages
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        from targets import get_target
+
+        for t in self.targets:
+            get_target(t)
+        for e in self.export:
+            if e.target not in self.targets:
+                raise ValueError(f"export target {e.target!r} is not in targets {self.targets}")
+        for t in self.gates:
+            if t not in self.targets:
+                raise ValueError(f"gates name target {t!r}, which is not in targets {self.targets}")
+        return self
+
+    def resolved_stages(self) -> list[tuple[str, BaseModel]]:
+        """(stage name, validated config) for every stage, in order.
+
+        Raises:
+            ConfigError: an unknown stage or an invalid stage config (naming the stage and the field).
+        """
+        from compress.stages import get_stage
+
+        out = []
+        for i, entry in enumerate(self.stages):
+            name, cfg = next(iter(entry.items()))
+            spec = get_stage(name)
+            try:
+                out.append((name, spec.config_cls.model_validate(cfg or {})))
+            except ValidationError as exc:
+                raise ConfigError(f"stage {i} ({name}): {_format_validation(exc, spec.config_cls)}") from None
+        return out
+
+
+def _format_validation(exc: ValidationError, cls: type[BaseModel] | None = None) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden" and cls is not None:
+            msg += f"; valid keys: {', '.join(cls.model_fields)}"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def _valid_keys_hint(exc: ValidationError) -> str:
+    """For unknown keys, list the valid ones of the model they appeared in."""
+    models = {(): Recipe, ("model",): ModelSpec, ("gates",): GateSpec}
+    parts = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = loc[:-1]
+            cls = models.get(parent) or (GateSpec if parent[:1] == ("gates",) else ExportSpec if parent[:1] == ("export",) else None)
+            if cls is not None:
+                msg = f"unknown key {loc[-1]!r}; valid keys: {', '.join(cls.model_fields)}"
+        parts.append(f"{'.'.join(loc) or '(top level)'}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe given as a dict.
+
+    Raises:
+        ConfigError: with every problem, its location and (for unknown keys) the valid keys.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a recipe must be a YAML mapping")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_valid_keys_hint(exc)}") from None
+    recipe.resolved_stages()
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    return parse_recipe(data, str(p))
+
+
+def resolved_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe with every default and every stage config filled in (written beside the outputs)."""
+    d = recipe.model_dump(mode="json")
+    d["stages"] = [{name: cfg.model_dump(mode="json")} for name, cfg in recipe.resolved_stages()]
+    return d

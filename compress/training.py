@@ -1,0 +1,301 @@
+"""The one training loop shared by example training, GAQAT/QAT and N:M sparsity training.
+
+Features: explicit seeds and a deterministic batch order, checkpoints every N steps written
+atomically, ``resume`` after a kill that continues exactly where the run stopped, early
+stopping on a validation split, a JSONL log, progress, and DistributedDataParallel when launched
+under ``torchrun`` (gloo on CPU) with no separate code path for the techniques.
+
+A technique customises training through a :class:`TrainingHooks` object: how the optimizer is
+built, what one step does (SAGM needs two passes; SR-STE changes the gradients), what happens
+after a step (mask and schedule updates), and what extra state must survive a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from compress.data import Dataset
+from compress.progress import progress
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+class TrainConfig(BaseModel):
+    """Hyper-parameters of the shared training loop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: str = Field("adam", pattern="^(adam|adamw|sgd)$")
+    momentum: float = 0.9
+    lr_schedule: str = Field("cosine", pattern="^(cosine|constant)$")
+    seed: int = 0
+    eval_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    early_stop_patience: int | None = Field(None, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) when launched under torchrun, else (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class TrainingHooks:
+    """Default behaviour: cross-entropy, one backward pass, the configured optimizer.
+
+    Subclasses override what their technique changes. Everything returned by
+    :meth:`state_dict` must be loadable with ``torch.load(weights_only=True)``.
+    """
+
+    def make_optimizer(self, model: Any, config: TrainConfig) -> Any:
+        import torch
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        if config.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    def loss(self, model: Any, x: Any, y: Any) -> Any:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(model(x), y)
+
+    def training_step(self, model: Any, optimizer: Any, x: Any, y: Any, step: int) -> float:
+        """One optimisation step; returns the loss before the update."""
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(model, x, y)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    def on_train_start(self, model: Any, total_steps: int) -> None:
+        """Called once before the first step (also after a resume)."""
+
+    def on_step_end(self, model: Any, step: int) -> dict[str, Any]:
+        """Called after each step; the returned dict is merged into the step's log record."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    steps: int
+    best_val_accuracy: float | None
+    final_val_accuracy: float | None
+    wall_seconds: float
+    resumed_from: int
+    stopped_early: bool
+    log_path: Path | None
+
+
+def evaluate_accuracy(model: Any, ds: Dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy (in %) of a torch model on a dataset, in eval mode."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(ds), batch_size):
+            out = model(torch.from_numpy(ds.x[i : i + batch_size]))
+            correct += int((out.argmax(1).numpy() == ds.y[i : i + batch_size]).sum())
+    model.train(was_training)
+    return 100.0 * correct / len(ds)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class Trainer:
+    """Runs :class:`TrainConfig` over a model with :class:`TrainingHooks`.
+
+    Args:
+        model: the ``nn.Module`` to train (updated in place).
+        train: training split.
+        val: validation split for early stopping (None: no evaluation).
+        config: the hyper-parameters.
+        out_dir: where checkpoints and the log go (None: keep nothing on disk).
+        hooks: technique-specific behaviour.
+
+    Example:
+        >>> result = Trainer(model, splits.train, splits.val, TrainConfig(max_steps=200), "run/").fit()
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        train: Dataset,
+        val: Dataset | None,
+        config: TrainConfig,
+        out_dir: str | Path | None = None,
+        hooks: TrainingHooks | None = None,
+    ):
+        self.model = model
+        self.train_ds = train
+        self.val_ds = val
+        self.config = config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.hooks = hooks or TrainingHooks()
+        self.rank, self.world = dist_info()
+
+    # --- batching: deterministic from (seed, epoch), so a resume sees the same batches ---
+    def _batch_indices(self, step: int) -> np.ndarray:
+        n = len(self.train_ds)
+        per_step = self.config.batch_size * self.world
+        steps_per_epoch = max(1, n // per_step)
+        epoch, within = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(n)
+        start = within * per_step + self.rank * self.config.batch_size
+        return order[start : start + self.config.batch_size]
+
+    def _lr_at(self, step: int) -> float:
+        if self.config.lr_schedule == "constant":
+            return self.config.lr
+        return 0.5 * self.config.lr * (1 + math.cos(math.pi * step / self.config.max_steps))
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train for ``config.max_steps`` steps (or until early stopping).
+
+        Args:
+            resume: continue from ``out_dir/train_state.pt`` if it exists.
+        """
+        import torch
+
+        cfg = self.config
+        seed_everything(cfg.seed)
+        train_model = self.model
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+            train_model = torch.nn.parallel.DistributedDataParallel(self.model)
+        optimizer = self.hooks.make_optimizer(train_model, cfg)
+        start, best_acc, best_state, patience, last_acc = 0, None, None, 0, None
+        state_path = self.out_dir / STATE_FILE if self.out_dir else None
+        log_path = self.out_dir / LOG_FILE if self.out_dir else None
+        if self.out_dir and self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume and state_path is not None and state_path.exists():
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            self.hooks.load_state_dict(state["hooks"])
+            torch.set_rng_state(state["torch_rng"])
+            start, best_acc, patience = int(state["step"]), state["best_acc"], int(state["patience"])
+            best_state = state.get("best_model")
+            log.info("resumed from step %d of %s", start, state_path)
+            if log_path is not None and log_path.exists() and self.rank == 0:
+                kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+                log_path.write_text("".join(ln + "\n" for ln in kept))
+        elif log_path is not None and log_path.exists() and self.rank == 0:
+            log_path.unlink()
+        self.hooks.on_train_start(train_model, cfg.max_steps)
+        t0 = time.perf_counter()
+        stopped_early = False
+        train_model.train()
+        step = start
+        with progress("training", total=cfg.max_steps) as bar:
+            bar.advance(start)
+            while step < cfg.max_steps:
+                idx = self._batch_indices(step)
+                x = torch.from_numpy(self.train_ds.x[idx])
+                y = torch.from_numpy(self.train_ds.y[idx])
+                for group in optimizer.param_groups:
+                    group["lr"] = self._lr_at(step) * group.get("lr_scale", 1.0)
+                loss = self.hooks.training_step(train_model, optimizer, x, y, step)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"training diverged at step {step}: loss is {loss}; lower the learning rate")
+                step += 1
+                record: dict[str, Any] = {"step": step, "loss": loss, "lr": self._lr_at(step - 1)}
+                record.update(self.hooks.on_step_end(train_model, step))
+                if self.val_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    last_acc = evaluate_accuracy(self.model, self.val_ds)
+                    record["val_accuracy"] = last_acc
+                    if best_acc is None or last_acc > best_acc:
+                        best_acc, patience = last_acc, 0
+                        best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                    else:
+                        patience += 1
+                    train_model.train()
+                if log_path is not None and self.rank == 0 and (step % cfg.log_every == 0 or len(record) > 3):
+                    with log_path.open("a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                bar.advance(1)
+                stop = cfg.early_stop_patience is not None and patience >= cfg.early_stop_patience
+                if state_path is not None and self.rank == 0 and (step % cfg.checkpoint_every == 0 or stop):
+                    _atomic_torch_save(
+                        {
+                            "step": step,
+                            "model": self.model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "hooks": self.hooks.state_dict(),
+                            "torch_rng": torch.get_rng_state(),
+                            "best_acc": best_acc,
+                            "best_model": best_state,
+                            "patience": patience,
+                        },
+                        state_path,
+                    )
+                if stop:
+                    stopped_early = True
+                    log.info("early stop at step %d: no val improvement in %d evaluations", step, patience)
+                    break
+        if best_state is not None and cfg.early_stop_patience is not None:
+            self.model.load_state_dict(best_state)
+        self.model.eval()
+        return TrainResult(
+            steps=step,
+            best_val_accuracy=best_acc,
+            final_val_accuracy=last_acc,
+            wall_seconds=time.perf_counter() - t0,
+            resumed_from=start,
+            stopped_early=stopped_early,
+            log_path=log_path,
+        )

@@ -1,0 +1,38 @@
+"""Turning models into artifacts for a target: ONNX now, TVM in export.tvm.
+
+Heavy libraries (torch, onnx, onnxruntime) are imported inside the functions that use them.
+"""
+
+from export.artifact import (
+    Artifact,
+    Manifest,
+    StageRecord,
+    TensorSpec,
+    artifact_writer,
+    load_artifact,
+    sha256_file,
+    write_manifest,
+)
+from export.errors import ArtifactError, ExportError, UnsupportedExportError
+from export.onnx_export import OnnxExporter, export_onnx, register_onnx_exporter, write_onnx_artifact
+from export.verify import compare_outputs, sqnr_db
+
+__all__ = [
+    "Artifact",
+    "ArtifactError",
+    "ExportError",
+    "Manifest",
+    "OnnxExporter",
+    "StageRecord",
+    "TensorSpec",
+    "UnsupportedExportError",
+    "artifact_writer",
+    "compare_outputs",
+    "export_onnx",
+    "load_artifact",
+    "register_onnx_exporter",
+    "sha256_file",
+    "sqnr_db",
+    "write_manifest",
+    "write_onnx_artifact",
+]

@@ -1,0 +1,15 @@
+"""Errors of the export domain."""
+
+from __future__ import annotations
+
+
+class ExportError(RuntimeError):
+    """Turning a model into an artifact failed (CLI exit code 1 unless a subclass says otherwise)."""
+
+
+class ArtifactError(ValueError):
+    """An artifact folder is missing, of an unknown version, or fails its hash check (exit code 2)."""
+
+
+class UnsupportedExportError(NotImplementedError):
+    """The model cannot be exported in this format for this target: an operator or a precision (exit 3)."""

@@ -1,0 +1,25 @@
+"""Running artifacts: onnxruntime, TVM (local and over RPC) and torch eager as the reference.
+
+Heavy libraries are imported inside the runtime modules, never here.
+"""
+
+from runtimes.base import Runtime, Session, get_runtime, list_runtimes, register_runtime, runtime_for
+from runtimes.errors import DeviceConnectionError, RuntimeExecutionError, RuntimeUnavailableError
+from runtimes.measure import LatencyStats, evaluate, measure_latency, run_batched, top1_accuracy
+
+__all__ = [
+    "DeviceConnectionError",
+    "LatencyStats",
+    "Runtime",
+    "RuntimeExecutionError",
+    "RuntimeUnavailableError",
+    "Session",
+    "evaluate",
+    "get_runtime",
+    "list_runtimes",
+    "measure_latency",
+    "register_runtime",
+    "run_batched",
+    "runtime_for",
+    "top1_accuracy",
+]

@@ -1,0 +1,77 @@
+"""Host CPU detection: which x86 vector extensions this machine has and the LLVM ``mcpu`` to use.
+
+Reads ``/proc/cpuinfo`` (Linux) instead of importing TVM or LLVM, so the target registry stays
+cheap to import. The mapping picks the oldest LLVM CPU name that enables every detected
+extension, so code compiled for it runs on this host.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HostCPU:
+    """What the host CPU offers, as read from the operating system."""
+
+    arch: str
+    flags: frozenset[str]
+    num_cores: int
+
+    @property
+    def has_avx2(self) -> bool:
+        return "avx2" in self.flags
+
+    @property
+    def has_avx512(self) -> bool:
+        return "avx512f" in self.flags
+
+    @property
+    def has_vnni(self) -> bool:
+        return "avx512_vnni" in self.flags or "avx_vnni" in self.flags
+
+    @property
+    def has_amx(self) -> bool:
+        return "amx_tile" in self.flags
+
+    @property
+    def llvm_mcpu(self) -> str:
+        """The LLVM CPU name whose features this host has (oldest such, for portability)."""
+        if self.arch not in ("x86_64", "amd64"):
+            return "generic"
+        if self.has_amx:
+            return "sapphirerapids"
+        if "avx512_vnni" in self.flags:
+            return "cascadelake"
+        if self.has_avx512:
+            return "skylake-avx512"
+        if self.has_avx2:
+            return "haswell"
+        return "x86-64"
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = [("avx2", self.has_avx2), ("avx512", self.has_avx512), ("vnni", self.has_vnni), ("amx", self.has_amx)]
+        return [n for n, present in names if present]
+
+
+def _read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def detect_host() -> HostCPU:
+    """Detect the host CPU once per process."""
+    arch = platform.machine().lower()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return HostCPU(arch=arch, flags=_read_cpu_flags(), num_cores=cores)
