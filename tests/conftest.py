@@ -1,0 +1,69 @@
+"""Shared fixtures: an isolated cache, the built-in MNIST splits and small trained example models.
+
+Training is short (a few seconds) and happens once per test session; tests that need the fully
+trained demo model use ``example_checkpoint`` through the session cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Point the toolchain's cache at a per-session folder (unless the caller set one)."""
+    if "EDGECOMPRESS_CACHE" not in os.environ:
+        os.environ["EDGECOMPRESS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    import torch
+
+    torch.set_num_threads(2)
+    return Path(os.environ["EDGECOMPRESS_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def mnist_splits():
+    from compress.data import load_splits
+
+    return load_splits("mnist")
+
+
+def _train(name: str, steps: int, folder: Path) -> Path:
+    from compress.examples import train_example
+
+    return train_example(name, folder, steps=steps, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cnn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example CNN trained for 300 steps (~96% test accuracy, ~6 s)."""
+    return _train("cnn", 300, tmp_path_factory.mktemp("cnn"))
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """Factory fixture: ``trained_checkpoint("vit", steps=200)`` trains once per (name, steps)."""
+    made: dict[tuple[str, int], Path] = {}
+
+    def get(name: str, steps: int = 200) -> Path:
+        if (name, steps) not in made:
+            made[(name, steps)] = _train(name, steps, tmp_path_factory.mktemp(f"{name}{steps}"))
+        return made[(name, steps)]
+
+    return get
+
+
+@pytest.fixture()
+def cli(capsys: pytest.CaptureFixture[str]):
+    """Run the CLI in-process: ``code, out, err = cli("export", ...)``."""
+    from compress.cli.app import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
