@@ -1,0 +1,66 @@
+"""The ``sparsify`` recipe stage: N:M sparsity (one-shot, SR-STE, MDGF, SDGF) on a PyTorch model.
+
+Its output bundle keeps ``metadata["nm_sparsity"]`` (pattern, per-layer sparsity), so later stages
+(``qat``, ``ptq``, ``codebook``) and exports can check that the pattern survived
+(:func:`compress.sparsity.api.check_module_pattern`, :func:`compress.sparsity.export.verify_onnx_nm`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from compress.sparsity.config import NMSparsityConfig
+from compress.stages import StageContext, StageOutput, StageSpec, register_stage
+
+CHECKPOINT = "sparse.pt"
+METRICS = "sparsity_metrics.json"
+
+
+def run_sparsify(bundle: Any, config: NMSparsityConfig, ctx: StageContext) -> StageOutput:
+    """Sparsify ``bundle`` and write ``sparse.pt`` and the metrics into ``ctx.out_dir``."""
+    from compress.checkpoint import save_checkpoint
+    from compress.sparsity.api import apply_nm_sparsity
+
+    sparse, metrics = apply_nm_sparsity(
+        bundle, config, ctx.splits, out_dir=ctx.out_dir / "train", resume=ctx.resume
+    )
+    path = save_checkpoint(
+        sparse, ctx.out_dir / CHECKPOINT, model_kwargs={"num_classes": sparse.num_classes or 10}
+    )
+    (ctx.out_dir / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    sparse.source = str(path)
+    return StageOutput(bundle=sparse, metrics=metrics, files={"checkpoint": str(path)})
+
+
+def load_sparsify(out_dir: Path, input_bundle: Any, config: NMSparsityConfig) -> StageOutput:
+    """Rebuild a finished stage's output from its folder (weights into a copy of the input model)."""
+    import copy
+
+    import torch
+
+    from compress.checkpoint import ModelBundle
+
+    state = torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    module = copy.deepcopy(input_bundle.module)
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    metadata = json.loads(state.get("metadata_json", "{}"))
+    bundle = ModelBundle(module, input_bundle.model_name, input_bundle.input_shape, dict(input_bundle.preprocessing),
+                         input_bundle.num_classes, metadata, str(out_dir / CHECKPOINT))  # fmt: skip
+    metrics = json.loads((out_dir / METRICS).read_text()) if (out_dir / METRICS).exists() else {}
+    return StageOutput(bundle=bundle, metrics=metrics, files={"checkpoint": str(out_dir / CHECKPOINT)})
+
+
+SPARSIFY_STAGE = register_stage(
+    StageSpec(
+        name="sparsify",
+        description="N:M structured sparsity: one-shot, SR-STE, MDGF (exp/linear), SDGF (stepwise/geometric)",
+        config_cls=NMSparsityConfig,
+        run=run_sparsify,
+        load=load_sparsify,
+        consumes="module",
+        produces="module",
+    )
+)
