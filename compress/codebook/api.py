@@ -1,0 +1,234 @@
+"""``apply_jlcm``: compress a model's Linear/Conv2d weights into packed codebooks (JLCM).
+
+Yvinec, Dapogny, Bailly, "Network Memory Footprint Compression Through Jointly Learnable
+Codebooks and Mappings", ICLR 2024 (arXiv 2309.17361). The steps follow ALGORITHMS.md section 2:
+neuron grouping and reordering (permutation folded where the graph allows), k-means
+initialisation, layer-wise joint learning of codebooks, scales and mappings on calibration data,
+an optional end-to-end distillation phase, then freezing into packed layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.codebook.config import JLCMConfig
+from compress.codebook.grouping import apply_fold, fold_plans, group_neurons
+from compress.codebook.layers import (
+    CODEBOOK_LAYERS,
+    CodebookConv2d,
+    CodebookLinear,
+    CodebookWeight,
+    model_accounting,
+)
+from compress.codebook.learn import TrainableCodebookLayer, distill, learn_layer
+from compress.errors import CheckpointError, UnsupportedError
+
+log = logging.getLogger(__name__)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, name: str, inputs: torch.Tensor, *, want: str, batch: int = 64) -> torch.Tensor:
+    """The input (``want="input"``) or output of sub-module ``name`` over all ``inputs``."""
+    mod = model.get_submodule(name)
+    got: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        got.append((args[0] if want == "input" else out).detach())
+
+    handle = mod.register_forward_hook(hook)
+    try:
+        for i in range(0, inputs.shape[0], batch):
+            model(inputs[i : i + batch])
+    finally:
+        handle.remove()
+    return torch.cat(got)
+
+
+def select_layers(model: nn.Module, config: JLCMConfig) -> list[str]:
+    """Names of the Linear/Conv2d layers the config's scope selects (and big enough)."""
+    names = [name for name, mod in config.scope.select(model)
+             if isinstance(mod, nn.Linear | nn.Conv2d) and mod.weight.numel() >= config.min_weights]  # fmt: skip
+    if not names:
+        raise UnsupportedError(f"no Linear/Conv2d layer of {type(model).__name__} matches scope "
+                               f"include={config.scope.include} exclude={config.scope.exclude} "
+                               f"with at least {config.min_weights} weights")  # fmt: skip
+    return names
+
+
+@torch.no_grad()
+def group_and_fold(model: nn.Module, names: list[str], config: JLCMConfig, example: torch.Tensor) -> dict[str, Any]:
+    """JLCM step 1 on a float model, in place: group neurons, reorder rows, fold permutations.
+
+    Folded layers get their rows (and bias) permuted in place together with the next layer's input
+    columns, so the model's function is unchanged. Returns per layer ``(weight_2d in stored order,
+    group_sizes, row_gather or None, folded)``.
+    """
+    plans = fold_plans(model, names, example) if config.fold_permutation and config.grouping == "kmeans" else {}
+    result: dict[str, Any] = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        w2d = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        order, sizes = group_neurons(w2d, config.groups, mode=config.grouping, descriptor=config.descriptor,
+                                     seed=config.seed)  # fmt: skip
+        identity = bool(torch.equal(order, torch.arange(len(order))))
+        if identity:
+            result[name] = (w2d.clone(), sizes, None, False)
+        elif name in plans:
+            layer.weight.copy_(layer.weight[order])
+            if layer.bias is not None:
+                layer.bias.copy_(layer.bias[order])
+            apply_fold(plans[name], order)
+            result[name] = (layer.weight.detach().reshape(len(order), -1).clone(), sizes, None, True)
+        else:
+            result[name] = (w2d[order].clone(), sizes, torch.argsort(order), False)
+    return result
+
+
+def apply_jlcm(model: nn.Module, calib_inputs: torch.Tensor, config: JLCMConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """Compress ``model`` with JLCM; the input model is not modified.
+
+    Args:
+        model: a float model (eval mode is used throughout).
+        calib_inputs: calibration inputs (at most ``config.calib_samples`` are used).
+        config: the :class:`JLCMConfig`.
+
+    Returns:
+        ``(compressed_model, report)``; the report holds the per-layer learning losses, the
+        bits-per-weight accounting and the layout needed to reload a checkpoint.
+
+    Raises:
+        UnsupportedError: no layer in scope.
+
+    Example:
+        >>> small, report = apply_jlcm(model, calib_x, JLCMConfig(bits=3, groups=8))
+        >>> report["accounting"]["bits_per_weight"]
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    student = copy.deepcopy(model).eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    calib = calib_inputs[: config.calib_samples].float()
+    names = select_layers(student, config)
+    stored = group_and_fold(student, names, config, calib[:2])
+    teacher = copy.deepcopy(student).eval()  # function-identical to ``model`` (folding is exact)
+    trainables: list[TrainableCodebookLayer] = []
+    layer_reports: list[dict[str, Any]] = []
+    for i, name in enumerate(names):
+        w2d, sizes, row_gather, folded = stored[name]
+        x = _capture(student, name, calib, want="input")
+        y = _capture(teacher, name, calib, want="output")
+        layer = TrainableCodebookLayer(student.get_submodule(name), w2d, sizes, row_gather, config)
+        stats = learn_layer(layer, x, y, steps=config.steps, batch_size=config.batch_size, seed=config.seed + i)
+        _set_module(student, name, layer)
+        trainables.append(layer)
+        layer_reports.append({"layer": name, "groups": len(sizes), "permutation": "folded" if folded else
+                              ("stored" if row_gather is not None else "none"), **stats})  # fmt: skip
+        log.info("JLCM %s: reconstruction error %.4g -> %.4g", name, stats["loss_init"], stats["loss_final"])
+    e2e_loss = None
+    if config.e2e_steps:
+        e2e_loss = distill(student, teacher, calib, trainables, steps=config.e2e_steps, batch_size=config.batch_size,
+                           seed=config.seed)  # fmt: skip
+    for name, layer in zip(names, trainables, strict=True):
+        _set_module(student, name, layer.finalize())
+    student.eval()
+    accounting = model_accounting(student)
+    report = {
+        "config": config.model_dump(mode="json"),
+        "layers": layer_reports,
+        "e2e_kl": e2e_loss,
+        "accounting": accounting,
+        "layout": codebook_layout(student),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return student, report
+
+
+def codebook_layout(model: nn.Module) -> list[dict[str, Any]]:
+    """What is needed to rebuild the codebook layers' structure before loading a state dict."""
+    layout = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, CODEBOOK_LAYERS):
+            st = mod.weight_store
+            entry: dict[str, Any] = {
+                "name": name, "kind": "conv2d" if isinstance(mod, CodebookConv2d) else "linear",
+                "weight_shape": list(st.weight_shape), "bits": st.bits, "variant": st.variant,
+                "codebook_shape": list(st.codebook.shape), "dtype": str(st.codebook.dtype).removeprefix("torch."),
+                "group_sizes": _group_sizes(st), "permutation_stored": bool(st.row_gather.numel()),
+                "has_bias": mod.bias is not None,
+            }  # fmt: skip
+            layout.append(entry)
+    return layout
+
+
+def _group_sizes(store: CodebookWeight) -> list[int]:
+    edges = [0, *store.bounds.tolist(), store.rows]
+    return [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def rebuild_codebook_model(base: nn.Module, layout: list[dict[str, Any]]) -> nn.Module:
+    """Replace ``base``'s layers by empty codebook layers shaped as ``layout`` says (then load a state dict)."""
+    for entry in layout:
+        try:
+            layer = base.get_submodule(entry["name"])
+        except AttributeError:
+            raise CheckpointError(f"codebook layout names layer {entry['name']!r}, which the model lacks") from None
+        shape = tuple(entry["weight_shape"])
+        out, d = shape[0], int(torch.tensor(shape[1:]).prod())
+        dtype = getattr(torch, entry["dtype"])
+        gsizes = entry["group_sizes"]
+        scales = torch.ones(len(gsizes)) if entry["variant"] == "scales" else None
+        gather = torch.arange(out) if entry["permutation_stored"] else None
+        store = CodebookWeight(torch.zeros(out, d, dtype=torch.int64), torch.zeros(entry["codebook_shape"]), scales,
+                               gsizes, gather, shape, entry["bits"], dtype)  # fmt: skip
+        bias = torch.zeros(out) if entry["has_bias"] else None
+        new: nn.Module = CodebookConv2d(store, bias, layer) if entry["kind"] == "conv2d" else CodebookLinear(store, bias)
+        _set_module(base, entry["name"], new)
+    return base
+
+
+def save_codebook_checkpoint(bundle: Any, path: str | Path, layout: list[dict[str, Any]],
+                             model_kwargs: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    """Write a compressed model as a checkpoint whose metadata carries the codebook layout."""
+    from compress.checkpoint import ModelBundle, save_checkpoint
+
+    meta = {**bundle.metadata, "codebook_layout": layout}
+    out = ModelBundle(bundle.module, bundle.model_name, bundle.input_shape, bundle.preprocessing,
+                      bundle.num_classes, meta)  # fmt: skip
+    return save_checkpoint(out, path, model_kwargs=model_kwargs or {"num_classes": bundle.num_classes})
+
+
+def load_codebook_checkpoint(path: str | Path, *, base_module: nn.Module | None = None) -> Any:
+    """Load a checkpoint written by :func:`save_codebook_checkpoint`.
+
+    ``base_module`` is the uncompressed architecture (default: the built-in model the checkpoint names).
+    """
+    import json
+
+    from compress.checkpoint import ModelBundle
+    from compress.models import create_model
+
+    try:
+        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        meta = json.loads(raw["metadata_json"])
+        layout = meta["codebook_layout"]
+    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a codebook checkpoint: {exc}") from None
+    base = base_module if base_module is not None else create_model(raw["model"], **raw.get("model_kwargs", {}))
+    module = rebuild_codebook_model(base, layout)
+    module.load_state_dict(raw["state_dict"])
+    module.eval()
+    return ModelBundle(module, raw["model"], tuple(raw["input_shape"]), raw["preprocessing"], raw["num_classes"], meta)

@@ -1,0 +1,328 @@
+"""Initialisation and joint learning of codebooks, scales and mappings (JLCM steps 2-5).
+
+Yvinec, Dapogny, Bailly, "Network Memory Footprint Compression Through Jointly Learnable
+Codebooks and Mappings", ICLR 2024 (arXiv 2309.17361).
+
+A :class:`TrainableCodebookLayer` holds one layer during learning: codebook(s) and group scales
+are parameters, the mapping ``I`` is an integer tensor. Codebooks, scales and bias follow Adam
+on the loss; the mapping follows one of two rules (``JLCMConfig.update``):
+
+- ``proximal`` (JLCM, our reading): an exponential moving average ``m`` of ``dL/dw`` is kept per
+  element; moving element i from codeword ``c_a`` to ``c_j`` scores
+  ``m_i * (c_j - c_a) * exp(-|c_j - c_a| / (t * gap))`` (``gap``: mean distance between consecutive
+  codewords); candidates are the two neighbours of ``c_a`` in sorted order (or all codewords), and
+  per step only the ``move_fraction`` most negative scores move. Assignments therefore walk to
+  nearby codewords instead of jumping to extreme ones.
+- ``ste``: a continuous latent weight per element receives the gradient straight through
+  (``w_hat = C[I] + u - stopgrad(u)``), and ``I`` is re-assigned to the nearest codeword of ``u``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.codebook.config import JLCMConfig
+from compress.codebook.layers import CodebookConv2d, CodebookLinear, CodebookWeight
+
+
+def kmeans_1d(x: torch.Tensor, k: int, *, iters: int = 30, max_points: int = 65536, seed: int = 0) -> torch.Tensor:
+    """Sorted 1-D k-means (Lloyd) centres of ``x``, initialised at quantiles (deterministic)."""
+    x = x.detach().reshape(-1).float()
+    if x.numel() > max_points:
+        gen = torch.Generator().manual_seed(seed)
+        x = x[torch.randperm(x.numel(), generator=gen)[:max_points]]
+    centres = torch.quantile(x, (torch.arange(k, dtype=torch.float32) + 0.5) / k)
+    for _ in range(iters):
+        assign = nearest_codeword(x, centres)
+        sums = torch.zeros(k).index_add_(0, assign, x)
+        counts = torch.zeros(k).index_add_(0, assign, torch.ones_like(x))
+        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
+    centres, _ = torch.sort(centres)
+    # identical centres (tiny or constant layers) are spread so that the codebook stays sortable
+    return centres + torch.arange(k, dtype=torch.float32) * 1e-6
+
+
+def nearest_codeword(x: torch.Tensor, sorted_codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codeword of a sorted 1-D codebook for every element of ``x``."""
+    mids = (sorted_codebook[1:] + sorted_codebook[:-1]) / 2
+    return torch.bucketize(x.contiguous(), mids.contiguous())
+
+
+class TrainableCodebookLayer(nn.Module):
+    """A Linear/Conv2d layer under JLCM learning (rows in stored order, groups contiguous).
+
+    Args:
+        layer: the float layer (its hyper-parameters are kept).
+        weight_2d: (out, D) float weight in stored row order.
+        group_sizes: rows per group.
+        row_gather: (out,) stored row of each original row, or None.
+        config: the JLCM config.
+    """
+
+    def __init__(self, layer: nn.Module, weight_2d: torch.Tensor, group_sizes: list[int],
+                 row_gather: torch.Tensor | None, config: JLCMConfig):  # fmt: skip
+        super().__init__()
+        self.config = config
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups) if self.is_conv else None
+        self.template = layer
+        self.weight_shape = tuple(layer.weight.shape)
+        self.group_sizes = list(group_sizes)
+        w = weight_2d.detach().float()
+        gid = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
+        self.register_buffer("gid", gid)
+        self.register_buffer("row_gather", row_gather if row_gather is not None else torch.zeros(0, dtype=torch.int64))
+        k = config.num_codewords
+        if config.variant == "scales":
+            if config.codebook_init == "uniform":
+                half = 2 ** (config.bits - 1)
+                levels = torch.arange(k, dtype=torch.float32) - half
+                gmax = torch.zeros(len(group_sizes)).scatter_reduce(0, gid, w.abs().amax(1), "amax", include_self=False)
+                scales = gmax.clamp(min=1e-8) / max(half - 1, 1)
+                codebook = levels[None, :]
+            else:
+                sq = torch.zeros(len(group_sizes)).index_add_(0, gid, w.pow(2).mean(1))
+                scales = (sq / torch.tensor(group_sizes, dtype=torch.float32)).sqrt().clamp(min=1e-8)
+                codebook = kmeans_1d(w / scales[gid][:, None], k, seed=config.seed)[None, :]
+            self.scales: nn.Parameter | None = nn.Parameter(scales)
+        else:
+            codebook = torch.stack([kmeans_1d(w[gid == g], k, seed=config.seed) for g in range(len(group_sizes))])
+            self.scales = None
+        self.codebook = nn.Parameter(codebook.clone(), requires_grad=config.learn_codebook)
+        bias = getattr(layer, "bias", None)
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.register_buffer("idx", self._assign(self._normalised(w)))
+        self.latent = nn.Parameter(self._normalised(w).clone()) if config.update == "ste" else None
+        self.register_buffer("grad_ema", torch.zeros_like(w) if config.update == "proximal" else torch.zeros(0))
+        self._last_weight: torch.Tensor | None = None
+        self.move_fraction = config.move_fraction  # adapted: halved when a move batch is rejected
+
+    # -- representation ------------------------------------------------------------------------
+    def _row_scale(self) -> torch.Tensor:
+        return self.scales[self.gid][:, None] if self.scales is not None else torch.ones(1)
+
+    def _normalised(self, w: torch.Tensor) -> torch.Tensor:
+        return w / self._row_scale().detach() if self.scales is not None else w
+
+    def _row_codebook(self) -> torch.Tensor:
+        """(rows or 1, K) codebook seen by every row."""
+        return self.codebook if self.scales is not None else self.codebook[self.gid]
+
+    def _assign(self, u: torch.Tensor) -> torch.Tensor:
+        cb = self.codebook.detach()
+        if self.scales is not None:
+            return nearest_codeword(u, cb[0])
+        idx = torch.empty(u.shape, dtype=torch.int64)
+        for g in range(cb.shape[0]):
+            rows = self.gid == g
+            idx[rows] = nearest_codeword(u[rows], cb[g])
+        return idx
+
+    def quantised_2d(self) -> torch.Tensor:
+        """(out, D) reconstructed weight in stored order (differentiable in codebook and scales)."""
+        cb = self._row_codebook()
+        q = cb[0][self.idx] if self.scales is not None else torch.gather(cb, 1, self.idx)
+        if self.latent is not None:  # straight-through: value C[I], gradient also to the latent
+            q = q + self.latent - self.latent.detach()
+        return q * self._row_scale()
+
+    def weight(self) -> torch.Tensor:
+        w = self.quantised_2d()
+        if self.training and w.requires_grad:
+            w.retain_grad()
+            self._last_weight = w
+        if self.row_gather.numel():
+            w = w[self.row_gather]
+        return w.reshape(self.weight_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight()
+        if self.conv_args is not None:
+            stride, padding, dilation, groups = self.conv_args
+            return F.conv2d(x, w, self.bias, stride, padding, dilation, groups)
+        return F.linear(x, w, self.bias)
+
+    # -- learning -----------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        cfg = self.config
+        groups: list[dict[str, Any]] = []
+        if cfg.learn_codebook:
+            groups.append({"params": [self.codebook], "lr": cfg.lr_codebook})
+            if self.scales is not None:
+                groups.append({"params": [self.scales], "lr": cfg.lr_scale})
+        if self.bias is not None and cfg.lr_bias > 0:
+            groups.append({"params": [self.bias], "lr": cfg.lr_bias})
+        if self.latent is not None:
+            groups.append({"params": [self.latent], "lr": cfg.lr_latent})
+        return groups
+
+    @torch.no_grad()
+    def keep_sorted(self) -> None:
+        """Re-sort codewords that crossed during optimisation and remap the indices accordingly."""
+        cb = self.codebook.data
+        order = torch.argsort(cb, dim=1)
+        if bool((order == torch.arange(cb.shape[1])).all()):
+            return
+        rank = torch.argsort(order, dim=1)
+        self.codebook.data = torch.gather(cb, 1, order)
+        if self.scales is not None:
+            self.idx = rank[0][self.idx]
+        else:
+            self.idx = torch.gather(rank[self.gid], 1, self.idx)
+
+    @torch.no_grad()
+    def mapping_step(self) -> int:
+        """Update the mapping after an optimiser step; returns how many indices changed."""
+        self.keep_sorted()
+        if self.config.update == "ste" and self.latent is not None:
+            new = self._assign(self.latent.data)
+            moved = int((new != self.idx).sum())
+            self.idx = new
+            return moved
+        if self.config.update != "proximal" or self._last_weight is None or self._last_weight.grad is None:
+            return 0
+        return self._proximal_step(self._last_weight.grad)
+
+    def _proximal_step(self, grad_w: torch.Tensor) -> int:
+        cfg = self.config
+        grad = grad_w * self._row_scale().detach()  # gradient w.r.t. the normalised weight
+        self.grad_ema.mul_(0.9).add_(grad, alpha=0.1)
+        cb = self._row_codebook().detach()  # (1 or out, K), sorted
+        k = cb.shape[1]
+        gap = ((cb[:, -1] - cb[:, 0]) / max(k - 1, 1)).clamp(min=1e-12)[:, None]  # (1 or out, 1)
+        current = torch.gather(cb.expand(self.idx.shape[0], k), 1, self.idx)
+        steps = (-1, 1) if cfg.neighbours_only else tuple(s for s in range(-(k - 1), k) if s)
+        best_score = torch.zeros_like(current)
+        best_idx = self.idx.clone()
+        for s in steps:
+            cand = (self.idx + s).clamp(0, k - 1)
+            delta = torch.gather(cb.expand(self.idx.shape[0], k), 1, cand) - current
+            score = self.grad_ema * delta * torch.exp(-delta.abs() / (cfg.proximal_temperature * gap))
+            better = (score < best_score) & (cand != self.idx)
+            best_score = torch.where(better, score, best_score)
+            best_idx = torch.where(better, cand, best_idx)
+        budget = max(1, int(self.move_fraction * best_score.numel()))
+        candidates = int((best_score < 0).sum())
+        if candidates == 0:
+            return 0
+        threshold = torch.topk(best_score.reshape(-1), min(budget, candidates), largest=False).values[-1]
+        move = (best_score <= threshold) & (best_score < 0)
+        self._previous = (self.idx, self.grad_ema.clone())
+        self.idx = torch.where(move, best_idx, self.idx)
+        self.grad_ema[move] = 0.0
+        return int(move.sum())
+
+    @torch.no_grad()
+    def judge_moves(self, accepted: bool) -> None:
+        """Keep or undo the last proximal moves (a trust region on the mapping)."""
+        prev = getattr(self, "_previous", None)
+        if prev is None:
+            return
+        if accepted:
+            self.move_fraction = min(self.move_fraction * 1.25, self.config.move_fraction)
+        else:
+            self.idx, self.grad_ema = prev
+            self.move_fraction = max(self.move_fraction * 0.5, 1e-5)
+        self._previous = None
+
+    # -- result ---------------------------------------------------------------------------------
+    def finalize(self) -> nn.Module:
+        """The frozen :class:`CodebookLinear` / :class:`CodebookConv2d` with packed indices."""
+        self.keep_sorted()
+        dtype = torch.float16 if self.config.codebook_dtype == "float16" else torch.float32
+        store = CodebookWeight(
+            self.idx, self.codebook.detach(), self.scales.detach() if self.scales is not None else None,
+            self.group_sizes, self.row_gather if self.row_gather.numel() else None, self.weight_shape,
+            self.config.bits, dtype,
+        )  # fmt: skip
+        bias = self.bias.detach() if self.bias is not None else None
+        if self.is_conv:
+            return CodebookConv2d(store, bias, self.template)
+        return CodebookLinear(store, bias)
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Relative squared error ``||Y - Y_hat||^2 / ||Y||^2`` (the layer-wise objective)."""
+    return (pred - target).pow(2).sum() / target.pow(2).sum().clamp(min=1e-12)
+
+
+def learn_layer(layer: TrainableCodebookLayer, inputs: torch.Tensor, targets: torch.Tensor, *,
+                steps: int, batch_size: int, seed: int) -> dict[str, float]:  # fmt: skip
+    """Minimise the layer's output reconstruction error on calibration inputs (JLCM step 4)."""
+    gen = torch.Generator().manual_seed(seed)
+    layer.train()
+    with torch.no_grad():
+        before = float(reconstruction_loss(layer(inputs), targets))
+    groups = layer.param_groups()
+    moved = 0
+    if steps and groups:
+        opt = torch.optim.Adam(groups)
+        n = inputs.shape[0]
+        for _ in range(steps):
+            batch = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+            loss = reconstruction_loss(layer(inputs[batch]), targets[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            moved += _mapping_step_checked([layer], lambda b=batch: reconstruction_loss(layer(inputs[b]), targets[b]))
+    layer.eval()
+    with torch.no_grad():
+        after = float(reconstruction_loss(layer(inputs), targets))
+    numel = max(layer.idx.numel(), 1)
+    return {"loss_init": before, "loss_final": after, "index_moves_per_weight": moved / numel,
+            "steps": float(steps)}  # fmt: skip
+
+
+def distill(model: nn.Module, teacher: nn.Module, inputs: torch.Tensor, layers: list[TrainableCodebookLayer], *,
+            steps: int, batch_size: int, lr_scale: float = 0.3, seed: int = 0, temperature: float = 1.0) -> float:  # fmt: skip
+    """End-to-end phase: KL divergence to the original model's outputs, all layers jointly."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = [{**g, "lr": g["lr"] * lr_scale} for layer in layers for g in layer.param_groups()]
+    if not groups or steps == 0:
+        return math.nan
+    opt = torch.optim.Adam(groups)
+    teacher.eval()
+    model.eval()
+    for layer in layers:
+        layer.train()
+    loss = torch.zeros(())
+    for _ in range(steps):
+        batch = inputs[torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=gen)]
+        with torch.no_grad():
+            t_out = teacher(batch)
+            t = F.log_softmax(t_out.reshape(-1, t_out.shape[-1]) / temperature, dim=-1)
+        loss = _kl(model(batch), t, temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _mapping_step_checked(layers, lambda b=batch, t=t: _kl(model(b), t, temperature))
+    for layer in layers:
+        layer.eval()
+    return float(loss.detach())
+
+
+def _kl(student_out: torch.Tensor, teacher_log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    s = F.log_softmax(student_out.reshape(-1, student_out.shape[-1]) / temperature, dim=-1)
+    return F.kl_div(s, teacher_log_probs, log_target=True, reduction="batchmean")
+
+
+def _mapping_step_checked(layers: list[TrainableCodebookLayer], batch_loss: Any) -> int:
+    """Mapping updates of ``layers``; proximal moves are kept only if the batch loss does not rise."""
+    proximal = [layer for layer in layers if layer.config.update == "proximal"]
+    if not proximal:
+        return sum(layer.mapping_step() for layer in layers)
+    with torch.no_grad():
+        for layer in layers:
+            layer.eval()
+        before = float(batch_loss())
+        moved = sum(layer.mapping_step() for layer in layers)
+        after = float(batch_loss()) if moved else before
+        for layer in layers:
+            layer.judge_moves(after <= before)
+            layer.train()
+    return moved if after <= before else 0

@@ -1,0 +1,90 @@
+"""The ``codebook`` recipe stage and the ``onnx-codebook`` exporter registration (both light to import).
+
+JLCM: Yvinec, Dapogny, Bailly, ICLR 2024 (arXiv 2309.17361).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from compress.codebook.config import JLCMConfig
+from compress.stages import StageContext, StageOutput, StageSpec, register_stage
+
+MODEL_FILE = "model.pt"
+REPORT_FILE = "codebook_report.json"
+
+_exporter_registered: list[bool] = []
+
+
+def _has_codebook_layers(module: Any) -> bool:
+    modules = getattr(module, "modules", None)
+    if modules is None:
+        return False
+    return any(type(m).__name__ in ("CodebookLinear", "CodebookConv2d") for m in modules())
+
+
+def _export(module: Any, example: Any, path: Path, opset: int) -> None:
+    from compress.codebook.onnx_export import export_codebook_onnx
+
+    export_codebook_onnx(module, example, path, opset)
+
+
+def register_exporter() -> None:
+    """Register the ``onnx-codebook`` ONNX exporter once (models holding codebook layers use it)."""
+    if _exporter_registered:
+        return
+    from export import OnnxExporter, register_onnx_exporter
+
+    register_onnx_exporter(OnnxExporter("jlcm-codebook", _has_codebook_layers, _export, "onnx-codebook", 40.0))
+    _exporter_registered.append(True)
+
+
+def run_codebook_stage(bundle: Any, config: JLCMConfig, ctx: StageContext) -> StageOutput:
+    """Compress ``bundle`` with JLCM on the calibration split; writes the checkpoint and a report."""
+    import torch
+
+    from compress.checkpoint import ModelBundle
+    from compress.codebook.api import apply_jlcm, save_codebook_checkpoint
+    from compress.training import evaluate_accuracy
+
+    cfg = config.model_copy(update={"seed": config.seed or ctx.seed})
+    calib = torch.from_numpy(ctx.splits.calib.x[: cfg.calib_samples])
+    module, report = apply_jlcm(bundle.module, calib, cfg)
+    acc = evaluate_accuracy(module, ctx.splits.val)
+    out = ModelBundle(module, bundle.model_name, bundle.input_shape, bundle.preprocessing, bundle.num_classes,
+                      {**bundle.metadata, "codebook": {"bits_per_weight": report["accounting"]["bits_per_weight"]}})  # fmt: skip
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    save_codebook_checkpoint(out, ctx.out_dir / MODEL_FILE, report["layout"])
+    (ctx.out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+    acct = report["accounting"]
+    metrics = {"val_accuracy": acc, "bits_per_weight": acct["bits_per_weight"], "payload_bytes": acct["payload_bytes"],
+               "fp32_bytes": acct["fp32_bytes"], "seconds": report["seconds"]}  # fmt: skip
+    return StageOutput(bundle=out, metrics=metrics, files={"model": MODEL_FILE, "report": REPORT_FILE})
+
+
+def load_codebook_stage(out_dir: Path, bundle: Any, config: JLCMConfig) -> StageOutput:
+    """Rebuild a finished stage's output from its folder (for resume)."""
+    import copy
+
+    from compress.codebook.api import load_codebook_checkpoint
+
+    loaded = load_codebook_checkpoint(Path(out_dir) / MODEL_FILE, base_module=copy.deepcopy(bundle.module))
+    report = json.loads((Path(out_dir) / REPORT_FILE).read_text())
+    acct = report["accounting"]
+    metrics = {"bits_per_weight": acct["bits_per_weight"], "payload_bytes": acct["payload_bytes"],
+               "fp32_bytes": acct["fp32_bytes"]}  # fmt: skip
+    return StageOutput(bundle=loaded, metrics=metrics, files={"model": MODEL_FILE, "report": REPORT_FILE})
+
+
+register_exporter()
+register_stage(
+    StageSpec(
+        name="codebook",
+        description="JLCM: packed codebooks with jointly learned codebooks, scales and mappings (2-4 bits/weight)",
+        config_cls=JLCMConfig,
+        run=run_codebook_stage,
+        load=load_codebook_stage,
+    )
+)
