@@ -55,6 +55,7 @@ class ModelBundle:
     num_classes: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    exported_program: Any = None  # the torch.export program, for .pt2 inputs
 
     def example_input(self, batch: int = 1, seed: int = 0):
         """A fixed random input of the right shape (for export and verification)."""
@@ -202,7 +203,8 @@ def load_checkpoint(
         raise CheckpointError(
             f"{p}: unknown checkpoint format {suffix!r}; use .pt/.pth (state_dict), .safetensors, .pt2 or .onnx"
         )
-    bundle.module.eval()
+    if suffix != ".pt2":  # modules of torch.export programs refuse .eval(); they are exported in eval mode
+        bundle.module.eval()
     if check_shape:
         _check_input_shape(bundle)
     return bundle
@@ -305,7 +307,7 @@ def _load_exported_program(p: Path, input_shape: tuple[int, ...] | None) -> Mode
                 shape = tuple(int(d) for d in node.meta["val"].shape[1:])
     if not shape:
         raise CheckpointError(f"{p}: cannot read the input shape from the program; pass --input-shape C,H,W")
-    return ModelBundle(program.module(), f"torch.export:{p.name}", tuple(shape), source=str(p))
+    return ModelBundle(program.module(), f"torch.export:{p.name}", tuple(shape), source=str(p), exported_program=program)
 
 
 def save_checkpoint(

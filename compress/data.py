@@ -241,9 +241,8 @@ def _load_folder(path: Path, preprocessing: dict[str, Any] | None, input_shape: 
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(f) as im:
-                    mode = "L" if channels in (None, 1) else "RGB"
-                    im = im.convert(mode)
+                with Image.open(f) as raw:
+                    im = raw.convert("L" if channels in (None, 1) else "RGB")
                     if height and width:
                         im = im.resize((width, height), Image.Resampling.BILINEAR)
                     arr = np.asarray(im, dtype=np.float32)

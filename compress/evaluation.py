@@ -76,7 +76,7 @@ def check_artifact(
         ``{"rows": [{"runtime", "accuracy", "top1_agreement", "sqnr_db", ...}], "accuracy_drop": ...}``
     """
     ref_session = TorchSession(reference.module) if reference is not None else None
-    rows = []
+    rows: list[dict[str, Any]] = []
     if ref_session is not None:
         rows.append({"runtime": "torch (reference)", "where": "local", **evaluate(ref_session, data)})
     all_sessions = [runtime_for(artifact).prepare(artifact, target, threads=threads), *(sessions or [])]
@@ -95,7 +95,7 @@ def check_artifact(
     }
     if ref_session is not None:
         result["reference_accuracy"] = rows[0]["accuracy"]
-        result["accuracy_drop"] = rows[0]["accuracy"] - main["accuracy"]
+        result["accuracy_drop"] = float(rows[0]["accuracy"]) - float(main["accuracy"])
     # Pairwise agreement across artifact runtimes (e.g. onnxruntime vs TVM), without a torch model too.
     if len(all_sessions) > 1:
         from export.verify import compare_outputs
@@ -123,6 +123,6 @@ def profile_artifact(
     shape = artifact.manifest.inputs[0].shape[1:] if artifact.manifest.inputs else None
     if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
         raise CheckpointError(f"artifact {artifact.path} does not record a static input shape; re-export it")
-    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((batch, *[int(s) for s in shape])).astype(np.float32)
     sess = session or runtime_for(artifact).prepare(artifact, target, threads=threads)
     return measure_latency(sess, x, min_runs=min_runs, min_seconds=min_seconds)

@@ -9,7 +9,7 @@ from compress.cache import cache_dir
 from compress.checkpoint import ModelBundle, save_checkpoint
 from compress.data import load_splits
 from compress.models import create_model
-from compress.training import Trainer, TrainConfig, evaluate_accuracy
+from compress.training import TrainConfig, Trainer, evaluate_accuracy
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ def _export_onnx_format(source: ModelBundle | Artifact, target: Any, out: Path, 
             extra=dict(source.manifest.extra),
         )  # fmt: skip
     return export_onnx(
-        source.module,
+        source.exported_program if source.exported_program is not None else source.module,
         source.input_shape,
         out,
         target=target,

@@ -140,14 +140,18 @@ def _format_validation(exc: ValidationError, cls: type[BaseModel] | None = None)
 
 def _valid_keys_hint(exc: ValidationError) -> str:
     """For unknown keys, list the valid ones of the model they appeared in."""
-    models = {(): Recipe, ("model",): ModelSpec, ("gates",): GateSpec}
+    models: dict[tuple[str, ...], type[BaseModel]] = {(): Recipe, ("model",): ModelSpec}
     parts = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             parent = loc[:-1]
-            cls = models.get(parent) or (GateSpec if parent[:1] == ("gates",) else ExportSpec if parent[:1] == ("export",) else None)
+            cls: type[BaseModel] | None = models.get(parent)
+            if cls is None and parent[:1] == ("gates",):
+                cls = GateSpec
+            elif cls is None and parent[:1] == ("export",):
+                cls = ExportSpec
             if cls is not None:
                 msg = f"unknown key {loc[-1]!r}; valid keys: {', '.join(cls.model_fields)}"
         parts.append(f"{'.'.join(loc) or '(top level)'}: {msg}")

@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from export.artifact import Artifact, Manifest, StageRecord, TensorSpec, artifact_writer, load_artifact, write_manifest
+from export.artifact import (
+    Artifact,
+    Manifest,
+    StageRecord,
+    TensorSpec,
+    artifact_writer,
+    load_artifact,
+    write_manifest,
+)
 from export.errors import ExportError, UnsupportedExportError
 from export.verify import compare_outputs
 
@@ -73,7 +81,31 @@ def _standard_export(module: Any, example: Any, path: Path, opset: int) -> None:
         )
 
 
+def _exported_program_export(program: Any, example: Any, path: Path, opset: int) -> None:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(program, (example,), str(path), dynamo=True, opset_version=max(opset, 18),
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)  # fmt: skip
+
+
+def _program_batch(program: Any) -> int | None:
+    """The batch size a torch.export program was exported with (None when it is dynamic)."""
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and "val" in node.meta and node.name in program.graph_signature.user_inputs:
+            dim = node.meta["val"].shape[0]
+            return int(dim) if isinstance(dim, int) else None
+    return None
+
+
 def _pick_exporter(module: Any) -> OnnxExporter:
+    import torch
+
+    if isinstance(module, torch.export.ExportedProgram):
+        return OnnxExporter("torch.export+dynamo", lambda m: True, _exported_program_export, "onnx", 40.0)
     for exp in _EXPORTERS:
         if exp.predicate(module):
             return exp
@@ -131,16 +163,23 @@ def export_onnx(
 
     if opset < 17:
         raise ExportError(f"opset {opset} is too old; use 17 or newer")
-    module.eval()
-    gen = torch.Generator().manual_seed(0)
-    example = torch.randn((1, *input_shape), generator=gen)
-    check_inputs = verify_inputs if verify_inputs is not None else torch.randn((8, *input_shape), generator=gen).numpy()
     exporter = _pick_exporter(module)
+    gen = torch.Generator().manual_seed(0)
+    batch, check_batch = 1, 8
+    if isinstance(module, torch.export.ExportedProgram):
+        # A program keeps the shapes it was exported with: a static batch stays static in ONNX.
+        batch = check_batch = _program_batch(module) or 1
+        program, module = module, module.module()
+    else:
+        program = module
+        module.eval()
+    example = torch.randn((batch, *input_shape), generator=gen)
+    check_inputs = verify_inputs if verify_inputs is not None else torch.randn((check_batch, *input_shape), generator=gen).numpy()
     t0 = time.perf_counter()
     with artifact_writer(dest) as tmp:
         onnx_path = tmp / MODEL_FILE
         try:
-            exporter.export(module, example, onnx_path, opset)
+            exporter.export(program, example, onnx_path, opset)
         except (torch.onnx.errors.UnsupportedOperatorError, torch.onnx.errors.SymbolicValueError) as exc:
             raise UnsupportedExportError(f"ONNX export of {model_name or type(module).__name__} failed: {exc}") from None
         except UnsupportedExportError:
@@ -167,7 +206,8 @@ def export_onnx(
             model_name=model_name,
             target=target.to_dict() if target is not None else {},
             model_file=MODEL_FILE,
-            inputs=[TensorSpec(name=INPUT_NAME, shape=["batch", *input_shape], dtype="float32")],
+            inputs=[TensorSpec(name=INPUT_NAME, shape=["batch" if program is module else batch, *input_shape],
+                               dtype="float32")],
             outputs=[
                 TensorSpec(
                     name=o.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,9 @@ class TorchSession:
     def __init__(self, module: Any, threads: int = 0):
         import torch
 
-        self.module = module.eval()
+        self.module = module
+        with contextlib.suppress(NotImplementedError):  # torch.export program modules are already in eval mode
+            module.eval()
         self.threads = threads or torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)

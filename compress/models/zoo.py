@@ -150,6 +150,7 @@ class ShuffleUnit(nn.Module):
         super().__init__()
         self.stride = stride
         branch = cout // 2
+        self.branch1: nn.Module
         if stride == 2:
             self.branch1 = nn.Sequential(_conv_bn(cin, cin, 3, 2, groups=cin, act=False), _conv_bn(cin, branch, 1))
             inner_in = cin

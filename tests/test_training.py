@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import contextlib
+import json
+
+import torch
+
+from compress.models import create_model
+from compress.training import TrainConfig, Trainer, TrainingHooks
+
+
+class _Interrupt(TrainingHooks):
+    """Simulates a kill: raises after a given step (the checkpoint before it is on disk)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, model, step):
+        if step == self.at:
+            raise KeyboardInterrupt
+        return {}
+
+
+def _small(mnist_splits):
+    return mnist_splits.train.subset(torch.arange(512).numpy()), mnist_splits.val.subset(torch.arange(128).numpy())
+
+
+def test_resume_equals_uninterrupted(mnist_splits, tmp_path):
+    train, val = _small(mnist_splits)
+    cfg = TrainConfig(max_steps=24, batch_size=32, seed=3, eval_every=8, checkpoint_every=8)
+    torch.manual_seed(0)
+    ref = create_model("cnn")
+    Trainer(ref, train, val, cfg, tmp_path / "a").fit()
+
+    torch.manual_seed(0)
+    m = create_model("cnn")
+    with contextlib.suppress(KeyboardInterrupt):
+        Trainer(m, train, val, cfg, tmp_path / "b", hooks=_Interrupt(at=13)).fit()
+    torch.manual_seed(123)  # a fresh process would not share RNG state
+    resumed = create_model("cnn")
+    result = Trainer(resumed, train, val, cfg, tmp_path / "b").fit(resume=True)
+    assert result.resumed_from == 8 and result.steps == 24
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_early_stop_restores_best(mnist_splits, tmp_path):
+    train, val = _small(mnist_splits)
+    cfg = TrainConfig(max_steps=400, batch_size=32, lr=0.5, optimizer="sgd", eval_every=5, early_stop_patience=2)
+    result = Trainer(create_model("cnn"), train, val, cfg, tmp_path).fit()
+    assert result.stopped_early and result.steps < 400
+
+
+def test_learns(mnist_splits):
+    train, val = _small(mnist_splits)
+    m = create_model("cnn")
+    result = Trainer(m, train, val, TrainConfig(max_steps=60, batch_size=32, eval_every=60, lr=3e-3)).fit()
+    assert result.final_val_accuracy is not None and result.final_val_accuracy > 70
