@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "compress.cli.targets_cmd",
     "compress.cli.run_cmd",
     "compress.cli.list_cmd",
+    "compress.cli.qat_cmd",
     "compress.cli.quantize_cmd",
     "compress.cli.sparsify_cmd",
 ]
