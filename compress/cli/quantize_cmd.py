@@ -1,0 +1,138 @@
+"""``compress quantize``: Quantune post-training quantization (search) on onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say
+from compress.cli.inputs import InputShapeOption, ModelFactoryOption, TrustPickleOption, load_model_from_cli
+
+
+def _load_config_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    from compress.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of PTQ or search options, got {type(data).__name__}")
+    return data
+
+
+def _build_config(config_file: Path | None, options: dict[str, Any]) -> Any:
+    """A QuantuneSearchConfig from the YAML file (a PTQConfig means: apply it, no search) and the flags."""
+    from pydantic import ValidationError
+
+    from compress.errors import ConfigError
+    from compress.ptq.config import PTQConfig, QuantuneSearchConfig
+
+    base: dict[str, Any] = {}
+    if config_file is not None:
+        data = _load_config_file(config_file)
+        if set(data) <= set(PTQConfig.model_fields):
+            base = {"search": "none", "config": data}
+        else:
+            base = data
+    for k, v in options.items():
+        if v is not None:
+            base[k] = v
+    try:
+        return QuantuneSearchConfig(**base)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid PTQ option {where}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("quantize")
+    def quantize_cmd(
+        model: Path = typer.Argument(..., help="Checkpoint (.pt/.pth/.safetensors/.pt2) or fp32 .onnx file."),
+        data: str = typer.Option(..., "--data", "-d", help="Built-in dataset, .npz file or image folder (calib + val splits)."),
+        out: Path = typer.Option(..., "-o", "--out", help="Artifact folder to write (onnx-qdq, with trials.json and sensitivity.md)."),
+        config_file: Path | None = typer.Option(None, "--config", help="YAML: a PTQConfig (applied as is) or search options."),
+        search: str | None = typer.Option(None, "--search", help="quantune, random, grid, genetic or none (default: quantune)."),
+        space: str | None = typer.Option(None, "--space", help="Search space preset: tiny, bench, default, full."),
+        budget_trials: int | None = typer.Option(None, "--budget-trials", help="Most configurations to measure (default 20)."),
+        budget_time: str | None = typer.Option(None, "--budget-time", help="Wall-time budget, e.g. 90s, 10m, 1h."),
+        target_accuracy: float | None = typer.Option(None, "--target-accuracy", help="Stop when a config reaches this top-1 %."),
+        target: str = typer.Option("x86-64", "--target", "-t", help="Device target (must run int8): see 'compress targets'."),
+        workers: int | None = typer.Option(None, "--workers", help="Trials measured in parallel (local process pool)."),
+        seed: int | None = typer.Option(None, "--seed", help="Seed of random/genetic search and the cost model."),
+        database: Path | None = typer.Option(None, "--database", help="Tuning database (default: the user cache's)."),
+        no_seed_database: bool = typer.Option(False, "--no-seed-database", help="Do not use the shipped seed trials as prior."),
+        no_sensitivity: bool = typer.Option(False, "--no-sensitivity", help="Skip the per-layer sensitivity table."),
+        val_samples: int | None = typer.Option(None, "--val-samples", help="Validation samples per trial (default 500)."),
+        model_factory: str | None = ModelFactoryOption,
+        trust_pickle: bool = TrustPickleOption,
+        input_shape: str | None = InputShapeOption,
+        json_out: bool = JsonOption,
+    ) -> None:
+        """Find the best int8 onnxruntime quantization of MODEL (Quantune) and write it to OUT."""
+        import shutil
+
+        from compress.checkpoint import is_onnx_file
+        from compress.data import load_splits
+        from compress.ptq.config import parse_duration
+        from compress.ptq.search import quantize_artifact
+        from targets import get_target
+
+        tgt = get_target(target)
+        tgt.require("int8", "Quantune PTQ")
+        cfg = _build_config(config_file, {
+            "search": search, "space": space, "budget_trials": budget_trials, "budget_time_s": parse_duration(budget_time),
+            "target_accuracy": target_accuracy, "workers": workers, "seed": seed,
+            "database": str(database) if database else None, "val_samples": val_samples,
+            "use_seed_database": False if no_seed_database else None, "sensitivity": False if no_sensitivity else None,
+        })  # fmt: skip
+        work = out.with_name(f".{out.name}.fp32-src")
+        with cli_progress(not json_out):
+            try:
+                if is_onnx_file(model):
+                    from compress.exporting import import_onnx_file
+                    from export import ArtifactError
+
+                    if not model.is_file():
+                        raise ArtifactError(f"ONNX file {str(model)!r} does not exist")
+                    source = import_onnx_file(model, work, target=tgt)
+                else:
+                    from compress.exporting import source_info
+                    from export import StageRecord, export_onnx
+
+                    bundle = load_model_from_cli(model, model_factory, trust_pickle, input_shape)
+                    source = export_onnx(bundle.module, bundle.input_shape, work, target=tgt, model_name=bundle.model_name,
+                                         preprocessing=bundle.preprocessing, extra=source_info(bundle),
+                                         stages=[StageRecord(**s) for s in bundle.metadata.get("stages", [])])  # fmt: skip
+                shape = tuple(int(s) for s in source.manifest.inputs[0].shape[1:]) if source.manifest.inputs else None
+                splits = load_splits(data, preprocessing=source.manifest.preprocessing or None, input_shape=shape)
+                result = quantize_artifact(source, splits, cfg, out, target=tgt)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        m = result.metrics
+        summary = {"artifact": str(result.artifact.path), "format": "onnx-qdq", "config": m["config"],
+                   "val_accuracy": m["val_accuracy"], "fp32_val_accuracy": m["fp32_val_accuracy"],
+                   "trials": m["trials"], "measured_now": m["measured_now"], "stopped_by": m["stopped_by"],
+                   "search_seconds": m["search_seconds"], "size_bytes": result.artifact.size_bytes,
+                   "trial_log": str(result.artifact.path / "trials.json"),
+                   "sensitivity": result.sensitivity[:10]}  # fmt: skip
+        if json_out:
+            emit_json(summary)
+            return
+        print_table(
+            f"quantized {result.artifact.manifest.model_name} -> {result.artifact.path}",
+            ["search", "trials", "stopped by", "best config", "val acc %", "fp32 val acc %", "seconds"],
+            [[cfg.search, m["trials"], m["stopped_by"], m["config"], m["val_accuracy"], m["fp32_val_accuracy"],
+              m["search_seconds"]]],
+        )  # fmt: skip
+        if result.sensitivity:
+            print_table("most sensitive layers (quantized alone)", ["layer", "op", "drop (pt)", "SQNR dB"],
+                        [[r["node"], r["op_type"], r["accuracy_drop"], r["sqnr_db"]] for r in result.sensitivity[:5]])  # fmt: skip
+        say(f"trial log: {result.artifact.path / 'trials.json'}; sensitivity: {result.artifact.path / 'sensitivity.md'}")

@@ -1,0 +1,258 @@
+"""The trial evaluator: quantize -> run on onnxruntime -> top-1 accuracy on the validation split.
+
+Quantune (Lee et al., 2022) measures each configuration on the real runtime; every strategy here
+shares this evaluator, so strategies differ only in the order they ask. Results are cached in the
+tuning database by (model hash, data hash, configuration key): a trial is never paid twice. A
+configuration that onnxruntime cannot quantize or run is recorded as a failed trial with its error
+and the search goes on; any other exception is a bug and propagates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from compress.ptq.config import PTQConfig
+from compress.ptq.database import StoredTrial, TuningDatabase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialResult:
+    """One measured (or cache-hit) configuration.
+
+    Attributes:
+        config: the configuration.
+        accuracy: top-1 % on the validation samples (None when the trial failed).
+        sqnr_db: logits SQNR vs the fp32 model.
+        error: why the trial failed (None when it worked).
+        seconds: wall time of the trial when it was measured (calibration included when it ran).
+        calibration_seconds: what this configuration's calibration pass costs (shared by configs with
+            the same calibration key).
+        calibrated: whether this trial ran the calibration pass itself.
+        cached: served from the tuning database instead of measured now.
+    """
+
+    config: PTQConfig
+    accuracy: float | None
+    sqnr_db: float | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    calibration_seconds: float = 0.0
+    calibrated: bool = False
+    cached: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.accuracy is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.config.label(), "config": self.config.canonical(), "key": self.config.key(),
+                "accuracy": self.accuracy, "sqnr_db": self.sqnr_db, "error": self.error,
+                "seconds": round(self.seconds, 4), "calibration_seconds": round(self.calibration_seconds, 4),
+                "calibrated": self.calibrated, "cached": self.cached}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrialTask:
+    """Everything a worker needs to measure one configuration (picklable for process pools)."""
+
+    prepared: Any  # PreparedModel
+    config: PTQConfig
+    exclude: tuple[str, ...]
+    arrays: Path  # folder with calib_x.npy, val_x.npy, val_y.npy, fp32_logits.npy
+    calib_cache: Path
+    threads: int = 1
+
+
+def run_trial(task: TrialTask) -> TrialResult:
+    """Measure one configuration (runs in the calling process or in a pool worker)."""
+    from compress.ptq.ort_backend import make_session, quantize_to_file, run_logits, trial_failure_types
+    from export.verify import sqnr_db
+
+    calib_x = np.load(task.arrays / "calib_x.npy", mmap_mode="r")
+    val_x = np.load(task.arrays / "val_x.npy")
+    val_y = np.load(task.arrays / "val_y.npy")
+    ref = np.load(task.arrays / "fp32_logits.npy")
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {"calibration_seconds": 0.0, "calibrated": False}
+    with tempfile.TemporaryDirectory(prefix="quantune-") as tmp:
+        out = Path(tmp) / "q.onnx"
+        try:
+            info = quantize_to_file(task.prepared, task.config, np.asarray(calib_x), out, task.calib_cache,
+                                    nodes_to_exclude=list(task.exclude))  # fmt: skip
+            logits = run_logits(make_session(out, task.threads), val_x)
+        except trial_failure_types() as exc:
+            msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            log.info("trial %s failed: %s", task.config.label(), msg)
+            return TrialResult(task.config, None, error=msg, seconds=time.perf_counter() - t0,
+                               calibration_seconds=info["calibration_seconds"], calibrated=info["calibrated"])  # fmt: skip
+    seconds = time.perf_counter() - t0
+    if not np.all(np.isfinite(logits)):
+        return TrialResult(task.config, None, error="non-finite outputs (NaN/inf) from the quantized model",
+                           seconds=seconds, calibration_seconds=info["calibration_seconds"],
+                           calibrated=info["calibrated"])  # fmt: skip
+    acc = float(100.0 * np.mean(logits.argmax(1) == val_y))
+    return TrialResult(task.config, acc, sqnr_db=float(sqnr_db(ref, logits)), seconds=seconds,
+                       calibration_seconds=info["calibration_seconds"], calibrated=info["calibrated"])  # fmt: skip
+
+
+class TrialExecutor(Protocol):
+    """Runs trials: ``map(fn, tasks)`` yields results in task order (a cluster engine can implement this)."""
+
+    workers: int
+
+    def map(self, fn: Callable[[TrialTask], TrialResult], tasks: list[TrialTask]) -> Iterator[TrialResult]: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessExecutor:
+    """Trials one after another in this process (the default)."""
+
+    workers = 1
+
+    def map(self, fn: Callable[[TrialTask], TrialResult], tasks: list[TrialTask]) -> Iterator[TrialResult]:
+        return (fn(t) for t in tasks)
+
+    def close(self) -> None:
+        pass
+
+
+class LocalPoolExecutor:
+    """Trials in a local process pool (``--workers N``); spawned workers so no torch/ORT state is forked."""
+
+    def __init__(self, workers: int):
+        import multiprocessing
+
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def map(self, fn: Callable[[TrialTask], TrialResult], tasks: list[TrialTask]) -> Iterator[TrialResult]:
+        return self._pool.map(fn, tasks)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def make_executor(workers: int) -> TrialExecutor:
+    return InProcessExecutor() if workers <= 1 else LocalPoolExecutor(workers)
+
+
+class Evaluator:
+    """Measures configurations of one model on one dataset, through the tuning-database cache.
+
+    Args:
+        prepared: the pre-processed model (:func:`compress.ptq.ort_backend.prepare_model`).
+        calib_x: calibration samples (preprocessed, NCHW float32).
+        val_x, val_y: validation samples and labels.
+        database: the tuning database (cache and transfer memory); None keeps results in memory only.
+        workdir: where arrays and calibration caches live.
+        sensitive_order: weighted nodes, most sensitive first (for ``keep_float='sensitive'``); a
+            callable computing it on first need is accepted.
+    """
+
+    def __init__(
+        self,
+        prepared: Any,
+        calib_x: np.ndarray,
+        val_x: np.ndarray,
+        val_y: np.ndarray,
+        *,
+        database: TuningDatabase | None,
+        workdir: Path,
+        sensitive_order: list[str] | Callable[[], list[str]] | None = None,
+        threads: int = 1,
+    ):
+        from compress.ptq.ort_backend import calibration_samples, make_session, run_logits
+
+        calibration_samples(calib_x, 1)  # raises DataError on an empty calibration set
+        self.prepared = prepared
+        self.database = database
+        self.workdir = Path(workdir)
+        self.arrays = self.workdir / "arrays"
+        self.arrays.mkdir(parents=True, exist_ok=True)
+        self.calib_cache = self.workdir / "calibration"
+        self.threads = threads
+        self._sensitive = sensitive_order
+        np.save(self.arrays / "calib_x.npy", np.ascontiguousarray(calib_x, dtype=np.float32))
+        np.save(self.arrays / "val_x.npy", np.ascontiguousarray(val_x, dtype=np.float32))
+        np.save(self.arrays / "val_y.npy", np.asarray(val_y, dtype=np.int64))
+        h = hashlib.sha256()
+        for a in (calib_x, val_x, val_y):
+            h.update(np.ascontiguousarray(a).tobytes())
+        self.data_hash = h.hexdigest()
+        self.fp32_logits = run_logits(make_session(prepared.path, threads), np.ascontiguousarray(val_x, dtype=np.float32))
+        np.save(self.arrays / "fp32_logits.npy", self.fp32_logits)
+        self.fp32_accuracy = float(100.0 * np.mean(self.fp32_logits.argmax(1) == val_y))
+        self._memory: dict[str, TrialResult] = {}
+        self.measured = 0
+
+    def sensitive_order(self) -> list[str]:
+        if callable(self._sensitive):
+            self._sensitive = self._sensitive()
+        if self._sensitive is None:
+            from compress.errors import ConfigError
+
+            raise ConfigError("keep_float='sensitive' needs a layer sensitivity ranking; none was given")
+        return list(self._sensitive)
+
+    def task(self, config: PTQConfig) -> TrialTask:
+        from compress.ptq.ort_backend import excluded_nodes
+
+        order = self.sensitive_order() if config.keep_float == "sensitive" else None
+        exclude = tuple(excluded_nodes(self.prepared, config, order))
+        return TrialTask(self.prepared, config, exclude, self.arrays, self.calib_cache, self.threads)
+
+    def lookup(self, config: PTQConfig) -> TrialResult | None:
+        key = config.key()
+        if key in self._memory:
+            return self._memory[key]
+        if self.database is None:
+            return None
+        row = self.database.get_trial(self.prepared.model_hash, self.data_hash, key)
+        if row is None:
+            return None
+        return TrialResult(config, row.accuracy, row.sqnr_db, row.error, row.seconds, row.calibration_seconds,
+                           row.calibrated, cached=True)  # fmt: skip
+
+    def evaluate_many(self, configs: Iterable[PTQConfig], executor: TrialExecutor | None = None) -> list[TrialResult]:
+        """Results for ``configs`` in order: cache hits at once, the rest measured through ``executor``."""
+        configs = list(configs)
+        results: dict[int, TrialResult] = {}
+        todo: list[tuple[int, PTQConfig]] = []
+        for i, c in enumerate(configs):
+            hit = self.lookup(c)
+            if hit is not None:
+                results[i] = hit
+            else:
+                todo.append((i, c))
+        if todo:
+            ex = executor or InProcessExecutor()
+            for (i, c), r in zip(todo, ex.map(run_trial, [self.task(c) for _, c in todo]), strict=True):
+                self.measured += 1
+                results[i] = r
+                self._store(c, r)
+        return [results[i] for i in range(len(configs))]
+
+    def evaluate(self, config: PTQConfig) -> TrialResult:
+        return self.evaluate_many([config])[0]
+
+    def _store(self, config: PTQConfig, r: TrialResult) -> None:
+        self._memory[config.key()] = r
+        if self.database is not None:
+            self.database.put_trial(StoredTrial(
+                self.prepared.model_hash, self.data_hash, config.key(), config.canonical(), r.accuracy,
+                self.fp32_accuracy, r.sqnr_db, r.error, r.seconds, r.calibration_seconds, r.calibrated,
+            ))  # fmt: skip

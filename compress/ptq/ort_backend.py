@@ -1,0 +1,266 @@
+"""The onnxruntime backend of Quantune: pre-processing, calibration and static QDQ quantization.
+
+Imported only when quantization runs (it imports onnx and onnxruntime). Pre-processing (shape
+inference, constant folding, BN folding by onnxruntime's graph optimiser) runs once per model and is
+cached by the model's hash; calibration ranges are cached per (model, calibration method, size,
+data) so that configurations which differ only in the weight scheme share one calibration pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress.errors import ConfigError, DataError
+from compress.ptq.config import PTQConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+def trial_failure_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "this configuration does not work" rather than a bug in our code.
+
+    onnxruntime's quantizer raises ValueError/RuntimeError/TypeError-free errors for unsupported
+    combinations; its sessions raise the pybind exception classes below (they derive directly from
+    ``Exception``); NaN scales surface as ArithmeticError. Anything else propagates.
+    """
+    import onnx
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    return (
+        ValueError,
+        RuntimeError,
+        ArithmeticError,
+        onnx.checker.ValidationError,
+        ort_state.Fail,
+        ort_state.InvalidArgument,
+        ort_state.RuntimeException,
+        ort_state.InvalidGraph,
+        ort_state.NotImplemented,
+        ort_state.EPFail,
+    )
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A pre-processed fp32 ONNX model ready for calibration.
+
+    Attributes:
+        path: the pre-processed model file.
+        model_hash: sha256 of the original ONNX file (the cache and database key).
+        input_name: the graph input.
+        weighted_nodes: names of Conv/Gemm/MatMul nodes in graph order (the layers of mixed precision
+            and of the sensitivity report).
+        node_types: op type of each weighted node.
+    """
+
+    path: Path
+    model_hash: str
+    input_name: str
+    weighted_nodes: tuple[str, ...]
+    node_types: tuple[str, ...]
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _named(model: Any) -> Any:
+    """Give every node a unique name (the quantizer's include/exclude lists refer to names)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    return model
+
+
+def prepare_model(onnx_path: str | Path, cache_folder: Path) -> PreparedModel:
+    """Pre-process ``onnx_path`` for quantization (cached in ``cache_folder`` by the model's hash).
+
+    Raises:
+        ConfigError: the file is not a valid ONNX model or onnxruntime's pre-processing rejects it.
+    """
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src = Path(onnx_path)
+    if not src.is_file():
+        raise ConfigError(f"ONNX model {str(src)!r} does not exist")
+    digest = file_hash(src)
+    folder = cache_folder / digest[:24]
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / "preprocessed.onnx"
+    if not dst.exists():
+        try:
+            model = onnx.load(str(src))
+            onnx.checker.check_model(model)
+        except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError, OSError) as exc:
+            raise ConfigError(f"{src} is not a valid ONNX model: {str(exc).splitlines()[0][:200]}") from None
+        except Exception as exc:  # protobuf's DecodeError has no stable import path: a corrupt file
+            if type(exc).__name__ != "DecodeError":
+                raise
+            raise ConfigError(f"{src} is not a valid ONNX model (cannot parse the protobuf)") from None
+        tmp = folder / f".pre-{uuid.uuid4().hex}.onnx"
+        try:
+            quant_pre_process(_named(model), str(tmp), skip_symbolic_shape=True)
+        except trial_failure_types() as exc:
+            raise ConfigError(f"onnxruntime cannot pre-process {src} for quantization: {exc}") from None
+        os.replace(tmp, dst)
+    model = onnx.load(str(dst), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ConfigError(f"{src}: Quantune handles models with one input; this one has {inputs}")
+    weighted = [(n.name, n.op_type) for n in model.graph.node if n.op_type in WEIGHTED_OPS]
+    return PreparedModel(dst, digest, inputs[0], tuple(n for n, _ in weighted), tuple(t for _, t in weighted))
+
+
+def _reader(input_name: str, x: np.ndarray, batch_size: int = 64) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _ArrayReader(CalibrationDataReader):
+        """Feeds calibration batches of a preprocessed NCHW float32 array."""
+
+        def __init__(self) -> None:
+            self._i = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self._i >= len(x):
+                return None
+            batch = np.ascontiguousarray(x[self._i : self._i + batch_size], dtype=np.float32)
+            self._i += batch_size
+            return {input_name: batch}
+
+        def __len__(self) -> int:
+            return len(x)
+
+    return _ArrayReader()
+
+
+def calibration_samples(calib_x: np.ndarray, size: int) -> np.ndarray:
+    """The first ``size`` calibration samples (the split is already shuffled); capped by what it holds.
+
+    Raises:
+        DataError: the calibration set is empty.
+    """
+    if len(calib_x) == 0:
+        raise DataError("the calibration set is empty; PTQ needs at least one calibration sample")
+    return calib_x[: min(size, len(calib_x))]
+
+
+def excluded_nodes(prepared: PreparedModel, config: PTQConfig, sensitive_order: list[str] | None) -> list[str]:
+    """Node names left in float by ``config`` (mixed precision)."""
+    names = list(config.exclude_nodes)
+    if config.keep_float == "first_last" and prepared.weighted_nodes:
+        names += [prepared.weighted_nodes[0], prepared.weighted_nodes[-1]]
+    elif config.keep_float == "sensitive":
+        if sensitive_order is None:
+            raise ConfigError("keep_float='sensitive' needs the layer sensitivity ranking of this model")
+        names += sensitive_order[: config.keep_float_k]
+    return sorted(set(names))
+
+
+def quantize_to_file(
+    prepared: PreparedModel,
+    config: PTQConfig,
+    calib_x: np.ndarray,
+    out_path: Path,
+    calib_cache: Path,
+    *,
+    nodes_to_exclude: list[str] | None = None,
+    nodes_to_quantize: list[str] | None = None,
+) -> dict[str, Any]:
+    """Quantize ``prepared`` with ``config`` (static, QDQ) into ``out_path``.
+
+    Calibration ranges are stored in ``calib_cache`` (a folder) and reused by later calls with the
+    same calibration key; the file is written atomically so parallel workers never read half of it.
+
+    Returns:
+        ``{"calibration_seconds", "calibrated", "quantize_seconds"}``.
+
+    Raises:
+        DataError: empty calibration set. Trial failures (see :func:`trial_failure_types`) propagate.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    samples = calibration_samples(calib_x, config.calib_size)
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+        "distribution": CalibrationMethod.Distribution,
+    }[config.calibration]
+    data_hash = hashlib.sha256(np.ascontiguousarray(samples).tobytes()).hexdigest()
+    ckey = hashlib.sha256(f"{prepared.model_hash}|{config.calibration_key()}|{data_hash}".encode()).hexdigest()[:24]
+    calib_cache.mkdir(parents=True, exist_ok=True)
+    final = calib_cache / f"{ckey}.json"
+    meta = calib_cache / f"{ckey}.meta.json"
+    cached = final.is_file()
+    cache_arg = final if cached else calib_cache / f".{ckey}-{uuid.uuid4().hex}.json"
+    extra: dict[str, Any] = {
+        "ActivationSymmetric": config.activation_symmetric,
+        "WeightSymmetric": config.weight_symmetric,
+    }
+    if config.calibration == "percentile":
+        extra["CalibPercentile"] = config.percentile
+    t0 = time.perf_counter()
+    # onnxruntime's calibrators print progress to stdout; keep library output clean.
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(
+            str(prepared.path),
+            str(out_path),
+            None if cached else _reader(prepared.input_name, samples),
+            quant_format=QuantFormat.QDQ,
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            activation_type=QuantType.QInt8 if config.activation_symmetric else QuantType.QUInt8,
+            weight_type=QuantType.QInt4 if config.weight_bits == 4 else QuantType.QInt8,
+            nodes_to_exclude=nodes_to_exclude or None,
+            nodes_to_quantize=nodes_to_quantize or None,
+            calibrate_method=method,
+            calibration_cache_path=str(cache_arg),
+            extra_options=extra,
+        )
+    seconds = time.perf_counter() - t0
+    if cached:
+        calib_seconds = float(json.loads(meta.read_text())["seconds"]) if meta.is_file() else 0.0
+        return {"calibration_seconds": calib_seconds, "calibrated": False, "quantize_seconds": seconds}
+    # The first pass paid for calibration: remember what it cost so replayed searches can be timed honestly.
+    meta.write_text(json.dumps({"seconds": seconds, "samples": len(samples), "key": config.calibration_key()}))
+    os.replace(cache_arg, final)
+    return {"calibration_seconds": seconds, "calibrated": True, "quantize_seconds": seconds}
+
+
+def make_session(model_path: Path, threads: int = 1) -> Any:
+    """An onnxruntime CPU session with a fixed thread count (so trials are comparable)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_logits(session: Any, x: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    outs = [session.run(None, {name: np.ascontiguousarray(x[i : i + batch_size])})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs)

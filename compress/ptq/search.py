@@ -1,0 +1,230 @@
+"""Quantune end to end: search a PTQ configuration for an ONNX artifact and write the best one.
+
+Lee et al., "Quantune: Post-training quantization of convolutional neural networks using extreme
+gradient boosting for fast deployment" (FGCS 132, 2022). The loop: a strategy proposes
+configurations, the evaluator measures them on onnxruntime (through the tuning-database cache),
+budgets (trials, wall time, target accuracy) stop it, and the best measured configuration is always
+quantized and written, also when the time budget ended the search.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compress.errors import UnsupportedError
+from compress.progress import progress
+from compress.ptq.config import PTQConfig, QuantuneSearchConfig
+from compress.ptq.evaluator import Evaluator, TrialExecutor, TrialResult, make_executor
+from compress.ptq.strategies import SearchStrategy
+
+log = logging.getLogger(__name__)
+
+# The configuration whose per-layer sensitivity ranks layers for keep_float="sensitive<K>".
+SENSITIVITY_REFERENCE = PTQConfig(calibration="minmax", calib_size=100, per_channel=True)
+
+
+@dataclass
+class SearchResult:
+    """What a search measured, in order, and why it stopped."""
+
+    strategy: str
+    trials: list[TrialResult]
+    best: TrialResult | None
+    stopped_by: str
+    wall_seconds: float
+    overhead_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "stopped_by": self.stopped_by, "wall_seconds": round(self.wall_seconds, 3),
+                "strategy_overhead_seconds": round(self.overhead_seconds, 3), "trials": [t.to_dict() for t in self.trials],
+                "best": None if self.best is None else self.best.to_dict(), **self.extra}  # fmt: skip
+
+
+def _better(a: TrialResult, b: TrialResult | None) -> bool:
+    if a.accuracy is None:
+        return False
+    if b is None or b.accuracy is None:
+        return True
+    return (a.accuracy, a.sqnr_db or 0.0) > (b.accuracy, b.sqnr_db or 0.0)
+
+
+def run_search(
+    strategy: SearchStrategy,
+    evaluator: Evaluator,
+    *,
+    budget_trials: int | None = None,
+    budget_time_s: float | None = None,
+    target_accuracy: float | None = None,
+    executor: TrialExecutor | None = None,
+    clock: Any = time.perf_counter,
+) -> SearchResult:
+    """Run ``strategy`` until a budget is spent, the target is reached or the space is exhausted.
+
+    At least one batch is always measured, so a result exists even under a tiny time budget. The
+    time budget is checked between batches (a running trial is not interrupted).
+    """
+    ex = executor or make_executor(1)
+    start = clock()
+    trials: list[TrialResult] = []
+    best: TrialResult | None = None
+    stopped = "space exhausted"
+    total = budget_trials or len(strategy.candidates)
+    with progress(f"{strategy.name} search", min(total, len(strategy.candidates))) as bar:
+        while True:
+            if budget_trials is not None and len(trials) >= budget_trials:
+                stopped = "trial budget"
+                break
+            if trials and budget_time_s is not None and clock() - start >= budget_time_s:
+                stopped = "time budget"
+                break
+            n = ex.workers if budget_trials is None else min(ex.workers, budget_trials - len(trials))
+            batch = strategy.propose(n)
+            if not batch:
+                break
+            results = evaluator.evaluate_many(batch, ex)
+            strategy.observe(results)
+            trials.extend(results)
+            bar.advance(len(results))
+            for r in results:
+                if _better(r, best):
+                    best = r
+                    log.info("%s trial %d: new best %.2f%% with %s", strategy.name, len(trials), r.accuracy, r.config.label())
+            if target_accuracy is not None and best is not None and (best.accuracy or 0.0) >= target_accuracy:
+                stopped = "target accuracy"
+                break
+    return SearchResult(strategy.name, trials, best, stopped, clock() - start, strategy.overhead_seconds)
+
+
+@dataclass
+class QuantuneResult:
+    """The outcome of :func:`quantize_artifact`."""
+
+    artifact: Any
+    search: SearchResult
+    fp32_accuracy: float
+    sensitivity: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+def _sensitivity_ranking(evaluator: Evaluator, calib_x: Any, val_x: Any, val_y: Any) -> list[str]:
+    from compress.ptq.sensitivity import layer_sensitivity
+
+    cache = evaluator.workdir / f"sensitivity-{evaluator.data_hash[:16]}.json"
+    if cache.is_file():
+        return list(json.loads(cache.read_text()))
+    rows = layer_sensitivity(evaluator.prepared, SENSITIVITY_REFERENCE, calib_x, val_x, val_y, evaluator.fp32_logits,
+                             evaluator.calib_cache, threads=evaluator.threads)  # fmt: skip
+    order = [r["node"] for r in rows]
+    cache.write_text(json.dumps(order))
+    return order
+
+
+def quantize_artifact(
+    source: Any,
+    splits: Any,
+    config: QuantuneSearchConfig,
+    dest: str | Path,
+    *,
+    target: Any = None,
+    exclude_prior_names: set[str] | None = None,
+) -> QuantuneResult:
+    """Search (or apply) a PTQ configuration for the fp32 ONNX ``source`` artifact and write the best.
+
+    Args:
+        source: an fp32 ONNX :class:`export.Artifact`.
+        splits: data splits; ``calib`` calibrates, ``val`` (first ``config.val_samples``) scores trials.
+        config: strategy, space, budgets, executor, database.
+        dest: the ``onnx-qdq`` artifact folder to write; it also holds ``trials.json``,
+            ``sensitivity.json`` and ``sensitivity.md``.
+        target: recorded in the manifest.
+        exclude_prior_names: model names left out of the transfer prior (benchmarks' leave-one-out).
+
+    Raises:
+        ConfigError: an invalid model, space or database. DataError: empty calibration set.
+        UnsupportedError: every measured configuration failed.
+    """
+    import onnx
+
+    from compress.cache import cache_dir
+    from compress.ptq.database import TuningDatabase, load_prior
+    from compress.ptq.descriptors import model_descriptors
+    from compress.ptq.ort_backend import prepare_model, quantize_to_file
+    from compress.ptq.sensitivity import layer_sensitivity, sensitivity_markdown
+    from compress.ptq.space import enumerate_space
+    from compress.ptq.strategies import make_strategy
+    from export import StageRecord, write_onnx_artifact
+
+    t0 = time.perf_counter()
+    prepared = prepare_model(source.model_path, cache_dir("quantune", "models"))
+    db = TuningDatabase(config.database)
+    name = source.manifest.model_name or Path(source.model_path).stem
+    descriptors = model_descriptors(source.model_path)
+    db.put_model(prepared.model_hash, name, descriptors)
+    val = splits.val
+    nval = min(config.val_samples, len(val))
+    calib_x, val_x, val_y = splits.calib.x, val.x[:nval], val.y[:nval]
+    evaluator = Evaluator(prepared, calib_x, val_x, val_y, database=db,
+                          workdir=cache_dir("quantune", "work", prepared.model_hash[:24]))  # fmt: skip
+    evaluator._sensitive = lambda: _sensitivity_ranking(evaluator, calib_x, val_x, val_y)
+    executor = make_executor(config.workers)
+    try:
+        if config.search == "none":
+            from compress.ptq.strategies import GridSearch
+
+            strategy: SearchStrategy = GridSearch([config.config], seed=config.seed)
+        else:
+            prior = load_prior(db, use_seed=config.use_seed_database, exclude_hashes={prepared.model_hash},
+                               exclude_names=exclude_prior_names or set())  # fmt: skip
+            strategy = make_strategy(config.search, enumerate_space(config.resolved_space()), seed=config.seed,
+                                     descriptors=descriptors, fp32_accuracy=evaluator.fp32_accuracy, prior=prior,
+                                     rounds=config.xgb_rounds, eta=config.xgb_eta, gamma=config.xgb_gamma)  # fmt: skip
+            log.info("%s search: %d configurations, prior of %d trials", config.search, len(strategy.candidates), len(prior))
+        result = run_search(strategy, evaluator, budget_trials=config.budget_trials, budget_time_s=config.budget_time_s,
+                            target_accuracy=config.target_accuracy, executor=executor)  # fmt: skip
+    finally:
+        executor.close()
+    result.extra["prior_trials"] = len(getattr(strategy, "prior", []))
+    result.extra["measured_now"] = evaluator.measured
+    best = result.best
+    if best is None:
+        errors = sorted({t.error or "" for t in result.trials})
+        raise UnsupportedError(f"all {len(result.trials)} PTQ trials failed on {name}; errors: {'; '.join(errors)[:500]}")
+    sens: list[dict[str, Any]] = []
+    if config.sensitivity:
+        sens = layer_sensitivity(prepared, best.config, calib_x, val_x, val_y, evaluator.fp32_logits,
+                                 evaluator.calib_cache)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="quantune-final-") as tmp:
+        qpath = Path(tmp) / "model.onnx"
+        task = evaluator.task(best.config)
+        quantize_to_file(prepared, best.config, calib_x, qpath, evaluator.calib_cache, nodes_to_exclude=list(task.exclude))
+        qmodel = onnx.load(str(qpath))
+    metrics = {
+        "val_accuracy": best.accuracy, "fp32_val_accuracy": evaluator.fp32_accuracy, "val_samples": nval,
+        "sqnr_db_vs_fp32": best.sqnr_db, "trials": len(result.trials), "measured_now": evaluator.measured,
+        "stopped_by": result.stopped_by, "search_seconds": round(result.wall_seconds, 2), "config": best.config.label(),
+        "float_nodes": list(task.exclude),
+    }  # fmt: skip
+    log_json = {"model": name, "model_hash": prepared.model_hash, "data_hash": evaluator.data_hash,
+                "fp32_accuracy": evaluator.fp32_accuracy, "search": config.model_dump(mode="json"),
+                **result.to_dict()}  # fmt: skip
+    files = {
+        "trials.json": (json.dumps(log_json, indent=2) + "\n").encode(),
+        "sensitivity.json": (json.dumps(sens, indent=2) + "\n").encode(),
+        "sensitivity.md": sensitivity_markdown(sens, best.config.label()).encode(),
+    }
+    stage = StageRecord(stage="ptq", config={**config.model_dump(mode="json"), "chosen": best.config.canonical()},
+                        metrics=metrics, seconds=round(time.perf_counter() - t0, 2))  # fmt: skip
+    art = write_onnx_artifact(
+        qmodel, dest, fmt="onnx-qdq", model_name=name, target=target, inputs=list(source.manifest.inputs),
+        preprocessing=source.manifest.preprocessing, stages=[*source.manifest.stages, stage],
+        parent_hash=source.hash, metrics={"ptq": metrics}, extra={**source.manifest.extra, "ptq_config": best.config.canonical()},
+        extra_files=files,
+    )  # fmt: skip
+    return QuantuneResult(art, result, evaluator.fp32_accuracy, sens, metrics)

@@ -1,0 +1,234 @@
+"""Search strategies over one shared space and evaluator: grid, random, genetic and Quantune.
+
+Lee et al. (2022) compare Quantune's XGBoost-guided search against grid, random and genetic search
+on the same space; all four are here behind one interface: ``propose(n)`` returns up to ``n``
+configurations not measured yet, ``observe(results)`` feeds back what was measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import numpy as np
+
+from compress.errors import ConfigError
+from compress.ptq.config import PTQConfig
+from compress.ptq.cost_model import CostModel, feature_vector
+from compress.ptq.database import PriorRow
+from compress.ptq.evaluator import TrialResult
+from compress.ptq.space import point_of
+
+log = logging.getLogger(__name__)
+
+
+class SearchStrategy:
+    """Base: keeps the candidates and what has been measured."""
+
+    name = "base"
+
+    def __init__(self, candidates: list[PTQConfig], *, seed: int = 0):
+        if not candidates:
+            raise ConfigError("the search space is empty")
+        self.candidates = list(candidates)
+        self.seed = seed
+        self.measured: dict[str, TrialResult] = {}
+        self.overhead_seconds = 0.0  # time the strategy itself spent (cost-model fits)
+
+    def unexplored(self) -> list[PTQConfig]:
+        return [c for c in self.candidates if c.key() not in self.measured]
+
+    def propose(self, n: int) -> list[PTQConfig]:
+        raise NotImplementedError
+
+    def observe(self, results: list[TrialResult]) -> None:
+        for r in results:
+            self.measured[r.config.key()] = r
+
+
+class GridSearch(SearchStrategy):
+    """The space in its fixed grid order (first dimension = outermost loop)."""
+
+    name = "grid"
+
+    def propose(self, n: int) -> list[PTQConfig]:
+        return self.unexplored()[:n]
+
+
+class RandomSearch(SearchStrategy):
+    """A seeded random permutation of the space."""
+
+    name = "random"
+
+    def __init__(self, candidates: list[PTQConfig], *, seed: int = 0):
+        super().__init__(candidates, seed=seed)
+        self._order = list(self.candidates)
+        random.Random(seed).shuffle(self._order)
+
+    def propose(self, n: int) -> list[PTQConfig]:
+        return [c for c in self._order if c.key() not in self.measured][:n]
+
+
+class GeneticSearch(SearchStrategy):
+    """A genetic algorithm on the space's coordinates: tournament selection, uniform crossover, mutation.
+
+    Each generation's children that were already measured are re-mutated (a few tries) so every
+    proposal is a new trial; failed trials get fitness 0.
+    """
+
+    name = "genetic"
+
+    def __init__(self, candidates: list[PTQConfig], *, seed: int = 0, population: int = 8, mutation: float = 0.15):
+        super().__init__(candidates, seed=seed)
+        self._rng = random.Random(seed)
+        self.population = population
+        self.mutation = mutation
+        self._by_point = {self._pkey(point_of(c)): c for c in self.candidates}
+        self._dims: dict[str, list[Any]] = {}
+        for c in self.candidates:
+            for k, v in point_of(c).items():
+                if v not in self._dims.setdefault(k, []):
+                    self._dims[k].append(v)
+
+    @staticmethod
+    def _pkey(point: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(point[k] for k in sorted(point))
+
+    def _fitness(self, r: TrialResult) -> float:
+        return r.accuracy if r.accuracy is not None else 0.0
+
+    def _tournament(self, pool: list[TrialResult]) -> dict[str, Any]:
+        a, b = self._rng.choice(pool), self._rng.choice(pool)
+        return point_of((a if self._fitness(a) >= self._fitness(b) else b).config)
+
+    def _child(self, pool: list[TrialResult]) -> PTQConfig | None:
+        for _ in range(30):
+            p1, p2 = self._tournament(pool), self._tournament(pool)
+            child = {k: (p1[k] if self._rng.random() < 0.5 else p2[k]) for k in p1}
+            for k in child:
+                if self._rng.random() < self.mutation:
+                    child[k] = self._rng.choice(self._dims[k])
+            c = self._by_point.get(self._pkey(child))
+            if c is not None and c.key() not in self.measured:
+                return c
+        return None
+
+    def propose(self, n: int) -> list[PTQConfig]:
+        left = self.unexplored()
+        if not left:
+            return []
+        if len(self.measured) < self.population:  # the initial random population
+            self._rng.shuffle(left)
+            return left[: min(n, self.population - len(self.measured))]
+        # Parents: the best `population` measured so far (elitist steady-state GA).
+        pool = sorted(self.measured.values(), key=self._fitness, reverse=True)[: self.population]
+        out: list[PTQConfig] = []
+        for _ in range(n):
+            c = self._child(pool)
+            if c is None or c in out:
+                rest = [x for x in self.unexplored() if x not in out]
+                if not rest:
+                    break
+                c = self._rng.choice(rest)
+            out.append(c)
+        return out
+
+
+class QuantuneSearch(SearchStrategy):
+    """Quantune: an XGBoost cost model trained on other models' trials (the prior), refit online.
+
+    Each round predicts every unexplored configuration of this model, measures the ``n`` best
+    predicted, adds them to the training data and refits (Lee et al., 2022, Algorithm 1). Without a
+    prior the first ``init_trials`` configurations are random.
+
+    Args:
+        candidates: the space.
+        descriptors: this model's descriptors.
+        fp32_accuracy: this model's fp32 validation accuracy (targets are accuracy changes).
+        prior: trials of other models (leave-this-model-out), from the tuning database.
+        own_weight: sample weight of this model's trials relative to the prior's.
+    """
+
+    name = "quantune"
+
+    def __init__(
+        self,
+        candidates: list[PTQConfig],
+        *,
+        descriptors: dict[str, float],
+        fp32_accuracy: float,
+        prior: list[PriorRow] | None = None,
+        seed: int = 0,
+        rounds: int = 200,
+        eta: float = 0.15,
+        gamma: float = 3.0,
+        init_trials: int = 3,
+        own_weight: float = 3.0,
+    ):
+        super().__init__(candidates, seed=seed)
+        self.descriptors = descriptors
+        self.fp32_accuracy = fp32_accuracy
+        self.prior = prior or []
+        self.model = CostModel(rounds=rounds, eta=eta, gamma=gamma, seed=seed)
+        self.init_trials = init_trials
+        self.own_weight = own_weight
+        self._rng = random.Random(seed)
+        self._tiebreak = {c.key(): self._rng.random() for c in self.candidates}
+        self._prior_x = [feature_vector(PTQConfig(**r.config), r.descriptors) for r in self.prior]
+        self._prior_y = [r.accuracy_delta for r in self.prior]
+        self.predictions: dict[str, float] = {}
+
+    def propose(self, n: int) -> list[PTQConfig]:
+        import time
+
+        left = self.unexplored()
+        if not left:
+            return []
+        if not self.prior and len(self.measured) < self.init_trials:
+            self._rng.shuffle(left)
+            return left[: min(n, self.init_trials - len(self.measured))]
+        t0 = time.perf_counter()
+        x = list(self._prior_x)
+        y = list(self._prior_y)
+        w = [1.0] * len(x)
+        for r in self.measured.values():
+            x.append(feature_vector(r.config, self.descriptors))
+            y.append((r.accuracy if r.accuracy is not None else 0.0) - self.fp32_accuracy)
+            w.append(self.own_weight)
+        self.model.fit(x, y, w)
+        pred = self.model.predict([feature_vector(c, self.descriptors) for c in left])
+        self.predictions.update({c.key(): float(p) for c, p in zip(left, pred, strict=True)})
+        # Highest predicted first; a seeded tie-break keeps equal predictions in a reproducible order.
+        order = np.lexsort((np.asarray([self._tiebreak[c.key()] for c in left]), -pred))
+        self.overhead_seconds += time.perf_counter() - t0
+        return [left[i] for i in order[:n]]
+
+
+def make_strategy(
+    name: str,
+    candidates: list[PTQConfig],
+    *,
+    seed: int = 0,
+    descriptors: dict[str, float] | None = None,
+    fp32_accuracy: float = 100.0,
+    prior: list[PriorRow] | None = None,
+    rounds: int = 200,
+    eta: float = 0.15,
+    gamma: float = 3.0,
+) -> SearchStrategy:
+    """Build the strategy called ``name``.
+
+    Raises:
+        ConfigError: unknown strategy (lists the valid ones).
+    """
+    if name == "grid":
+        return GridSearch(candidates, seed=seed)
+    if name == "random":
+        return RandomSearch(candidates, seed=seed)
+    if name == "genetic":
+        return GeneticSearch(candidates, seed=seed)
+    if name == "quantune":
+        return QuantuneSearch(candidates, descriptors=descriptors or {}, fp32_accuracy=fp32_accuracy, prior=prior,
+                              seed=seed, rounds=rounds, eta=eta, gamma=gamma)  # fmt: skip
+    raise ConfigError(f"unknown search strategy {name!r}; valid: quantune, random, grid, genetic")

@@ -1,0 +1,219 @@
+"""Quantune PTQ: strategies, budgets, failures and errors on a tiny trained CNN and the tiny space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compress.errors import ConfigError, DataError
+from compress.ptq.config import PTQConfig, space_preset
+from compress.ptq.evaluator import TrialResult
+from compress.ptq.space import enumerate_space
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    from compress.checkpoint import load_checkpoint
+    from export import export_onnx
+
+    b = load_checkpoint(cnn_checkpoint)
+    return export_onnx(b.module, b.input_shape, tmp_path_factory.mktemp("fp32") / "a", model_name="cnn",
+                       preprocessing=b.preprocessing)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def evaluator(fp32_artifact, mnist_splits, tmp_path_factory: pytest.TempPathFactory):
+    from compress.ptq.database import TuningDatabase
+    from compress.ptq.evaluator import Evaluator
+    from compress.ptq.ort_backend import prepare_model
+
+    tmp = tmp_path_factory.mktemp("ptq")
+    prepared = prepare_model(fp32_artifact.model_path, tmp / "models")
+    return Evaluator(prepared, mnist_splits.calib.x, mnist_splits.val.x[:200], mnist_splits.val.y[:200],
+                     database=TuningDatabase(tmp / "db.sqlite"), workdir=tmp / "work")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["grid", "random", "genetic", "quantune"])
+def test_each_strategy_measures_distinct_configs_and_keeps_the_best(name: str, evaluator) -> None:
+    from compress.ptq.search import run_search
+    from compress.ptq.strategies import make_strategy
+
+    space = enumerate_space(space_preset("tiny"))
+    strat = make_strategy(name, space, seed=1, descriptors={"convs": 2.0}, fp32_accuracy=evaluator.fp32_accuracy)
+    res = run_search(strat, evaluator, budget_trials=5)
+    keys = [t.config.key() for t in res.trials]
+    assert len(keys) == 5 and len(set(keys)) == 5
+    assert res.stopped_by == "trial budget"
+    assert res.best is not None and res.best.accuracy == max(t.accuracy or 0.0 for t in res.trials)
+    if name == "grid":
+        assert keys == [c.key() for c in space[:5]]
+
+
+def test_trained_cnn_int8_is_close_to_fp32_and_distribution_is_a_cliff(evaluator) -> None:
+    good = evaluator.evaluate(PTQConfig(calibration="minmax", calib_size=16, per_channel=True))
+    assert good.ok and good.accuracy is not None
+    assert good.accuracy >= evaluator.fp32_accuracy - 2.0
+    assert good.sqnr_db is not None and good.sqnr_db > 15
+    again = evaluator.evaluate(PTQConfig(calibration="minmax", calib_size=16, per_channel=True))
+    assert again.accuracy == good.accuracy  # served from the cache, never paid twice
+    measured = evaluator.measured
+    evaluator.evaluate(PTQConfig(calibration="minmax", calib_size=16, per_channel=True))
+    assert evaluator.measured == measured
+
+
+def test_random_search_is_seeded() -> None:
+    from compress.ptq.strategies import RandomSearch
+
+    space = enumerate_space(space_preset("bench"))
+    a = [c.key() for c in RandomSearch(space, seed=3).propose(10)]
+    b = [c.key() for c in RandomSearch(space, seed=3).propose(10)]
+    c = [c.key() for c in RandomSearch(space, seed=4).propose(10)]
+    assert a == b and a != c
+
+
+class _FakeEvaluator:
+    """Accuracy from a formula; each evaluation advances a fake clock by 10 s."""
+
+    def __init__(self, clock: list[float]):
+        self.clock = clock
+
+    def evaluate_many(self, configs, executor=None):
+        out = []
+        for c in configs:
+            self.clock[0] += 10.0
+            acc = 90.0 + (5.0 if c.per_channel else 0.0) - (80.0 if c.calibration == "distribution" else 0.0)
+            out.append(TrialResult(c, acc, seconds=10.0))
+        return out
+
+
+def test_time_budget_is_honoured_and_best_kept() -> None:
+    from compress.ptq.search import run_search
+    from compress.ptq.strategies import GridSearch
+
+    clock = [0.0]
+    space = enumerate_space(space_preset("bench"))
+    res = run_search(GridSearch(space), _FakeEvaluator(clock), budget_time_s=35.0, clock=lambda: clock[0])
+    assert res.stopped_by == "time budget"
+    assert len(res.trials) == 4  # 10, 20, 30 s < 35 s go on; 40 s stops
+    assert res.best is not None and res.best.accuracy == max(t.accuracy for t in res.trials)
+
+
+def test_target_accuracy_stops_the_search() -> None:
+    from compress.ptq.search import run_search
+    from compress.ptq.strategies import GridSearch
+
+    space = enumerate_space(space_preset("bench"))
+    res = run_search(GridSearch(space), _FakeEvaluator([0.0]), target_accuracy=94.0)
+    assert res.stopped_by == "target accuracy" and res.best is not None and res.best.accuracy >= 94.0
+    assert len(res.trials) < len(space)
+
+
+def test_failing_trial_is_recorded_and_search_goes_on(evaluator, monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.ptq.ort_backend as backend
+    from compress.ptq.search import run_search
+    from compress.ptq.strategies import GridSearch
+
+    real = backend.quantize_to_file
+
+    def flaky(prepared, config, *a, **k):
+        if config.activation_symmetric:
+            raise ValueError("quantizer rejects this combination")
+        return real(prepared, config, *a, **k)
+
+    monkeypatch.setattr(backend, "quantize_to_file", flaky)
+    cfgs = [PTQConfig(calibration="minmax", calib_size=8, activation_symmetric=s, weight_symmetric=False) for s in (True, False)]
+    res = run_search(GridSearch(cfgs), evaluator)
+    assert [t.ok for t in res.trials] == [False, True]
+    assert "quantizer rejects" in (res.trials[0].error or "")
+    assert res.best is res.trials[1]
+    stored = evaluator.database.get_trial(evaluator.prepared.model_hash, evaluator.data_hash, cfgs[0].key())
+    assert stored is not None and stored.accuracy is None and "quantizer rejects" in stored.error
+
+
+def test_programming_errors_are_not_turned_into_failed_trials(evaluator, monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.ptq.ort_backend as backend
+
+    def broken(*a, **k):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(backend, "quantize_to_file", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        evaluator.evaluate(PTQConfig(calibration="minmax", calib_size=3))
+
+
+def test_mixed_precision_keeps_first_and_last_layers_in_float(evaluator) -> None:
+    import onnx
+
+    from compress.ptq.ort_backend import excluded_nodes, quantize_to_file
+
+    cfg = PTQConfig(calibration="minmax", calib_size=16, keep_float="first_last")
+    names = excluded_nodes(evaluator.prepared, cfg, None)
+    assert names == sorted({evaluator.prepared.weighted_nodes[0], evaluator.prepared.weighted_nodes[-1]})
+    out = evaluator.workdir / "mixed.onnx"
+    quantize_to_file(evaluator.prepared, cfg, evaluator_calib(evaluator), out, evaluator.calib_cache, nodes_to_exclude=names)
+    graph = onnx.load(str(out)).graph
+    first = next(n for n in graph.node if n.name == evaluator.prepared.weighted_nodes[0])
+    mid = next(n for n in graph.node if n.name == evaluator.prepared.weighted_nodes[1])
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    assert producers.get(first.input[1]) != "DequantizeLinear"  # float weight
+    assert producers.get(mid.input[1]) == "DequantizeLinear"  # int8 weight
+
+
+def evaluator_calib(evaluator) -> np.ndarray:
+    return np.load(evaluator.arrays / "calib_x.npy")
+
+
+def test_empty_calibration_set_is_a_clear_error(evaluator, tmp_path: Path) -> None:
+    from compress.ptq.evaluator import Evaluator
+
+    with pytest.raises(DataError, match="calibration set is empty"):
+        Evaluator(evaluator.prepared, np.zeros((0, 1, 28, 28), np.float32), evaluator_calib(evaluator)[:4],
+                  np.zeros(4, np.int64), database=None, workdir=tmp_path)  # fmt: skip
+
+
+def test_corrupt_onnx_is_a_clear_error(tmp_path: Path) -> None:
+    from compress.ptq.ort_backend import prepare_model
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07this is not a protobuf model\xff\xff")
+    with pytest.raises(ConfigError, match="not a valid ONNX model"):
+        prepare_model(bad, tmp_path / "cache")
+
+
+def test_config_errors_name_the_bad_value() -> None:
+    from pydantic import ValidationError
+
+    from compress.ptq.config import parse_duration
+
+    with pytest.raises(ConfigError, match="unknown search space 'huge'; valid: tiny, bench"):
+        space_preset("huge")
+    with pytest.raises(ValidationError, match="keep_float_k"):
+        PTQConfig(keep_float="sensitive")
+    with pytest.raises(ValidationError, match="extra"):
+        PTQConfig(calibraton="minmax")  # type: ignore[call-arg]
+    assert parse_duration("10m") == 600.0 and parse_duration("90s") == 90.0 and parse_duration(None) is None
+    with pytest.raises(ConfigError, match="10 minutes"):
+        parse_duration("10 minutes")
+
+
+def test_space_round_trip_and_sizes() -> None:
+    from compress.ptq.space import point_of
+
+    space = enumerate_space(space_preset("full"))
+    assert len(space) == 6 * 3 * 2 * 2 * 2 * 2 * 2 * 3
+    assert len({c.key() for c in space}) == len(space)
+    assert len(enumerate_space(space_preset("bench"))) == 80
+    c = next(c for c in space if c.keep_float == "sensitive" and c.calibration == "percentile")
+    assert point_of(c)["keep_float"] == "sensitive2" and point_of(c)["calibration"].startswith("percentile")
+
+
+def test_quantize_and_ptq_imports_stay_lean() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, compress.ptq, compress.ptq.config, compress.cli.quantize_cmd; "
+            "print(sorted(m for m in ('onnxruntime', 'xgboost', 'torch', 'onnx') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
