@@ -17,9 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import pickle
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,12 +322,11 @@ def save_checkpoint(
     """
     import torch
 
+    from export.fileio import atomic_path
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or bundle.module.state_dict()).items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    os.close(fd)
-    try:
+    with atomic_path(p) as tmp:
         if p.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
 
@@ -358,8 +355,4 @@ def save_checkpoint(
                 },
                 tmp,
             )
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return p

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,17 +22,13 @@ from compress.data import load_splits
 from compress.errors import ConfigError, GateFailure, UnsupportedError
 from compress.recipe import ExportSpec, Recipe, resolved_dict
 from compress.stages import StageContext, StageOutput, get_stage
+from export.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def model_hash(bundle: ModelBundle) -> str:
@@ -174,10 +168,11 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False) -> 
                                    min_runs=int(recipe.profile.get("min_runs", 30)),
                                    min_seconds=float(recipe.profile.get("min_seconds", 2.0)))  # fmt: skip
             metrics.update(latency_p50_ms=lat.p50_ms, latency_p90_ms=lat.p90_ms, latency_runtime=lat.runtime,
-                           latency_threads=lat.threads, latency_runs=lat.runs)  # fmt: skip
+                           latency_threads=lat.threads, latency_runs=lat.runs,
+                           latency_samples_ms=(lat.samples_ms or [])[:2000])  # fmt: skip
         else:
             metrics["latency_note"] = f"not measured: {target.name} is a remote device (use compress profile --rpc)"
-        art.update_metrics(**{k: v for k, v in metrics.items() if v is not None})
+        art.update_metrics(**{k: v for k, v in metrics.items() if v is not None and k != "latency_samples_ms"})
         gates = _gates_for(recipe, target)
         failed = evaluate_gates(target.name, gates, metrics)
         failures.extend(failed)

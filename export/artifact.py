@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from export.errors import ArtifactError
+from export.fileio import write_json_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -117,15 +118,7 @@ class Artifact:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_json_atomic(path, data)
 
 
 def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
