@@ -144,7 +144,7 @@ def _valid_keys_hint(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parent = loc[:-1]
             cls: type[BaseModel] | None = models.get(parent)
@@ -170,7 +170,12 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_valid_keys_hint(exc)}") from None
-    recipe.resolved_stages()
+    from compress.compat import check_stage_order, check_targets
+    from targets import get_target
+
+    names = [name for name, _ in recipe.resolved_stages()]
+    check_stage_order(names)
+    check_targets(names, [get_target(t) for t in recipe.targets])
     return recipe
 
 
