@@ -66,7 +66,8 @@ def register(app: typer.Typer) -> None:
                                       indivisible=indivisible, seed=seed)  # type: ignore[arg-type]  # fmt: skip
         except ValidationError as exc:
             msgs = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()
+                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']} (got {e.get('input')!r})"
+                for e in exc.errors()
             )
             raise ConfigError(f"invalid sparsify options: {msgs}") from None
         tgt = get_target(target)
