@@ -27,7 +27,7 @@ class GAQATConfig(BaseModel):
             gradient, or the whole ``scale``.
         window: n, the sliding window of task-gradient signs for the disorder ``D_l``.
         freeze_every: K, how often (in steps) the freezing test runs.
-        tau: freeze a layer when ``D_l < tau``.
+        tau: freeze a layer when ``D_l < tau`` (D is in [0, 1]; tau > 1 freezes every layer at the first test).
         warmup_steps: no freezing before this step.
         scale_lr_factor: learning-rate multiplier for the quantizer scales.
         max_steps, batch_size, lr, weight_decay, optimizer, seed, eval_every, checkpoint_every,
@@ -47,7 +47,7 @@ class GAQATConfig(BaseModel):
     freeze: str = "task"
     window: int = Field(20, ge=2)
     freeze_every: int = Field(20, ge=1)
-    tau: float = Field(0.3, ge=0, le=1)
+    tau: float = Field(0.3, ge=0)
     warmup_steps: int = Field(200, ge=0)
     scale_lr_factor: float = Field(1.0, gt=0)
     max_steps: int = Field(1000, ge=1)
