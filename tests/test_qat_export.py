@@ -35,10 +35,8 @@ def test_onnxruntime_agrees_with_fake_quant_on_test_split(cnn_checkpoint: Path, 
     ops = [n.op_type for n in graph.node]
     assert ops.count("DequantizeLinear") >= 8 and "QuantizeLinear" in ops and "Clip" in ops
     # weights are stored as integers on the trained grid: middle layers within [-2^(b-1), 2^(b-1) - 1]
-    int_weights = [onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                   if n.op_type == "Constant" and n.attribute[0].t.data_type == onnx.TensorProto.INT8
-                   and len(n.attribute[0].t.dims) >= 2]  # fmt: skip
-    int_weights += [onnx.numpy_helper.to_array(i) for i in graph.initializer
+    assert "Constant" not in ops  # weights, scales and zero points are initializers
+    int_weights = [onnx.numpy_helper.to_array(i) for i in graph.initializer
                     if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]  # fmt: skip
     assert len(int_weights) == 4
     inner = [w for w in int_weights if np.abs(w).max() <= 2 ** (bits - 1)]

@@ -99,6 +99,21 @@ def qdq_for_export(
     return _ActQDQ.apply(v, scale, _Consts(s, s.reshape(()), zp, q_n, q_p))
 
 
+def _constants_to_initializers(model: Any) -> None:
+    # QDQ tools (onnxruntime's quantizer, brevitas) keep weights, scales and zero points as
+    # initializers; the TorchScript exporter leaves our symbolic constants as Constant nodes.
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = node.attribute[0].t
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
 def _prune_unused_initializers(model: Any) -> None:
     used = {i for node in model.graph.node for i in node.input} | {o.name for o in model.graph.output}
     keep = [init for init in model.graph.initializer if init.name in used]
@@ -124,6 +139,7 @@ def export_qdq_onnx(module: Any, example: torch.Tensor, path: Path, opset: int) 
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, do_constant_folding=True,
         )  # fmt: skip
     model = onnx.load(str(path))
+    _constants_to_initializers(model)
     _prune_unused_initializers(model)
     onnx.save(model, str(path))
 
