@@ -65,6 +65,32 @@ class GateSpec(BaseModel):
     max_size_mb: float | None = None
 
 
+class CandidateSpec(BaseModel):
+    """One chain of stages that ``--auto`` tries."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    stages: list[dict[str, Any]] = []
+
+
+class AutoSpec(BaseModel):
+    """Settings of ``compress run --auto``.
+
+    ``candidates`` left empty means: chosen from the budgets and the targets (fp32; int8 PTQ via
+    Quantune; QAT when PTQ misses the accuracy budget; a codebook when the size budget needs it;
+    2:4 sparsity + PTQ for targets with sparse tensor cores).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    time_budget_s: float = Field(1800.0, gt=0)
+    objective: str = Field("latency", pattern="^(latency|size|accuracy)$")
+    candidates: list[CandidateSpec] = []
+    ptq_trials: int = Field(8, ge=1)
+    qat_steps: int = Field(300, ge=1)
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -78,6 +104,7 @@ class Recipe(BaseModel):
     export: list[ExportSpec] = []
     gates: dict[str, GateSpec] = {}
     profile: dict[str, Any] = Field(default_factory=lambda: {"batch": 1, "min_runs": 30, "min_seconds": 2.0})
+    auto: AutoSpec = Field(default_factory=AutoSpec)
 
     @field_validator("version")
     @classmethod
@@ -140,7 +167,7 @@ def _format_validation(exc: ValidationError, cls: type[BaseModel] | None = None)
 
 def _valid_keys_hint(exc: ValidationError) -> str:
     """For unknown keys, list the valid ones of the model they appeared in."""
-    models: dict[tuple[str, ...], type[BaseModel]] = {(): Recipe, ("model",): ModelSpec}
+    models: dict[tuple[str, ...], type[BaseModel]] = {(): Recipe, ("model",): ModelSpec, ("auto",): AutoSpec}
     parts = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])

@@ -15,6 +15,7 @@ def register(app: typer.Typer) -> None:
         recipe: Path = typer.Argument(..., help="Recipe YAML (version: 1)."),
         out: Path = typer.Option(..., "-o", "--out", help="Run folder (stages, artifacts, report); reused to resume."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe, run nothing."),
+        auto: bool = typer.Option(False, "--auto", help="Try candidate chains within the budgets and pick the best."),
         allow_code: bool = typer.Option(False, "--allow-code", help="Allow the recipe's model factory to import Python code."),
         json_out: bool = JsonOption,
     ) -> None:
@@ -33,10 +34,17 @@ def register(app: typer.Typer) -> None:
                 typer.echo(yaml.safe_dump(resolved_dict(r), sort_keys=False), nl=False)
             return
         with cli_progress(not json_out):
-            summary = run_recipe(r, out, allow_code=allow_code)
+            if auto:
+                from compress.auto import run_auto
+
+                summary = run_auto(r, out, allow_code=allow_code)
+            else:
+                summary = run_recipe(r, out, allow_code=allow_code)
         if json_out:
             emit_json(summary)
             return
+        if auto:
+            _print_candidates(summary)
         _print_summary(summary, out)
 
     @app.command("report")
@@ -54,6 +62,20 @@ def register(app: typer.Typer) -> None:
             say(f"report: {path}")
 
 
+def _print_candidates(summary: dict) -> None:
+    rows = []
+    for c in summary["candidates"]:
+        m = c["metrics"]
+        rows.append([c["name"], c["target"], m.get("accuracy"), m.get("accuracy_drop"), m.get("latency_p50_ms"),
+                     m.get("size_bytes"), "yes" if c.get("pareto") else "", "FAIL" if c["failed_gates"] else "PASS"])  # fmt: skip
+    print_table("auto: candidates", ["candidate", "target", "top-1 %", "drop (pt)", "p50 ms", "size bytes", "Pareto",
+                                     "gates"], rows)  # fmt: skip
+    for t, sel in summary["selection"].items():
+        say(f"{t}: chose {sel['chosen']}" if sel["chosen"] else f"{t}: no candidate meets every budget")
+    if summary.get("skipped_candidates"):
+        say(f"not tried (time budget): {', '.join(summary['skipped_candidates'])}")
+
+
 def _print_summary(summary: dict, out: Path) -> None:
     rows = []
     for r in summary["results"]:
@@ -61,7 +83,8 @@ def _print_summary(summary: dict, out: Path) -> None:
         rows.append([r["target"], r["format"], m.get("accuracy"), m.get("reference_accuracy"), m.get("accuracy_drop"),
                      m.get("latency_p50_ms"), m.get("size_bytes"), "PASS" if not r["failed_gates"] else "FAIL"])  # fmt: skip
     print_table(
-        f"{summary['recipe']}: {summary['model']} on {summary['data']} ({summary['wall_seconds']} s)",
+        f"{summary['recipe']}: {summary['model']} on {summary['data']} ({summary['wall_seconds']} s)"
+        + (" (the chosen candidate)" if summary.get("mode") == "auto" else ""),
         ["target", "format", "top-1 %", "fp32 top-1 %", "drop (pt)", "p50 ms", "size bytes", "gates"],
         rows,
     )
