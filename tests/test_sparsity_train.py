@@ -175,3 +175,29 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(
     assert metrics["resumed_from"] == 5
     for key, value in full.module.state_dict().items():
         torch.testing.assert_close(resumed.module.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def test_lock_keeps_zeros_through_training_and_unlock_restores_keys() -> None:
+    from compress.sparsity.lock import lock_nm_pattern, unlock_nm_pattern
+
+    model = _tiny_model()
+    bundle = ModelBundle(model, "tiny", (1, 28, 28), {}, 10, {})
+    sparse, _ = apply_nm_sparsity(bundle, NMSparsityConfig(pattern="1:4", method="oneshot"))
+    keys = set(sparse.module.state_dict())
+    record = sparse.metadata["nm_sparsity"]
+    assert lock_nm_pattern(sparse.module, record) == len(record["layers"])
+    opt = torch.optim.AdamW(sparse.module.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        sparse.module(torch.randn(4, 1, 28, 28)).pow(2).mean().backward()
+        opt.step()
+    assert all(v == 0 for v in check_module_pattern(sparse.module, record).values())
+    assert unlock_nm_pattern(sparse.module) == len(record["layers"])
+    assert set(sparse.module.state_dict()) == keys
+    assert all(v == 0 for v in check_module_pattern(sparse.module, record).values())
+    # Without the lock the same training grows pruned weights back.
+    opt = torch.optim.AdamW(sparse.module.parameters(), lr=1e-2)
+    opt.zero_grad()
+    sparse.module(torch.randn(4, 1, 28, 28)).pow(2).mean().backward()
+    opt.step()
+    assert sum(check_module_pattern(sparse.module, record).values()) > 0

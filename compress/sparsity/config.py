@@ -76,6 +76,9 @@ class NMSparsityConfig(BaseModel):
         indivisible: a layer whose input dimension is not a multiple of M: ``pad`` (treat the row
             as zero-padded to a multiple of M; the last partial group of r weights keeps
             ``ceil(N r / M)`` <= N), ``skip`` (leave the layer dense, reported) or ``error``.
+        lock_pattern: the ``sparsify`` stage hands its model on with the zero pattern locked
+            (:func:`compress.sparsity.lock.lock_nm_pattern`), so a following ``qat`` stage cannot
+            train pruned weights back. Leave it off before ``codebook`` (it rewrites weights in place).
         max_steps, batch_size, lr, optimizer, weight_decay, eval_every, checkpoint_every, seed:
             training hyper-parameters (ignored by ``oneshot``).
     """
@@ -95,6 +98,7 @@ class NMSparsityConfig(BaseModel):
     scope: Scope | None = None
     include_attention: bool = False
     indivisible: Literal["pad", "skip", "error"] = "pad"
+    lock_pattern: bool = False
     max_steps: int = Field(default=600, ge=1)
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=5e-4, gt=0)

@@ -49,22 +49,37 @@ def _attr(node: Any, name: str, default: int) -> int:
     return default
 
 
+def _minus_zero_point(arr: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray:
+    """Integer weights relative to their zero point (an asymmetric quantizer stores 0.0 as the zero point)."""
+    if not zero_point.any():
+        return arr
+    zp = zero_point.astype(np.int32)
+    if zp.ndim == 1 and arr.ndim > 1:
+        shape = [1] * arr.ndim
+        shape[axis] = -1
+        zp = zp.reshape(shape)
+    return arr.astype(np.int32) - zp
+
+
 def weight_initializers(model: Any) -> list[WeightInit]:
     """Every weight initializer feeding a Conv/Gemm/MatMul-like node (through DequantizeLinear too)."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    dq_source = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    dq_nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
     found: dict[str, WeightInit] = {}
     for node in model.graph.node:
         idx = _WEIGHT_INPUT.get(node.op_type)
         if idx is None or len(node.input) <= idx:
             continue
         name = node.input[idx]
-        name = dq_source.get(name, name)
+        dq = dq_nodes.get(name)
+        name = dq.input[0] if dq is not None else name
         if name not in inits or name in found:
             continue
         arr = numpy_helper.to_array(inits[name])
+        if dq is not None and len(dq.input) > 2 and dq.input[2] in inits:
+            arr = _minus_zero_point(arr, numpy_helper.to_array(inits[dq.input[2]]), _attr(dq, "axis", 1))
         if node.op_type in ("Gemm",):
             axis = 1 if _attr(node, "transB", 0) else 0
         elif "MatMul" in node.op_type:

@@ -31,6 +31,10 @@ def run_sparsify(bundle: Any, config: NMSparsityConfig, ctx: StageContext) -> St
     )
     (ctx.out_dir / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     sparse.source = str(path)
+    if config.lock_pattern:
+        from compress.sparsity.lock import lock_nm_pattern
+
+        lock_nm_pattern(sparse.module, sparse.metadata["nm_sparsity"])
     return StageOutput(bundle=sparse, metrics=metrics, files={"checkpoint": str(path)})
 
 
@@ -49,6 +53,10 @@ def load_sparsify(out_dir: Path, input_bundle: Any, config: NMSparsityConfig) ->
     metadata = json.loads(state.get("metadata_json", "{}"))
     bundle = ModelBundle(module, input_bundle.model_name, input_bundle.input_shape, dict(input_bundle.preprocessing),
                          input_bundle.num_classes, metadata, str(out_dir / CHECKPOINT))  # fmt: skip
+    if config.lock_pattern:
+        from compress.sparsity.lock import lock_nm_pattern
+
+        lock_nm_pattern(module, metadata["nm_sparsity"])
     metrics = json.loads((out_dir / METRICS).read_text()) if (out_dir / METRICS).exists() else {}
     return StageOutput(bundle=bundle, metrics=metrics, files={"checkpoint": str(out_dir / CHECKPOINT)})
 

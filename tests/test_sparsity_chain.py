@@ -1,0 +1,99 @@
+"""The N:M pattern survives the stages that follow ``sparsify``: ``ptq`` (int8 QDQ ONNX) and ``qat``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from compress.checkpoint import ModelBundle
+from compress.data import Splits
+from compress.sparsity.api import check_module_pattern
+from compress.stages import StageContext, get_stage
+
+
+@pytest.fixture(scope="module")
+def small_splits(mnist_splits: Splits) -> Splits:
+    idx = np.arange(128)
+    return Splits(mnist_splits.train.subset(idx), mnist_splits.calib.subset(idx[:32]), mnist_splits.val.subset(idx[:64]),
+                  mnist_splits.test.subset(idx[:64]))  # fmt: skip
+
+
+def _sparse_cnn(tmp_path, splits: Splits, pattern: str = "2:4", lock: bool = False) -> ModelBundle:
+    from compress.models import create_model
+
+    torch.manual_seed(0)
+    bundle = ModelBundle(create_model("cnn"), "cnn", (1, 28, 28), {}, 10, {})
+    spec = get_stage("sparsify")
+    out = spec.run(bundle, spec.config_cls(pattern=pattern, method="oneshot", lock_pattern=lock),
+                   StageContext(out_dir=tmp_path / "sparsify", splits=splits))  # fmt: skip
+    assert out.bundle is not None
+    return out.bundle
+
+
+def _has_stage(name: str) -> bool:
+    try:
+        get_stage(name)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_stage("ptq"), reason="the ptq stage is not installed")
+def test_pattern_survives_ptq_int8_qdq(tmp_path, small_splits: Splits) -> None:
+    """sparsify -> ptq: the int8 weights of the QDQ ONNX graph keep N:M zeros (checked on the file)."""
+    from compress.sparsity.export import verify_onnx_nm
+
+    sparse = _sparse_cnn(tmp_path, small_splits)
+    spec = get_stage("ptq")
+    cfg = spec.config_cls(search="none", sensitivity=False, use_seed_database=False,
+                          database=str(tmp_path / "db.sqlite"), val_samples=32)  # fmt: skip
+    out = spec.run(sparse, cfg, StageContext(out_dir=tmp_path / "ptq", splits=small_splits))
+    record = sparse.metadata["nm_sparsity"]
+    mods = dict(sparse.module.named_modules())
+    weights = {k: mods[k].weight.detach().numpy() for k in record["layers"]}
+    check = verify_onnx_nm(out.artifact.model_path, record, weights=weights)
+    assert check["verified"]
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in onnx.load(str(out.artifact.model_path)).graph.initializer}
+    dtypes = {numpy_helper.to_array(inits[v["initializer"]]).dtype for v in check["layers"].values()}
+    assert dtypes & {np.dtype(np.int8), np.dtype(np.uint8)}  # it checked integer weights, not float ones
+    assert check["layers"]["classifier.1"]["sparsity"] >= 0.5
+
+
+def _quantized_weights(model) -> dict[str, torch.Tensor]:
+    from compress.qat.quantizers import quant_wrappers
+
+    with torch.no_grad():
+        return {name: w.weight_quant(w.layer.weight) for name, w in quant_wrappers(model)}
+
+
+@pytest.mark.skipif(not _has_stage("qat"), reason="the qat stage is not installed")
+@pytest.mark.parametrize("locked", [True, False])
+def test_pattern_survives_qat(locked: bool, tmp_path, small_splits: Splits) -> None:
+    """sparsify -> qat: the fake-quantized weights keep N:M zeros after QAT training.
+
+    Unlocked, QAT trains the pruned weights back (reported as a known gap until the qat stage
+    locks the pattern); with ``sparsify: {lock_pattern: true}`` (:func:`lock_nm_pattern`) it holds.
+    """
+    from torch.nn.utils import parametrize
+
+    sparse = _sparse_cnn(tmp_path, small_splits, lock=locked)
+    record = sparse.metadata["nm_sparsity"]
+    assert parametrize.is_parametrized(sparse.module.classifier[1], "weight") == locked
+    spec = get_stage("qat")
+    cfg = spec.config_cls(bits=8, method="qat", max_steps=4, batch_size=16, warmup_steps=0, eval_every=4,
+                          checkpoint_every=4)  # fmt: skip
+    out = spec.run(sparse, cfg, StageContext(out_dir=tmp_path / "qat", splits=small_splits))
+    assert out.bundle is not None
+    violations = check_module_pattern(
+        out.bundle.module, record, weights=_quantized_weights(out.bundle.module)
+    )
+    if locked:
+        assert all(v == 0 for v in violations.values()), violations
+    else:
+        if all(v == 0 for v in violations.values()):
+            pytest.fail("QAT kept the pattern without a lock: make the unlocked case a plain assertion")
+        pytest.xfail(f"the qat stage trains pruned weights back without lock_nm_pattern: {violations}")
