@@ -155,3 +155,17 @@ def test_cli_sparsify_bad_inputs_exit_2(cli, cnn_file, tmp_path) -> None:
     assert code == 2 and "--data" in err
     code, _, err = cli("sparsify", cnn_file, "--method", "magic", "-o", tmp_path / "z")
     assert code == 2 and "magic" in err
+
+
+def test_generic_export_of_a_sparse_model_verifies_the_pattern(tmp_path) -> None:
+    """Recipes and ``compress export`` go through export_model: a marked sparse model is checked there too."""
+    from compress.exporting import export_model
+    from export.errors import ExportError
+
+    sparse = _sparse("cnn", "2:4")
+    art = export_model(sparse, "onnx", None, tmp_path / "ok")
+    assert any(s.config.get("exporter") == "nm-sparse" for s in art.manifest.stages)
+    with torch.no_grad():
+        sparse.module.classifier[1].weight[0, :4] = 1.0  # break one group after sparsifying
+    with pytest.raises(ExportError, match="classifier.1"):
+        export_model(sparse, "onnx", None, tmp_path / "broken")

@@ -86,6 +86,9 @@ def apply_nm_sparsity(
         metrics["val_accuracy"] = evaluate_accuracy(model, splits.val)
         metrics["test_accuracy"] = evaluate_accuracy(model, splits.test)
     record["config"] = config.resolved()
+    from compress.sparsity.export import mark_sparse_module
+
+    mark_sparse_module(model, record)
     metadata = dict(bundle.metadata)
     metadata[METADATA_KEY] = record
     sparse = ModelBundle(model, bundle.model_name, bundle.input_shape, dict(bundle.preprocessing), bundle.num_classes,

@@ -244,3 +244,58 @@ def verify_artifact_nm(artifact: Any) -> dict[str, Any]:
     record = {"n": n, "m": m, "layers": {k: {} for k in info["layers"]}}
     mapping = {k: v["initializer"] for k, v in info["layers"].items()}
     return verify_onnx_nm(artifact.model_path, record, mapping=mapping)
+
+
+MARKER = "_edgecompress_nm_record"
+
+
+def mark_sparse_module(module: Any, record: dict[str, Any]) -> None:
+    """Tag a sparse model so that any ONNX export of it (recipes, ``compress export``) verifies its pattern."""
+    setattr(module, MARKER, record)
+    register_nm_exporter()
+
+
+def _is_marked_plain(module: Any) -> bool:
+    import torch
+
+    record = getattr(module, MARKER, None)
+    if not record:
+        return False
+    mods = dict(module.named_modules())
+    # Another stage (QAT wrappers, codebook layers) replaced the layers: let its exporter handle it.
+    return all(isinstance(mods.get(name), torch.nn.Linear | torch.nn.Conv2d) for name in record["layers"])
+
+
+def _export_and_verify(module: Any, example: Any, path: Path, opset: int) -> None:
+    """``torch.onnx.export`` as the standard exporter does, then the N:M check on the written file."""
+    import warnings
+
+    import torch
+
+    from export.errors import ExportError
+    from export.onnx_export import INPUT_NAME, OUTPUT_NAME
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          do_constant_folding=True)  # fmt: skip
+    record = getattr(module, MARKER)
+    mods = dict(module.named_modules())
+    weights = {k: mods[k].weight.detach().cpu().numpy() for k in record["layers"]}
+    try:
+        verify_onnx_nm(path, record, weights=weights)
+    except NMVerificationError as exc:
+        raise ExportError(str(exc)) from None
+
+
+_registered: list[bool] = []
+
+
+def register_nm_exporter() -> None:
+    """Register (once) the ONNX exporter that verifies marked sparse models."""
+    from export.onnx_export import OnnxExporter, register_onnx_exporter
+
+    if not _registered:
+        register_onnx_exporter(OnnxExporter("nm-sparse", _is_marked_plain, _export_and_verify, "onnx", 40.0))
+        _registered.append(True)

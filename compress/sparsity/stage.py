@@ -53,6 +53,9 @@ def load_sparsify(out_dir: Path, input_bundle: Any, config: NMSparsityConfig) ->
     metadata = json.loads(state.get("metadata_json", "{}"))
     bundle = ModelBundle(module, input_bundle.model_name, input_bundle.input_shape, dict(input_bundle.preprocessing),
                          input_bundle.num_classes, metadata, str(out_dir / CHECKPOINT))  # fmt: skip
+    from compress.sparsity.export import mark_sparse_module
+
+    mark_sparse_module(module, metadata["nm_sparsity"])
     if config.lock_pattern:
         from compress.sparsity.lock import lock_nm_pattern
 
