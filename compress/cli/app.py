@@ -37,6 +37,8 @@ COMMAND_MODULES = [
     "compress.cli.qat_cmd",
     "compress.cli.quantize_cmd",
     "compress.cli.sparsify_cmd",
+    "compress.cli.codebook_cmd",
+    "compress.cli.device_server_cmd",
 ]
 
 _state = {"debug": False}

@@ -79,7 +79,7 @@ def group_and_fold(model: nn.Module, names: list[str], config: JLCMConfig, examp
     plans = fold_plans(model, names, example) if config.fold_permutation and config.grouping == "kmeans" else {}
     result: dict[str, Any] = {}
     for name in names:
-        layer = model.get_submodule(name)
+        layer: Any = model.get_submodule(name)
         w2d = layer.weight.detach().reshape(layer.weight.shape[0], -1)
         order, sizes = group_neurons(w2d, config.groups, mode=config.grouping, descriptor=config.descriptor,
                                      seed=config.seed)  # fmt: skip
@@ -121,7 +121,8 @@ def apply_jlcm(model: nn.Module, calib_inputs: torch.Tensor, config: JLCMConfig)
     student = copy.deepcopy(model).eval()
     for p in student.parameters():
         p.requires_grad_(False)
-    calib = calib_inputs[: config.calib_samples].float()
+    calib = calib_inputs[: config.calib_samples]
+    calib = calib.float() if calib.is_floating_point() else calib
     names = select_layers(student, config)
     stored = group_and_fold(student, names, config, calib[:2])
     teacher = copy.deepcopy(student).eval()  # function-identical to ``model`` (folding is exact)
@@ -129,10 +130,15 @@ def apply_jlcm(model: nn.Module, calib_inputs: torch.Tensor, config: JLCMConfig)
     layer_reports: list[dict[str, Any]] = []
     for i, name in enumerate(names):
         w2d, sizes, row_gather, folded = stored[name]
-        x = _capture(student, name, calib, want="input")
-        y = _capture(teacher, name, calib, want="output")
         layer = TrainableCodebookLayer(student.get_submodule(name), w2d, sizes, row_gather, config)
-        stats = learn_layer(layer, x, y, steps=config.steps, batch_size=config.batch_size, seed=config.seed + i)
+        if config.steps and layer.param_groups():
+            x = _capture(student, name, calib, want="input")
+            y = _capture(teacher, name, calib, want="output")
+            stats = learn_layer(layer, x, y, steps=config.steps, batch_size=config.batch_size, seed=config.seed + i)
+        else:  # initialisation only (the k-means / RTN baselines): no calibration pass needed
+            layer.eval()
+            stats = {"loss_init": float("nan"), "loss_final": float("nan"), "index_moves_per_weight": 0.0,
+                     "steps": 0.0}  # fmt: skip
         _set_module(student, name, layer)
         trainables.append(layer)
         layer_reports.append({"layer": name, "groups": len(sizes), "permutation": "folded" if folded else
@@ -183,7 +189,7 @@ def rebuild_codebook_model(base: nn.Module, layout: list[dict[str, Any]]) -> nn.
     """Replace ``base``'s layers by empty codebook layers shaped as ``layout`` says (then load a state dict)."""
     for entry in layout:
         try:
-            layer = base.get_submodule(entry["name"])
+            layer: Any = base.get_submodule(entry["name"])
         except AttributeError:
             raise CheckpointError(f"codebook layout names layer {entry['name']!r}, which the model lacks") from None
         shape = tuple(entry["weight_shape"])

@@ -105,9 +105,9 @@ def size_check(onnx_path: str | Path, accounting: dict[str, Any]) -> dict[str, A
 
 def fp32_onnx(module: Any, input_shape: tuple[int, ...], path: Path) -> Path:
     """Export a float model with torch's exporter (for size and memory comparisons)."""
-    from export.onnx_export import _standard_export
-
     import torch
+
+    from export.onnx_export import _standard_export
 
     _standard_export(module.eval(), torch.zeros((1, *input_shape)), path, 17)
     return path
@@ -136,9 +136,10 @@ def _densify(model: Any, layer_types: tuple[type, ...]) -> None:
     import torch
     from torch import nn
 
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, layer_types):
+    for name, candidate in list(model.named_modules()):
+        if not isinstance(candidate, layer_types):
             continue
+        mod: Any = candidate
         w = mod.weight_store().detach()
         bias = mod.bias is not None
         if w.dim() == 2:
@@ -146,9 +147,10 @@ def _densify(model: Any, layer_types: tuple[type, ...]) -> None:
         else:
             new = nn.Conv2d(mod.in_channels, mod.out_channels, tuple(w.shape[2:]), mod.stride, mod.padding,
                             mod.dilation, mod.groups, bias=bias)  # fmt: skip
+        dense: Any = new
         with torch.no_grad():
-            new.weight.copy_(w)
+            dense.weight.copy_(w)
             if bias:
-                new.bias.copy_(mod.bias)
+                dense.bias.copy_(mod.bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

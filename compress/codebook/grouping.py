@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,8 +76,8 @@ def group_neurons(weight_2d: torch.Tensor, groups: int, *, mode: str = "kmeans",
 class FoldPlan:
     """How to fold a row permutation of one layer into the graph that follows it."""
 
-    channelwise: list[nn.Module] = field(default_factory=list)  # modules whose channel params get permuted
-    consumer: nn.Module | None = None  # Linear / Conv2d whose input columns get permuted
+    channelwise: list[Any] = field(default_factory=list)  # modules whose channel params get permuted
+    consumer: Any = None  # Linear / Conv2d whose input columns get permuted
     block: int = 1  # input features per channel of the consumer (Flatten of C x H x W: H * W)
 
 

@@ -38,6 +38,13 @@ class CodebookWeight(nn.Module):
         dtype: storage dtype of codebook and scales.
     """
 
+    packed: torch.Tensor
+    codebook: torch.Tensor
+    scales: torch.Tensor
+    bounds: torch.Tensor
+    shape2d: torch.Tensor
+    row_gather: torch.Tensor
+
     def __init__(
         self,
         indices: torch.Tensor,
@@ -103,6 +110,8 @@ class CodebookWeight(nn.Module):
 class CodebookLinear(nn.Module):
     """``nn.Linear`` whose weight is a :class:`CodebookWeight` (rows = output features)."""
 
+    weight_store: CodebookWeight
+
     def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None):
         super().__init__()
         self.weight_store = weight
@@ -117,7 +126,9 @@ class CodebookLinear(nn.Module):
 class CodebookConv2d(nn.Module):
     """``nn.Conv2d`` whose weight is a :class:`CodebookWeight` (rows = output channels)."""
 
-    def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None, conv: nn.Conv2d):
+    weight_store: CodebookWeight
+
+    def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None, conv: Any):
         super().__init__()
         self.weight_store = weight
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
@@ -173,7 +184,7 @@ def model_accounting(model: nn.Module) -> dict[str, Any]:
     counted: set[int] = set()
     for name, mod in model.named_modules():
         if isinstance(mod, CODEBOOK_LAYERS):
-            store = mod.weight_store
+            store: Any = mod.weight_store
             bits = storage_bits(store)
             n = math.prod(store.weight_shape)
             layers.append({"layer": name, "weights": n, "bits_per_weight": bits["total"] / n,
@@ -189,7 +200,7 @@ def model_accounting(model: nn.Module) -> dict[str, Any]:
             weights += n
             counted.add(id(mod.weight))
     other = 0
-    tensors = [t for _, t in model.named_parameters()]
+    tensors: list[torch.Tensor] = [t for _, t in model.named_parameters()]
     tensors += [t for n, t in model.named_buffers() if not n.endswith("num_batches_tracked")]  # not exported
     for t in tensors:
         if id(t) not in counted and t.dtype in _BYTES:

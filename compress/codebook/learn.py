@@ -64,7 +64,14 @@ class TrainableCodebookLayer(nn.Module):
         config: the JLCM config.
     """
 
-    def __init__(self, layer: nn.Module, weight_2d: torch.Tensor, group_sizes: list[int],
+    gid: torch.Tensor
+    row_gather: torch.Tensor
+    idx: torch.Tensor
+    grad_ema: torch.Tensor
+    template: Any
+    conv_args: Any
+
+    def __init__(self, layer: Any, weight_2d: torch.Tensor, group_sizes: list[int],
                  row_gather: torch.Tensor | None, config: JLCMConfig):  # fmt: skip
         super().__init__()
         self.config = config
@@ -100,6 +107,7 @@ class TrainableCodebookLayer(nn.Module):
         self.latent = nn.Parameter(self._normalised(w).clone()) if config.update == "ste" else None
         self.register_buffer("grad_ema", torch.zeros_like(w) if config.update == "proximal" else torch.zeros(0))
         self._last_weight: torch.Tensor | None = None
+        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None
         self.move_fraction = config.move_fraction  # adapted: halved when a move batch is rejected
 
     # -- representation ------------------------------------------------------------------------
@@ -230,6 +238,24 @@ class TrainableCodebookLayer(nn.Module):
             self.move_fraction = max(self.move_fraction * 0.5, 1e-5)
         self._previous = None
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of everything learning changes (for keeping the best state)."""
+        state = {"idx": self.idx.clone(), "codebook": self.codebook.detach().clone()}
+        if self.scales is not None:
+            state["scales"] = self.scales.detach().clone()
+        if self.bias is not None:
+            state["bias"] = self.bias.detach().clone()
+        return state
+
+    @torch.no_grad()
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.idx = state["idx"].clone()
+        self.codebook.copy_(state["codebook"])
+        if self.scales is not None:
+            self.scales.copy_(state["scales"])
+        if self.bias is not None:
+            self.bias.copy_(state["bias"])
+
     # -- result ---------------------------------------------------------------------------------
     def finalize(self) -> nn.Module:
         """The frozen :class:`CodebookLinear` / :class:`CodebookConv2d` with packed indices."""
@@ -263,13 +289,23 @@ def learn_layer(layer: TrainableCodebookLayer, inputs: torch.Tensor, targets: to
     if steps and groups:
         opt = torch.optim.Adam(groups)
         n = inputs.shape[0]
-        for _ in range(steps):
+        check_every = max(steps // 5, 1)
+        best = (before, layer.snapshot())
+        for step in range(1, steps + 1):
             batch = torch.randint(0, n, (min(batch_size, n),), generator=gen)
             loss = reconstruction_loss(layer(inputs[batch]), targets[batch])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             moved += _mapping_step_checked([layer], lambda b=batch: reconstruction_loss(layer(inputs[b]), targets[b]))
+            if step % check_every == 0 or step == steps:
+                with torch.no_grad():
+                    layer.eval()
+                    current = float(reconstruction_loss(layer(inputs), targets))
+                    layer.train()
+                if current < best[0]:
+                    best = (current, layer.snapshot())
+        layer.restore(best[1])  # keep the best state seen on the whole calibration set
     layer.eval()
     with torch.no_grad():
         after = float(reconstruction_loss(layer(inputs), targets))

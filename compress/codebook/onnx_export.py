@@ -139,8 +139,18 @@ def build_function(variant: str, bits: int, opset: int, permuted: bool = False) 
             node.output[:] = ["stored" if o == "weight" else o for o in node.output]
         nodes += [n("Cast", ["row_gather"], ["gather64"], to=TensorProto.INT64),
                   n("Gather", ["stored", "gather64"], ["weight"], axis=0)]  # fmt: skip
-    return helper.make_function(DOMAIN, _op_type(variant, bits, permuted), inputs, ["weight"], nodes,
-                                [helper.make_opsetid("", opset)])  # fmt: skip
+    # short value names: the body is part of every file, readable names cost ~1 KB per function
+    short: dict[str, str] = {}
+    for node in nodes:
+        for name in [*node.input, *node.output]:
+            short.setdefault(name, f"x{len(short)}")
+        node.input[:] = [short[x] for x in node.input]
+        node.output[:] = [short[x] for x in node.output]
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                attr.t.name = ""
+    return helper.make_function(DOMAIN, _op_type(variant, bits, permuted), [short.get(x, x) for x in inputs],
+                                [short["weight"]], nodes, [helper.make_opsetid("", opset)])  # fmt: skip
 
 
 def _shorten_names(model: Any) -> None:

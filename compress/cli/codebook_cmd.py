@@ -1,0 +1,118 @@
+"""``compress codebook``: JLCM codebook compression of a checkpoint, exported as packed codebooks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say
+from compress.cli.inputs import InputShapeOption, ModelFactoryOption, TrustPickleOption, load_model_from_cli
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("codebook")
+    def codebook_cmd(
+        checkpoint: Path = typer.Argument(..., help="Float checkpoint (.pt/.pth/.safetensors/.pt2)."),
+        data: str = typer.Option(..., "--data", "-d", help="Calibration/evaluation data: mnist, digits, a .npz or a folder."),
+        bits: int = typer.Option(3, "--bits", help="Bits per codeword index (2, 3, 4; 1-6 accepted)."),
+        groups: int = typer.Option(8, "--groups", help="Neuron groups per layer (k-means over neuron statistics)."),
+        variant: str = typer.Option("scales", "--variant", help="scales: one codebook + a scale per group; codebooks: one codebook per group."),
+        update: str = typer.Option("proximal", "--update", help="Mapping update: proximal (JLCM), ste or none."),
+        steps: int = typer.Option(150, "--steps", help="Layer-wise learning steps per layer (0: k-means init only)."),
+        e2e_steps: int = typer.Option(0, "--e2e-steps", help="Steps of the final end-to-end distillation phase."),
+        calib_samples: int = typer.Option(256, "--calib-samples", help="Calibration samples used."),
+        config_file: Path | None = typer.Option(None, "--config", help="JSON/YAML JLCMConfig (command-line options win)."),
+        target: str = typer.Option("x86-64", "--target", "-t", help="Target recorded in the artifact."),
+        measure_memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure onnxruntime session-load memory vs fp32."),
+        out: Path = typer.Option(..., "-o", "--out", help="Output folder: model.pt, codebook_report.json, onnx/ artifact."),
+        model_factory: str | None = ModelFactoryOption,
+        trust_pickle: bool = TrustPickleOption,
+        input_shape: str | None = InputShapeOption,
+        json_out: bool = JsonOption,
+    ) -> None:
+        """Compress CHECKPOINT's Linear/Conv2d weights to packed codebooks (JLCM) and export them."""
+        from compress.codebook.config import JLCMConfig
+        from compress.errors import ConfigError
+
+        base: dict = {}
+        if config_file is not None:
+            import yaml
+
+            if not config_file.is_file():
+                raise ConfigError(f"config file {str(config_file)!r} does not exist")
+            base = yaml.safe_load(config_file.read_text()) or {}
+        base.update({"bits": bits, "groups": groups, "variant": variant, "update": update, "steps": steps,
+                     "e2e_steps": e2e_steps, "calib_samples": calib_samples})  # fmt: skip
+        try:
+            cfg = JLCMConfig.model_validate(base)
+        except ValueError as exc:
+            raise ConfigError(f"invalid codebook options: {exc}") from None
+        result = run_codebook(checkpoint, data, cfg, out, target=target, measure_memory=measure_memory,
+                              model_factory=model_factory, trust_pickle=trust_pickle, input_shape=input_shape,
+                              progress=not json_out)  # fmt: skip
+        if json_out:
+            emit_json(result)
+            return
+        print_table(
+            f"JLCM codebook -> {out}",
+            ["bits/index", "groups", "variant", "update", "bits/weight", "fp32 acc %", "codebook acc % (torch)",
+             "acc % (onnxruntime)", "ONNX bytes", "fp32 ONNX bytes"],
+            [[cfg.bits, cfg.groups, cfg.variant, cfg.update, result["bits_per_weight"], result["fp32_accuracy"],
+              result["accuracy"], result["onnxruntime_accuracy"], result["onnx_bytes"], result["fp32_onnx_bytes"]]],
+        )  # fmt: skip
+        say(f"artifact: {result['artifact']} (SQNR vs torch {result['sqnr_db']:.1f} dB)")
+
+
+def run_codebook(checkpoint: Path, data: str, cfg: object, out: Path, *, target: str, measure_memory: bool,
+                 model_factory: str | None, trust_pickle: bool, input_shape: str | None, progress: bool) -> dict:  # fmt: skip
+    """Load, compress, save, export and evaluate; returns the JSON summary."""
+    import torch
+
+    from compress.checkpoint import ModelBundle
+    from compress.codebook.api import apply_jlcm, save_codebook_checkpoint
+    from compress.codebook.artifact import export_codebook_artifact
+    from compress.data import load_splits
+    from compress.training import evaluate_accuracy
+    from runtimes import runtime_for
+    from runtimes.measure import evaluate
+    from targets import get_target
+
+    tgt = get_target(target)
+    with cli_progress(progress):
+        bundle = load_model_from_cli(checkpoint, model_factory, trust_pickle, input_shape)
+        splits = load_splits(data, preprocessing=bundle.preprocessing or None, input_shape=bundle.input_shape)
+        calib = torch.from_numpy(splits.calib.x[: cfg.calib_samples])  # type: ignore[attr-defined]
+        module, report = apply_jlcm(bundle.module, calib, cfg)  # type: ignore[arg-type]
+        compressed = ModelBundle(module, bundle.model_name, bundle.input_shape, bundle.preprocessing,
+                                 bundle.num_classes, {**bundle.metadata, "parent": str(checkpoint)})  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        save_codebook_checkpoint(compressed, out / "model.pt", report["layout"])
+        art = export_codebook_artifact(compressed, out / "onnx", report, target=tgt,
+                                       verify_inputs=splits.test.x[:16], measure_memory=measure_memory)  # fmt: skip
+        ort_eval = evaluate(runtime_for(art).prepare(art, tgt), splits.test)
+        art.update_metrics(accuracy=ort_eval["accuracy"])
+        fp_acc = evaluate_accuracy(bundle.module, splits.test)
+        acc = evaluate_accuracy(module, splits.test)
+    metrics = art.manifest.metrics
+    memory = metrics.get("memory", {})
+    result = {
+        "artifact": str(art.path),
+        "checkpoint": str(out / "model.pt"),
+        "config": report["config"],
+        "bits_per_weight": report["accounting"]["bits_per_weight"],
+        "file_bits_per_weight": metrics["file_bits_per_weight"],
+        "fp32_accuracy": fp_acc,
+        "accuracy": acc,
+        "onnxruntime_accuracy": ort_eval["accuracy"],
+        "sqnr_db": metrics["export_check"]["sqnr_db"],
+        "onnx_bytes": metrics["size_check"]["file_bytes"],
+        "fp32_onnx_bytes": memory.get("fp32_file_bytes"),
+        "size_check": metrics["size_check"],
+        "memory": memory,
+        "layers": report["layers"],
+        "seconds": report["seconds"],
+    }
+    (out / "codebook_report.json").write_text(json.dumps({**report, "summary": result}, indent=2, default=str))
+    return result
