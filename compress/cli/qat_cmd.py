@@ -37,6 +37,10 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, "--seed"),
         checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
+        eval_every: int = typer.Option(100, "--eval-every", help="Validate every N steps."),
+        patience: int | None = typer.Option(
+            None, "--patience", help="Early stop after N evaluations without gain."
+        ),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT."),
         target: str = typer.Option(
             "x86-64", "--target", "-t", help="Device target recorded in the artifact."
@@ -58,7 +62,8 @@ def register(app: typer.Typer) -> None:
             config = GAQATConfig(
                 method=method, bits=bits, act_bits=act_bits, freeze=freeze, max_steps=max_steps, lr=lr,
                 batch_size=batch_size, warmup_steps=warmup, per_channel=not per_tensor,
-                first_last_bits=first_last_bits or None, seed=seed, checkpoint_every=checkpoint_every,
+                first_last_bits=first_last_bits or None, seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                early_stop_patience=patience,
             )  # fmt: skip
         except ValidationError as exc:
             raise ConfigError("; ".join(e["msg"] for e in exc.errors())) from None
