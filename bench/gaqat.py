@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tau", type=float, default=0.3)
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="gaqat", help="results file stem in bench/results/")
+    ap.add_argument(
+        "--merge", nargs="+", default=None, help="re-tabulate these finished result stems into --name"
+    )
     ap.add_argument(
         "--full", action="store_true", help="the full protocol: 6 domains, W4A4+W3A3, 3 seeds, longer"
     )
@@ -238,7 +242,38 @@ def main(argv: list[str] | None = None) -> None:
     if args.full:
         args.held_out, args.bits, args.seeds = [0, 1, 2, 3, 4, 5], [4, 3], [0, 1, 2]
         args.fp_steps, args.qat_steps, args.warmup = max(args.fp_steps, 2000), max(args.qat_steps, 1000), 200
+    if args.merge:
+        merge(args)
+        return
     run(args)
+
+
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """Tabulate several finished runs (e.g. W4A4 and W3A3, or extra seeds) together without retraining."""
+    import json
+
+    from bench.common import RESULTS
+
+    runs: list[dict[str, Any]] = []
+    wall = 0.0
+    for stem in args.merge:
+        data = json.loads((RESULTS / f"{stem}.json").read_text())
+        if data.get("partial"):
+            raise SystemExit(f"{stem} is a partial result; wait for it to finish")
+        seen = {(r["arm"], r["bits"], r["held_out"], r["seed"]) for r in runs}
+        # fp32 ERM is retrained (deterministically) by every run: keep one copy per seed and domain
+        runs += [r for r in data["runs"] if (r["arm"], r["bits"], r["held_out"], r["seed"]) not in seen]
+        wall += data["wall_seconds"]
+        for key in ("fp_steps", "qat_steps", "batch_size", "window", "freeze_every", "tau", "warmup"):
+            if data["args"][key] != getattr(args, key):
+                raise SystemExit(
+                    f"{stem} ran with {key}={data['args'][key]}, not {getattr(args, key)}: not comparable"
+                )
+    args.held_out = sorted({r["held_out"] for r in runs})
+    args.bits = sorted({r["bits"] for r in runs if r["bits"] is not None}, reverse=True)
+    args.seeds = sorted({r["seed"] for r in runs})
+    names = ("0deg", "15deg", "30deg", "45deg", "60deg", "75deg")
+    return _write(args, runs, wall, names, partial=False)
 
 
 if __name__ == "__main__":
