@@ -1,0 +1,48 @@
+"""``compress device-server``: a TVM RPC server on a device, for ``compress profile/check --rpc``."""
+
+from __future__ import annotations
+
+import typer
+
+from compress.cli.common import say
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("device-server")
+    def device_server_cmd(
+        port: int = typer.Option(9090, "--port", "-p", min=1, max=65535, help="Port to listen on (exactly this one)."),
+        key: str = typer.Option(..., "--key", "-k", help="Key that clients must name to connect (required)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; loopback unless set (0.0.0.0: all)."),
+        tracker: str | None = typer.Option(None, "--tracker", help="Register with a TVM RPC tracker host:port."),
+    ) -> None:
+        """Serve this machine as a device: clients upload TVM libraries and time them here.
+
+        Binds 127.0.0.1 unless --host is given, and only accepts clients that name --key. Stop it
+        with Ctrl-C (or SIGTERM): its worker processes are ended with it.
+        """
+        import signal
+
+        from compress.errors import ConfigError
+        from runtimes.tvm_rpc import DeviceServer
+
+        if not key.strip():
+            raise ConfigError("--key must not be empty: clients identify the device by it")
+        server = DeviceServer(port, key=key, host=host, tracker=tracker)
+
+        def _stop(signum: int, _frame: object) -> None:
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, _stop)
+        try:
+            server.start()
+            say(f"device server listening on {server.address} (key {key!r}); Ctrl-C to stop")
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                say(f"warning: bound to {host}: any machine that can reach it and knows the key can run code here")
+            code = server.wait()
+            if code:
+                say(f"device server exited with code {code}: {server.output()}", stderr=True)
+        except KeyboardInterrupt:
+            say("stopping the device server")
+        finally:
+            server.stop()
+            signal.signal(signal.SIGTERM, previous)

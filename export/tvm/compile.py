@@ -1,0 +1,219 @@
+"""ONNX -> TVM Relax -> a compiled library for a device target.
+
+The import goes through TVM's Relax ONNX frontend (fp32 graphs and QDQ int8 graphs alike), the
+weights are detached into a parameter file so the library holds only code, and the module is
+lowered with the target's default pipeline. CPU modules are first legalized and fused so that
+MetaSchedule tuning records (:mod:`export.tvm.tuning`) can be applied per fused operator.
+
+Reference: Chen et al., "TVM: An Automated End-to-End Optimizing Compiler for Deep Learning",
+OSDI 2018; Lai et al., "Relax: Composable Abstractions for End-to-End Dynamic Machine Learning",
+2023.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from export.errors import ExportError, UnsupportedExportError
+
+log = logging.getLogger(__name__)
+
+LIB_STEM = "model"
+PARAMS_FILE = "params.bin"
+
+
+@dataclass(frozen=True)
+class LibraryPlan:
+    """How the compiled module is packaged for a target.
+
+    Attributes:
+        suffix: ``so`` (loadable shared library) or ``tar`` (object files to link on the device).
+        compiler: the cross compiler command used for a ``.so`` (None: the host compiler).
+        ndk: True when the Android NDK (``TVM_NDK_CC``) links the library.
+        note: why a ``.tar`` was produced instead of a ``.so``, if it was.
+    """
+
+    suffix: str
+    compiler: str | None = None
+    ndk: bool = False
+    note: str = ""
+
+
+def tvm_target(target: Any) -> Any:
+    """The ``tvm.target.Target`` for a :class:`targets.Target` (device target plus its host)."""
+    import tvm
+
+    spec = dict(target.tvm)
+    if target.tvm_host:
+        return tvm.target.Target(spec, host=dict(target.tvm_host))
+    return tvm.target.Target(spec)
+
+
+def device_kind(target: Any) -> str:
+    """The TVM device the library runs on: ``cpu``, ``cuda`` or ``opencl``."""
+    kind = str(target.tvm.get("kind", "llvm"))
+    return "cpu" if kind == "llvm" else kind
+
+
+def is_cross(target: Any) -> bool:
+    """True when code for ``target`` cannot run on this machine's CPU."""
+    import platform
+
+    triple = str((target.tvm_host or target.tvm).get("mtriple", ""))
+    if device_kind(target) != "cpu":
+        return True
+    if not triple:
+        return False
+    host_arch = platform.machine().lower().replace("amd64", "x86_64")
+    return not triple.startswith(host_arch) or "android" in triple
+
+
+def library_plan(target: Any) -> LibraryPlan:
+    """Choose ``.so`` or ``.tar`` for ``target``: a ``.so`` needs a linker for the device's CPU.
+
+    Host-CPU, CUDA and host-linked targets get a ``.so`` from the host compiler. ARM64 targets get
+    a ``.so`` when ``aarch64-linux-gnu-g++`` (or the target's ``cross_compiler``) is on ``PATH``, or
+    an Android NDK compiler is set in ``TVM_NDK_CC``; otherwise a ``.tar`` of object files that
+    the device links when it loads it.
+    """
+    host_triple = str((target.tvm_host or target.tvm).get("mtriple", ""))
+    if not is_cross(target) or (device_kind(target) != "cpu" and not host_triple.startswith("aarch64")):
+        return LibraryPlan("so")
+    wanted = target.cross_compiler
+    if wanted == "ndk" or "android" in host_triple:
+        if os.environ.get("TVM_NDK_CC"):
+            return LibraryPlan("so", compiler=os.environ["TVM_NDK_CC"], ndk=True)
+        for name in ("aarch64-linux-android-clang++", "aarch64-linux-gnu-g++"):
+            if shutil.which(name):
+                return LibraryPlan("so", compiler=name)
+        return LibraryPlan(
+            "tar", note="no Android NDK (set TVM_NDK_CC) or aarch64 cross compiler found: wrote a .tar to link on the device"
+        )
+    cc = wanted if wanted and wanted != "ndk" and shutil.which(wanted) else shutil.which("aarch64-linux-gnu-g++")
+    if cc:
+        return LibraryPlan("so", compiler=str(cc))
+    return LibraryPlan(
+        "tar", note="no aarch64 cross compiler found (apt install g++-aarch64-linux-gnu): wrote a .tar to link on the device"
+    )
+
+
+def import_onnx(onnx_model: Any, input_name: str, input_shape: list[int], target_name: str) -> tuple[Any, list[Any]]:
+    """Import an ONNX model into Relax with a static input shape; returns (module, params).
+
+    Raises:
+        UnsupportedExportError: the frontend has no converter for an operator (named in the message).
+        ExportError: the import failed for another reason.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in onnx_model.graph.node if n.domain not in ("", "ai.onnx")})
+    if custom:
+        raise UnsupportedExportError(
+            f"operators {', '.join(custom)} are not supported by TVM's ONNX frontend for target {target_name!r}"
+        )
+    try:
+        mod = from_onnx(onnx_model, shape_dict={input_name: input_shape}, keep_params_in_input=True)
+    except tvm.error.OpNotImplemented as exc:
+        ops = str(exc).split(":", 1)[-1].strip().splitlines()[0]
+        raise UnsupportedExportError(
+            f"operator(s) {ops} not supported by TVM's ONNX frontend for target {target_name!r}"
+        ) from None
+    except (NotImplementedError, ValueError) as exc:
+        raise UnsupportedExportError(f"TVM cannot import this ONNX graph for target {target_name!r}: {exc}") from None
+    mod, params = relax.frontend.detach_params(mod)
+    return mod, list(params.get("main", []))
+
+
+def fuse_for_cpu(mod: Any, tgt: Any) -> Any:
+    """Legalize and fuse a Relax module: the form whose fused TIR functions are tuning tasks."""
+    import tvm
+    from tvm import relax
+
+    seq = tvm.transform.Sequential(
+        [
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+    )
+    with tgt:
+        return seq(mod)
+
+
+def apply_database(mod: Any, tgt: Any, database: Any) -> Any:
+    """Replace fused TIR functions by their best tuned schedules from ``database``."""
+    from tvm import relax
+
+    with tgt, database:
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+
+def build(mod: Any, tgt: Any) -> Any:
+    """Compile a Relax module for ``tgt`` with TVM's default pipeline for that target kind."""
+    import tvm
+
+    try:
+        return tvm.compile(mod, target=tgt)
+    except tvm.error.TVMError as exc:
+        op = _first_op_name(str(exc))
+        detail = str(exc).strip().splitlines()[-1][:300]
+        raise UnsupportedExportError(
+            f"TVM cannot compile{(' operator ' + op) if op else ''} for target {tgt.kind.name!r}: {detail}"
+        ) from None
+
+
+def _first_op_name(message: str) -> str:
+    m = re.search(r"relax\.[a-z_.0-9]+", message)
+    return m.group(0) if m else ""
+
+
+def export_library(executable: Any, folder: Path, plan: LibraryPlan) -> Path:
+    """Write the compiled module into ``folder`` as ``model.so`` or ``model.tar``."""
+    path = folder / f"{LIB_STEM}.{plan.suffix}"
+    if plan.suffix == "tar":
+        executable.export_library(str(path))
+        return path
+    if plan.compiler is None:
+        executable.export_library(str(path))
+        return path
+    if plan.ndk:
+        from tvm.support import ndk
+
+        executable.export_library(str(path), fcompile=ndk.create_shared)
+        return path
+    from tvm.support import cc
+
+    try:
+        executable.export_library(str(path), fcompile=cc.cross_compiler(plan.compiler))
+    except Exception as exc:  # a broken cross toolchain: name it, the .tar route still works
+        raise ExportError(f"linking with cross compiler {plan.compiler!r} failed: {exc}") from exc
+    return path
+
+
+def save_params(params: list[Any], folder: Path) -> Path:
+    """Save the detached weights (in the order ``main`` takes them) as TVM's parameter file."""
+    import tvm
+
+    path = folder / PARAMS_FILE
+    path.write_bytes(bytes(tvm.runtime.save_param_dict({f"p{i}": p for i, p in enumerate(params)})))
+    return path
+
+
+def load_params(path: Path) -> list[Any]:
+    """The parameters written by :func:`save_params`, in order (``tvm.runtime.Tensor`` on the CPU)."""
+    import tvm
+
+    d = tvm.runtime.load_param_dict(path.read_bytes())
+    return [d[f"p{i}"] for i in range(len(d))]
