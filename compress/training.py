@@ -226,8 +226,10 @@ class Trainer:
             start, best_acc, patience = int(state["step"]), state["best_acc"], int(state["patience"])
             best_state = state.get("best_model")
             log.info("resumed from step %d of %s", start, state_path)
-            if log_path is not None and log_path.exists() and self.rank == 0:
-                kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+            if log_path is not None and self.rank == 0:
+                old = log_path.read_text().splitlines() if log_path.exists() else []
+                kept = [ln for ln in old if ln and json.loads(ln)["step"] <= start]
+                kept.append(json.dumps({"step": start, "event": "resumed"}))
                 log_path.write_text("".join(ln + "\n" for ln in kept))
         elif log_path is not None and log_path.exists() and self.rank == 0:
             log_path.unlink()

@@ -42,7 +42,9 @@ def test_resume_equals_uninterrupted(mnist_splits, tmp_path):
     assert result.resumed_from == 8 and result.steps == 24
     for k, v in ref.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
-    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    records = [json.loads(ln) for ln in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "resumed"] == [8]
+    steps = [r["step"] for r in records if "event" not in r]
     assert steps == sorted(steps) and len(steps) == len(set(steps))
 
 
