@@ -85,9 +85,14 @@ def test_recipe_stage_runs_and_reloads(cnn_checkpoint: Path, mnist_splits, tmp_p
 
 
 def test_torchrun_two_processes(cnn_checkpoint: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a free port: other test sessions may run torchrun at the same time
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "compress.cli.app", "qat", str(cnn_checkpoint), "--data", "mnist", "--bits", "4",
            "--method", "gaqat", "--max-steps", "3", "--warmup", "0", "-o", str(out), "--json"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
