@@ -169,3 +169,22 @@ def test_generic_export_of_a_sparse_model_verifies_the_pattern(tmp_path) -> None
         sparse.module.classifier[1].weight[0, :4] = 1.0  # break one group after sparsifying
     with pytest.raises(ExportError, match="classifier.1"):
         export_model(sparse, "onnx", None, tmp_path / "broken")
+
+
+def test_gpu_target_gets_the_tensorrt_sparsity_hint_and_no_speed_claim(tmp_path) -> None:
+    from targets import get_target
+
+    art = export_sparse_onnx(_sparse("cnn", "2:4"), tmp_path / "gpu", target=get_target("cuda-sm80"))
+    hint = art.manifest.metrics["nm_sparsity"]["runtime_hint"]
+    assert (
+        hint["TensorrtExecutionProvider"] == {"trt_sparsity_enable": True} and "not measured" in hint["note"]
+    )
+    cpu = export_sparse_onnx(_sparse("cnn", "2:4"), tmp_path / "cpu", target=get_target("x86-64"))
+    assert "runtime_hint" not in cpu.manifest.metrics["nm_sparsity"]
+
+
+def test_cli_refuses_a_target_without_nm_sparse_support(cli, cnn_file, tmp_path) -> None:
+    code, _, err = cli(
+        "sparsify", cnn_file, "--method", "oneshot", "--target", "opencl-mali", "-o", tmp_path / "m"
+    )
+    assert code == 3 and "nm-sparse" in err

@@ -71,6 +71,7 @@ def register(app: typer.Typer) -> None:
             )
             raise ConfigError(f"invalid sparsify options: {msgs}") from None
         tgt = get_target(target)
+        tgt.require("nm-sparse", "N:M sparse weights")
         bundle = load_model_from_cli(checkpoint, model_factory, trust_pickle, input_shape)
         if config.method != "oneshot" and data is None:
             raise ConfigError(
