@@ -217,3 +217,25 @@ def test_quantize_and_ptq_imports_stay_lean() -> None:
             "print(sorted(m for m in ('onnxruntime', 'xgboost', 'torch', 'onnx') if m in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_sensitive_mixed_precision_leaves_the_top_k_layers_in_float(evaluator) -> None:
+    nodes = evaluator.prepared.weighted_nodes
+    cfg = PTQConfig(calibration="minmax", calib_size=16, keep_float="sensitive", keep_float_k=2)
+    try:
+        evaluator.set_sensitivity_source(None)
+        with pytest.raises(ConfigError, match="sensitivity ranking"):
+            evaluator.task(cfg)
+        evaluator.set_sensitivity_source(lambda: [nodes[2], nodes[0], nodes[1]])
+        assert evaluator.task(cfg).exclude == tuple(sorted([nodes[2], nodes[0]]))
+    finally:
+        evaluator.set_sensitivity_source(None)
+
+
+def test_histogram_calibration_works_when_batches_do_not_divide_the_set(evaluator) -> None:
+    from compress.ptq.ort_backend import calibration_batch_size
+
+    assert calibration_batch_size(100) == 50 and calibration_batch_size(500) == 50 and calibration_batch_size(7) == 7
+    assert calibration_batch_size(97) == 1 and calibration_batch_size(128) == 64
+    r = evaluator.evaluate(PTQConfig(calibration="entropy", calib_size=100, per_channel=True))
+    assert r.ok, r.error  # onnxruntime's histogram collector fails on a short last batch of 36 with batch 64

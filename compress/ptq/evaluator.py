@@ -2,7 +2,8 @@
 
 Quantune (Lee et al., 2022) measures each configuration on the real runtime; every strategy here
 shares this evaluator, so strategies differ only in the order they ask. Results are cached in the
-tuning database by (model hash, data hash, configuration key): a trial is never paid twice. A
+tuning database by (model hash, data hash, configuration key), where the data hash also covers the
+onnxruntime version: a trial is never paid twice. A
 configuration that onnxruntime cannot quantize or run is recorded as a failed trial with its error
 and the search goes on; any other exception is a bug and propagates.
 """
@@ -189,7 +190,11 @@ class Evaluator:
         np.save(self.arrays / "calib_x.npy", np.ascontiguousarray(calib_x, dtype=np.float32))
         np.save(self.arrays / "val_x.npy", np.ascontiguousarray(val_x, dtype=np.float32))
         np.save(self.arrays / "val_y.npy", np.asarray(val_y, dtype=np.int64))
-        h = hashlib.sha256()
+        import onnxruntime
+
+        # The cache key's data part also names the onnxruntime version: a quantizer upgrade may change
+        # results (or fix a failure), so trials measured with another version are not reused.
+        h = hashlib.sha256(f"onnxruntime=={onnxruntime.__version__}".encode())
         for a in (calib_x, val_x, val_y):
             h.update(np.ascontiguousarray(a).tobytes())
         self.data_hash = h.hexdigest()
@@ -198,6 +203,10 @@ class Evaluator:
         self.fp32_accuracy = float(100.0 * np.mean(self.fp32_logits.argmax(1) == val_y))
         self._memory: dict[str, TrialResult] = {}
         self.measured = 0
+
+    def set_sensitivity_source(self, source: list[str] | Callable[[], list[str]] | None) -> None:
+        """The weighted-node ranking (most sensitive first) or a callable computing it on first need."""
+        self._sensitive = source
 
     def sensitive_order(self) -> list[str]:
         if callable(self._sensitive):

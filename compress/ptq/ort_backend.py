@@ -133,8 +133,20 @@ def prepare_model(onnx_path: str | Path, cache_folder: Path) -> PreparedModel:
     return PreparedModel(dst, digest, inputs[0], tuple(n for n, _ in weighted), tuple(t for _, t in weighted))
 
 
-def _reader(input_name: str, x: np.ndarray, batch_size: int = 64) -> Any:
+def calibration_batch_size(n: int, most: int = 64) -> int:
+    """The largest batch size <= ``most`` that divides ``n``.
+
+    onnxruntime's histogram calibrators (Entropy, Percentile, Distribution) stack the outputs of
+    all batches into one array and fail with "inhomogeneous shape" when the last batch is shorter,
+    so every batch must have the same size.
+    """
+    return max(b for b in range(1, min(n, most) + 1) if n % b == 0)
+
+
+def _reader(input_name: str, x: np.ndarray) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
+
+    batch_size = calibration_batch_size(len(x))
 
     class _ArrayReader(CalibrationDataReader):
         """Feeds calibration batches of a preprocessed NCHW float32 array."""

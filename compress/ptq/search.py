@@ -172,7 +172,7 @@ def quantize_artifact(
     calib_x, val_x, val_y = splits.calib.x, val.x[:nval], val.y[:nval]
     evaluator = Evaluator(prepared, calib_x, val_x, val_y, database=db,
                           workdir=cache_dir("quantune", "work", prepared.model_hash[:24]))  # fmt: skip
-    evaluator._sensitive = lambda: _sensitivity_ranking(evaluator, calib_x, val_x, val_y)
+    evaluator.set_sensitivity_source(lambda: _sensitivity_ranking(evaluator, calib_x, val_x, val_y))
     executor = make_executor(config.workers)
     try:
         if config.search == "none":
