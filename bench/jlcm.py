@@ -159,13 +159,26 @@ def run_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -
         metric, score = "perplexity", lambda m: perplexity(m, evalset)
         bundle, splits = None, None
     else:
-        bundle = load_checkpoint(example_checkpoint(name))
+        if name == "vit" and args.vit_train_steps:
+            from compress.cache import cache_dir
+            from compress.examples import train_example
+
+            path = cache_dir("bench-jlcm") / f"vit{args.vit_train_steps}" / "vit.pt"
+            if not path.exists():
+                train_example("vit", path.parent, steps=args.vit_train_steps)
+            bundle = load_checkpoint(path)
+        else:
+            bundle = load_checkpoint(example_checkpoint(name))
         module = bundle.module.eval()
         splits = load_splits("mnist")
         calib = torch.from_numpy(splits.calib.x[: args.calib])
         metric, score = "accuracy", lambda m: evaluate_accuracy(m, splits.test)
     fp_score = score(module)
-    fp_row: dict[str, Any] = {"model": name, "method": "fp32", "bits": 32, "bits_per_weight": 32.0, metric: fp_score}
+    fp_row: dict[str, Any] = {"model": name, "method": "fp32", "bits": 32, "bits_per_weight": 32.0, metric: fp_score,
+                              "scale": {"steps": args.vit_steps if name in ("vit", "lm") else args.steps,
+                                        "calib": args.calib, "groups": args.groups, "threads": args.threads,
+                                        "lm_train_steps": args.lm_steps if name == "lm" else None,
+                                        "vit_train_steps": (args.vit_train_steps or 900) if name == "vit" else None}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         if bundle is not None:
             fp_row["onnx_bytes"] = fp32_onnx(module, tuple(bundle.input_shape), Path(tmp) / "fp32.onnx").stat().st_size
@@ -248,7 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--e2e-steps", type=int, default=0)
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--lm-steps", type=int, default=400, help="training steps of the tiny LM")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: a loaded machine makes 2 much slower)")
+    p.add_argument("--vit-train-steps", type=int, default=0,
+                   help="train the ViT for this many steps here (0: the cached example, 900 steps)")
+    p.add_argument("--append", action="store_true", help="keep other models' rows of bench/results/jlcm.json")
     p.add_argument("--no-export", action="store_true")
     args = p.parse_args(argv)
     args.bits = [int(b) for b in args.bits.split(",")]
@@ -258,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    previous = ROOT / "bench" / "results" / "jlcm.json"
+    if args.append and previous.exists():
+        models = set(args.models.split(","))
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["model"] not in models]
     for model in args.models.split(","):
         run_model(model, args, rows)
         report(rows, args, argv, t0)  # after every model, so partial results survive an interrupted run

@@ -67,7 +67,14 @@ def test_cnn_at_two_bits_exports_small(tmp_path: Path, mnist_splits) -> None:
     from compress.models import create_model
 
     torch.manual_seed(0)
-    base = ModelBundle(create_model("cnn").eval(), "cnn", (1, 28, 28), {}, 10, {})
+    model = create_model("cnn").eval()
+    for m in model.modules():  # distinct BatchNorm tensors (identical ones are deduplicated by the exporter)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    base = ModelBundle(model, "cnn", (1, 28, 28), {}, 10, {})
     calib = torch.from_numpy(mnist_splits.calib.x[:64])
     small, report = apply_jlcm(base.module, calib, JLCMConfig(bits=2, groups=4, steps=5, calib_samples=64))
     bundle = ModelBundle(small, "cnn", base.input_shape, base.preprocessing, 10, {})
