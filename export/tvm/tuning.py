@@ -238,14 +238,18 @@ def tune(
             continue
         n = budget.trials_per_task if trials_left is None else min(budget.trials_per_task, trials_left)
         log.info("tuning %s with %d trials (%s)", task.task_name, n, target_spec.get("kind"))
-        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            [task], work_dir=str(user_dir / "logs"), num_threads=int(target_spec.get("num-cores") or 1), seed=seed,
-            strategy=_strategy(n),
-        )  # fmt: skip
+        # TuneContext built here rather than by extracted_tasks_to_tune_contexts: that helper
+        # reconfigures file loggers per call and fails on the second call in a process.
+        ctx = ms.TuneContext(
+            mod=mod, target=task.target, space_generator="post-order-apply", search_strategy=_strategy(n),
+            task_name=task.task_name, logger=logging.getLogger(f"{__name__}.metaschedule"), rand_state=seed,
+            num_threads=int(target_spec.get("num-cores") or 1),
+        ).clone()  # fmt: skip
+        ctxs, weights = [ctx], [float(task.weight)]
         ms.tune_tasks(
             tasks=ctxs, task_weights=weights, work_dir=str(user_dir / "logs"), max_trials_global=n,
             max_trials_per_task=n, num_trials_per_iter=min(n, 16), database=user, builder=workers[0],
-            runner=workers[1], cost_model="random" if n < 8 else "xgb",
+            runner=workers[1], cost_model="random" if n < 32 else "xgb",  # replay-trace ignores the model
         )  # fmt: skip
         ledger[key] = ledger.get(key, 0) + n
         _save_ledger(user_dir, ledger)

@@ -1,0 +1,176 @@
+"""Runtimes side by side on this host, batch 1: torch eager, onnxruntime fp32/int8, TVM untuned/tuned.
+
+For every example model: torch eager fp32, onnxruntime fp32 and int8 (static QDQ from
+onnxruntime.quantization, per-channel weights, 32 MNIST calibration digits), TVM fp32 untuned
+(no tuning records applied), TVM fp32 tuned (records from the shipped and user databases; only
+when they cover the model's operators), TVM int8 (the QDQ graph, untuned), and the TVM artifact
+profiled through a `compress device-server` RPC server on loopback (device-side clock). All in
+one process run; ratios are against torch eager of the same run.
+
+Default (fits well under 15 minutes on a busy 2-core machine):
+    python bench/runtimes.py                       # all example models, >= 30 runs and >= 1 s each
+Options:
+    python bench/runtimes.py --models cnn --min-seconds 2 --no-rpc --tune 64
+
+Checkpoints are the cached built-in examples when present (trained weights); otherwise the
+model is randomly initialised (latency does not depend on the weights) and the table says so.
+GPU targets are not measured here (no GPU on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine_info, markdown_table, write_results  # noqa: E402
+
+MODELS = ["cnn", "mobilenetv2", "resnet", "squeezenet", "shufflenet", "vit"]
+
+
+def _bundle(name: str) -> tuple[Any, str]:
+    from compress.cache import cache_dir
+    from compress.checkpoint import ModelBundle, load_checkpoint
+    from compress.models import create_model
+
+    path = cache_dir("examples", "seed0") / f"{name}.pt"
+    if path.is_file():
+        return load_checkpoint(path), "trained example"
+    import torch
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_chans=1).eval()
+    return ModelBundle(model, name, (1, 28, 28), {}, 10, {}), "random init"
+
+
+def _qdq(onnx_art: Any, calib: Any, folder: Path) -> Any:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from export import write_onnx_artifact
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"input": calib.x[i : i + 1]} for i in range(32)])
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.it, None)
+
+    quantize_static(str(onnx_art.model_path), str(folder / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)  # fmt: skip
+    return write_onnx_artifact(onnx.load(str(folder / "q.onnx")), folder / "qdq", fmt="onnx-qdq",
+                               model_name=onnx_art.manifest.model_name, inputs=onnx_art.manifest.inputs)  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from compress.data import load_splits
+    from compress.exporting import export_model
+    from export.tvm import export_tvm_from_onnx
+    from runtimes import measure_latency, runtime_for
+    from runtimes.torch_runtime import TorchSession
+    from runtimes.tvm_rpc import DeviceServer, profile_remote
+    from targets import get_target
+
+    torch.set_num_threads(2)
+    host = get_target("x86-64")
+    calib = load_splits("mnist").calib
+    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    server = DeviceServer(_free_port(), key="bench").start() if rpc else None
+    rows: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp_s:
+            tmp = Path(tmp_s)
+            for name in models:
+                bundle, weights = _bundle(name)
+                t0 = time.perf_counter()
+                onnx_art = export_model(bundle, "onnx", host, tmp / name / "onnx")
+                qdq = _qdq(onnx_art, calib, tmp / name)
+                arts = {
+                    "tvm fp32 untuned": export_tvm_from_onnx(onnx_art, host, tmp / name / "tvm-u", use_database=False),
+                    "tvm fp32 tuned": export_tvm_from_onnx(onnx_art, host, tmp / name / "tvm-t", tune=tune),
+                    "tvm int8 (QDQ) untuned": export_tvm_from_onnx(qdq, host, tmp / name / "tvm-q", use_database=False),
+                }
+                compile_s = time.perf_counter() - t0
+                sessions: list[tuple[str, Any, str]] = [
+                    ("torch eager fp32", TorchSession(bundle.module.eval(), threads=2), ""),
+                    ("onnxruntime fp32", runtime_for(onnx_art).prepare(onnx_art, host, threads=2), ""),
+                    ("onnxruntime int8 (QDQ)", runtime_for(qdq).prepare(qdq, host, threads=2), ""),
+                ]
+                for label, art in arts.items():
+                    extra = art.manifest.extra
+                    if label == "tvm fp32 tuned" and not extra.get("tuned_tasks"):
+                        rows.append({"model": name, "runtime": label, "p50_ms": None,
+                                     "note": "no tuning records for this model's operators"})  # fmt: skip
+                        continue
+                    note = f"{extra.get('tuned_tasks', 0)}/{extra.get('tasks', '?')} ops tuned" if "tuned" in label else ""
+                    sessions.append((label, runtime_for(art).prepare(art, host, threads=2), note))
+                base = None
+                for label, sess, note in sessions:
+                    st = measure_latency(sess, x, min_runs=30, min_seconds=min_seconds)
+                    base = base or st.p50_ms
+                    rows.append({"model": name, "runtime": label, "where": "local", "p50_ms": st.p50_ms,
+                                 "p90_ms": st.p90_ms, "runs": st.runs, "vs_torch": base / st.p50_ms, "note": note})  # fmt: skip
+                if server is not None:
+                    art = arts["tvm fp32 tuned"] if arts["tvm fp32 tuned"].manifest.extra.get("tuned_tasks") else (
+                        arts["tvm fp32 untuned"])  # fmt: skip
+                    st = profile_remote(art, rpc=server.address, key="bench", target=host, min_runs=30,
+                                        min_seconds=min_seconds, timeout=120)  # fmt: skip
+                    local_label = "tvm fp32 tuned" if art is arts["tvm fp32 tuned"] else "tvm fp32 untuned"
+                    rows.append({"model": name, "runtime": f"{local_label} via RPC (loopback)", "where": st.where,
+                                 "p50_ms": st.p50_ms, "p90_ms": st.p90_ms, "runs": st.runs,
+                                 "vs_torch": (base or st.p50_ms) / st.p50_ms, "note": "device clock"})  # fmt: skip
+                for r in rows:
+                    if r["model"] == name:
+                        r["weights"] = weights
+                print(f"{name}: done ({compile_s:.0f} s export+compile)", file=sys.stderr, flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    return {"rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated example models")
+    ap.add_argument("--min-seconds", type=float, default=1.0, help="timing per runtime (>= 30 runs too)")
+    ap.add_argument("--no-rpc", action="store_true", help="skip the RPC loopback measurement")
+    ap.add_argument("--tune", type=int, default=None, help="MetaSchedule trials to spend per model before measuring")
+    args = ap.parse_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    t0 = time.perf_counter()
+    data = run(models, args.min_seconds, not args.no_rpc, args.tune)
+    data["machine"] = machine_info()
+    data["protocol"] = {"models": models, "batch": 1, "threads": 2, "min_runs": 30, "min_seconds": args.min_seconds,
+                        "rpc": not args.no_rpc, "tune_trials": args.tune, "wall_seconds": round(time.perf_counter() - t0)}  # fmt: skip
+    cols = ["model", "runtime", "p50 ms", "p90 ms", "x vs torch eager", "note"]
+    table = [[r["model"], r["runtime"], r.get("p50_ms") if r.get("p50_ms") is not None else "-",
+              r.get("p90_ms") if r.get("p90_ms") is not None else "-",
+              r.get("vs_torch") if r.get("vs_torch") is not None else "-", r.get("note", "")] for r in data["rows"]]  # fmt: skip
+    m = data["machine"]
+    md = (
+        f"Runtimes at batch 1 on {m['cpu']} ({m['cores']} cores, load {m['load_average']:.1f}), "
+        f"{data['protocol']['wall_seconds']} s, models: {', '.join(models)}; "
+        f"`python bench/runtimes.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`\n\n"
+        + markdown_table(cols, table)
+        + "\n\nx vs torch eager > 1 means faster than torch. GPU (CUDA/OpenCL) numbers: pending, no GPU on this machine."
+    )
+    write_results("runtimes", data, md)
+
+
+if __name__ == "__main__":
+    main()

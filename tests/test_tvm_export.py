@@ -1,0 +1,213 @@
+"""TVM export: host compile + run for fp32 and QDQ graphs, cross-compiled targets, errors, CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+
+def _untrained_cnn_checkpoint(folder: Path) -> Path:
+    """The example CNN with seeded random weights: compiling and timing do not need training
+    (and the built-in MNIST takes minutes to parse on a busy machine)."""
+    import torch
+
+    from compress.checkpoint import ModelBundle, save_checkpoint
+    from compress.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cnn", num_classes=10, in_chans=1).eval()
+    bundle = ModelBundle(model, "cnn", (1, 28, 28), {}, 10, {})
+    return save_checkpoint(bundle, folder / "cnn.pt", model_kwargs={"num_classes": 10})
+
+
+@pytest.fixture(scope="module")
+def cnn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _untrained_cnn_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def inputs() -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((64, 1, 28, 28)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def cnn_onnx(cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    from compress.checkpoint import load_checkpoint
+    from compress.exporting import export_model
+    from targets import get_target
+
+    bundle = load_checkpoint(cnn_checkpoint)
+    return export_model(bundle, "onnx", get_target("x86-64"), tmp_path_factory.mktemp("onnx") / "cnn")
+
+
+@pytest.fixture(scope="module")
+def cnn_qdq(cnn_onnx, inputs, tmp_path_factory: pytest.TempPathFactory):
+    """The CNN quantized by onnxruntime (static QDQ, per-channel int8 weights, 32 calibration inputs)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from export import write_onnx_artifact
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"input": inputs[i : i + 1]} for i in range(32)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    folder = tmp_path_factory.mktemp("qdq")
+    quantize_static(str(cnn_onnx.model_path), str(folder / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)  # fmt: skip
+    return write_onnx_artifact(onnx.load(str(folder / "q.onnx")), folder / "art", fmt="onnx-qdq", model_name="cnn",
+                               inputs=cnn_onnx.manifest.inputs, preprocessing=cnn_onnx.manifest.preprocessing)  # fmt: skip
+
+
+def _ort(artifact, x: np.ndarray) -> np.ndarray:
+    from runtimes import runtime_for
+
+    return runtime_for(artifact).prepare(artifact).run(x)
+
+
+def test_host_fp32_matches_onnxruntime(cnn_onnx, inputs, tmp_path: Path) -> None:
+    from export import load_artifact
+    from export.tvm import export_tvm_from_onnx
+    from export.verify import compare_outputs
+    from runtimes import runtime_for
+    from targets import get_target
+
+    art = export_tvm_from_onnx(cnn_onnx, get_target("x86-64"), tmp_path / "tvm")
+    m = load_artifact(art.path).manifest  # hashes verified
+    assert m.format == "tvm" and m.model_file == "model.so"
+    assert {"model.so", "params.bin"} <= set(m.files)
+    assert m.extra["device"] == "cpu" and isinstance(m.extra["tuned"], bool)
+    assert m.metrics["export_check"]["sqnr_db"] > 40
+    if not m.extra["tuned"]:
+        assert any("untuned" in n for n in m.extra["notes"])
+    x = inputs[:37]  # not a multiple of anything: exercises chunking
+    sess = runtime_for(art).prepare(art, get_target("x86-64"))
+    assert sess.runtime == "tvm"
+    got = sess.run(x)
+    assert got.shape == (37, 10)
+    cmp = compare_outputs(_ort(cnn_onnx, x), got)
+    assert cmp["sqnr_db"] > 40 and cmp["top1_agreement"] == 100.0
+
+
+def test_host_qdq_matches_onnxruntime(cnn_qdq, inputs, tmp_path: Path) -> None:
+    from export.tvm import export_tvm_from_onnx
+    from export.verify import compare_outputs
+    from runtimes import runtime_for
+    from targets import get_target
+
+    art = export_tvm_from_onnx(cnn_qdq, get_target("x86-64"), tmp_path / "tvm-qdq")
+    assert art.manifest.extra["precision"] == "int8" and art.manifest.extra["source_format"] == "onnx-qdq"
+    x = inputs[32:]  # not the calibration inputs
+    cmp = compare_outputs(_ort(cnn_qdq, x), runtime_for(art).prepare(art).run(x))
+    assert cmp["top1_agreement"] >= 90.0 and cmp["sqnr_db"] > 15
+
+
+@pytest.mark.parametrize("target_name", ["arm64-android", "arm64-linux", "cuda-sm80", "opencl-mali"])
+def test_cross_compile_without_hardware(cnn_onnx, target_name: str, tmp_path: Path) -> None:
+    from export.tvm import export_tvm_from_onnx
+    from export.tvm.compile import library_plan
+    from runtimes.errors import RuntimeUnavailableError
+    from runtimes.tvm_runtime import TvmRuntime
+    from targets import get_target
+
+    tgt = get_target(target_name)
+    art = export_tvm_from_onnx(cnn_onnx, tgt, tmp_path / target_name)
+    plan = library_plan(tgt)
+    assert art.manifest.model_file == f"model.{plan.suffix}" and art.model_path.stat().st_size > 1000
+    assert art.manifest.target["name"] == target_name
+    assert art.manifest.extra["tuned"] is False
+    assert any("not verified here" in n for n in art.manifest.extra["notes"])
+    if plan.suffix == "tar":
+        assert any(".tar" in n for n in art.manifest.extra["notes"])
+    rt = TvmRuntime()
+    if not rt.supports(art, tgt):
+        with pytest.raises(RuntimeUnavailableError, match="--rpc"):
+            rt.prepare(art, tgt)
+
+
+def test_cuda_library_holds_kernels(cnn_onnx, tmp_path: Path) -> None:
+    from export.tvm import export_tvm_from_onnx
+    from targets import get_target
+
+    art = export_tvm_from_onnx(cnn_onnx, get_target("cuda-sm80"), tmp_path / "cuda")
+    assert art.manifest.extra["device"] == "cuda"
+    assert b"__global__" in art.model_path.read_bytes() or b"sm_80" in art.model_path.read_bytes()
+
+
+def _onnx_with(op_type: str, domain: str, path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(op_type, ["input"], ["output"], domain=domain)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    return path
+
+
+def test_unsupported_operator_names_op_and_target(tmp_path: Path) -> None:
+    import onnx
+
+    from export import TensorSpec, write_onnx_artifact
+    from export.errors import UnsupportedExportError
+    from export.tvm import export_tvm_from_onnx
+    from targets import get_target
+
+    model = onnx.load(str(_onnx_with("MyCustomOp", "com.example", tmp_path / "bad.onnx")))
+    bad = write_onnx_artifact(model, tmp_path / "bad", fmt="onnx", inputs=[TensorSpec(name="input", shape=[1, 4])])
+    with pytest.raises(UnsupportedExportError, match=r"MyCustomOp.*arm64-android"):
+        export_tvm_from_onnx(bad, get_target("arm64-android"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unsupported_operator_exit_3(cli, tmp_path: Path) -> None:
+    path = _onnx_with("TfIdfVectorizer", "", tmp_path / "tfidf.onnx")
+    code, _, err = cli("export", path, "--format", "tvm", "--target", "x86-64", "-o", tmp_path / "out")
+    # the ONNX checker may reject the graph first (exit 2); TVM's frontend refusing it is exit 3
+    assert code in (2, 3), err
+    if code == 3:
+        assert "TfIdfVectorizer" in err and "x86-64" in err
+
+
+def test_cli_export_and_profile(cli, cnn_checkpoint: Path, tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "art"
+    code, stdout, err = cli("export", cnn_checkpoint, "--format", "tvm", "--target", "x86-64", "-o", out, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["format"] == "tvm" and "model.so" in result["files"]
+    code, stdout, err = cli("profile", out, "--min-runs", "5", "--min-seconds", "0.2", "--json")
+    assert code == 0, err
+    prof = json.loads(stdout)
+    assert prof["runtime"] == "tvm" and prof["p50_ms"] > 0 and prof["tuned"] in (True, False)
+
+
+def test_tune_budget_parsing() -> None:
+    from export.tvm import TuneBudget, TuneBudgetError
+
+    assert TuneBudget.parse("10m").seconds == 600 and TuneBudget.parse("10m").trials is None
+    assert TuneBudget.parse("90s").seconds == 90
+    assert TuneBudget.parse("200").trials == 200
+    assert TuneBudget.parse(4).trials_per_task == 4
+    assert TuneBudget.parse(None) is None and TuneBudget.parse("0") is None
+    with pytest.raises(TuneBudgetError, match="10m"):
+        TuneBudget.parse("ten minutes")
+
+
+def test_database_key_separates_targets() -> None:
+    from export.tvm import database_key
+    from targets import get_target
+
+    keys = {database_key(get_target(n).tvm) for n in ("x86-64", "arm64-linux", "arm64-android", "cuda-sm80")}
+    assert len(keys) == 4
