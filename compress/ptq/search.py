@@ -190,6 +190,8 @@ def quantize_artifact(
                             target_accuracy=config.target_accuracy, executor=executor)  # fmt: skip
     finally:
         executor.close()
+    if config.search == "none":
+        result.stopped_by = "fixed config"
     result.extra["prior_trials"] = len(getattr(strategy, "prior", []))
     result.extra["measured_now"] = evaluator.measured
     best = result.best
