@@ -75,6 +75,9 @@ def test_run_recipe_gates_pass_and_fail(trained, tmp_path, cli):
     assert "max_size_mb" in err and "Failed gates" in err
     summary = json.loads((tmp_path / "run-bad" / "summary.json").read_text())
     assert not summary["passed"] and summary["failures"][0]["gate"] == "max_size_mb"
+    # With --json the summary is printed on a failed gate too (CI reads it), and the exit code is still 4.
+    code, out, err = cli("run", bad, "-o", tmp_path / "run-bad", "--json")
+    assert code == 4 and json.loads(out)["failures"][0]["gate"] == "max_size_mb"
 
 
 def test_dry_run_prints_resolved_recipe(trained, tmp_path, cli):

@@ -33,13 +33,23 @@ def register(app: typer.Typer) -> None:
             else:
                 typer.echo(yaml.safe_dump(resolved_dict(r), sort_keys=False), nl=False)
             return
-        with cli_progress(not json_out):
-            if auto:
-                from compress.auto import run_auto
+        from compress.errors import GateFailure
 
-                summary = run_auto(r, out, allow_code=allow_code)
-            else:
-                summary = run_recipe(r, out, allow_code=allow_code)
+        try:
+            with cli_progress(not json_out):
+                if auto:
+                    from compress.auto import run_auto
+
+                    summary = run_auto(r, out, allow_code=allow_code)
+                else:
+                    summary = run_recipe(r, out, allow_code=allow_code)
+        except GateFailure:
+            # Machines read the summary on failure too: print it, then exit 4 with the gate table.
+            if json_out and (out / "summary.json").is_file():
+                import json
+
+                emit_json(json.loads((out / "summary.json").read_text()))
+            raise
         if json_out:
             emit_json(summary)
             return
