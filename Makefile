@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-slow lint bench bench-latency clean
+.PHONY: install browser demo test test-slow lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The report test renders HTML in Debian's chromium; install it when missing (needs root, as in CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ echo "installing Debian's chromium for the report test"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 demo: install
 	$(BIN)/compress run examples/demo.yaml -o demo-out
 
@@ -23,7 +29,7 @@ lint: install
 	$(BIN)/mypy targets export runtimes compress
 
 # pytest exits 5 when it collects nothing: treat that as a failure with a clear message.
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
@@ -32,6 +38,11 @@ test-slow: install
 
 bench: install
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/runtimes.py
+	$(BIN)/python bench/quantune.py
+	$(BIN)/python bench/gaqat.py
+	$(BIN)/python bench/jlcm.py
+	$(BIN)/python bench/nm_sparsity.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache
