@@ -171,6 +171,22 @@ def _write(
         "mean (± std over seeds)",
         "source val (± std over runs)",
     ]
+    paired_rows = []
+    for bits in args.bits:
+        base = {
+            (r["held_out"], r["seed"]): r["heldout_acc"]
+            for r in runs
+            if r["arm"] == "qat-sagm" and r["bits"] == bits
+        }
+        for arm in ("gaqat-task", "gaqat-smooth", "gaqat-scale", "qat"):
+            diffs = [r["heldout_acc"] - base[(r["held_out"], r["seed"])] for r in runs
+                     if r["arm"] == arm and r["bits"] == bits and (r["held_out"], r["seed"]) in base]  # fmt: skip
+            if diffs:
+                wins = sum(d > 0 for d in diffs)
+                ties = sum(d == 0 for d in diffs)
+                paired_rows.append(
+                    [f"W{bits}A{bits}", arm, _fmt(diffs), f"{wins}/{len(diffs)} (ties {ties})"]
+                )
     conflict_rows = []
     for bits in args.bits:
         sagm = [r for r in runs if r["arm"] == "qat-sagm" and r["bits"] == bits and r.get("mean_conflict")]
@@ -192,6 +208,8 @@ def _write(
         f"Scale that ran: {scale}. Wall time {wall:.0f} s. Quantized accuracies: onnxruntime on the QDQ "
         f"graph (min top-1 agreement with fake-quant torch {min(agreement) if agreement else float('nan'):.2f}%).",
         markdown_table(cols, rows),
+        "### Paired difference to QAT+SAGM (same held-out domain and seed), held-out accuracy points",
+        markdown_table(["bits", "arm", "minus QAT+SAGM (mean ± std)", "wins"], paired_rows),
         "### Conflict rate per quantizer scale (task vs smoothness gradient sign, mean over steps)",
         "Mean over the QAT+SAGM runs of the per-step fraction of scale channels whose task and smoothness "
         "gradients disagree in sign; last column: in how many GAQAT (freeze=task) runs the quantizer was frozen.",
