@@ -80,6 +80,7 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None) -> d
 
     from compress.data import load_splits
     from compress.exporting import export_model
+    from export.errors import ExportError, UnsupportedExportError
     from export.tvm import export_tvm_from_onnx
     from runtimes import measure_latency, runtime_for
     from runtimes.torch_runtime import TorchSession
@@ -100,11 +101,16 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None) -> d
                 t0 = time.perf_counter()
                 onnx_art = export_model(bundle, "onnx", host, tmp / name / "onnx")
                 qdq = _qdq(onnx_art, calib, tmp / name)
-                arts = {
-                    "tvm fp32 untuned": export_tvm_from_onnx(onnx_art, host, tmp / name / "tvm-u", use_database=False),
-                    "tvm fp32 tuned": export_tvm_from_onnx(onnx_art, host, tmp / name / "tvm-t", tune=tune),
-                    "tvm int8 (QDQ) untuned": export_tvm_from_onnx(qdq, host, tmp / name / "tvm-q", use_database=False),
-                }
+                try:
+                    arts = {
+                        "tvm fp32 untuned": export_tvm_from_onnx(onnx_art, host, tmp / name / "tvm-u", use_database=False),
+                        "tvm fp32 tuned": export_tvm_from_onnx(onnx_art, host, tmp / name / "tvm-t", tune=tune),
+                        "tvm int8 (QDQ) untuned": export_tvm_from_onnx(qdq, host, tmp / name / "tvm-q",
+                                                                       use_database=False),
+                    }  # fmt: skip
+                except (ExportError, UnsupportedExportError) as exc:
+                    arts = {}
+                    rows.append({"model": name, "runtime": "tvm", "p50_ms": None, "note": f"export failed: {exc}"[:160]})
                 compile_s = time.perf_counter() - t0
                 sessions: list[tuple[str, Any, str]] = [
                     ("torch eager fp32", TorchSession(bundle.module.eval(), threads=2), ""),
@@ -125,7 +131,7 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None) -> d
                     base = base or st.p50_ms
                     rows.append({"model": name, "runtime": label, "where": "local", "p50_ms": st.p50_ms,
                                  "p90_ms": st.p90_ms, "runs": st.runs, "vs_torch": base / st.p50_ms, "note": note})  # fmt: skip
-                if server is not None:
+                if server is not None and arts:
                     art = arts["tvm fp32 tuned"] if arts["tvm fp32 tuned"].manifest.extra.get("tuned_tasks") else (
                         arts["tvm fp32 untuned"])  # fmt: skip
                     st = profile_remote(art, rpc=server.address, key="bench", target=host, min_runs=30,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -150,3 +151,30 @@ def test_server_killed_mid_profile(host_artifact, device_server) -> None:
     time.sleep(0.5)
     alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"device-server left processes behind: {alive}"
+
+
+@pytest.mark.slow
+def test_profile_through_a_tracker(host_artifact) -> None:
+    """A TVM RPC tracker in front of a device server: one address for a farm of devices."""
+    from runtimes.tvm_rpc import DeviceServer, profile_remote
+
+    port = _free_port()
+    tracker = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+         "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1.0).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        with DeviceServer(_free_port(), key="farm", tracker=f"127.0.0.1:{port}"):
+            time.sleep(3)  # the server registers with the tracker after it listens
+            stats = profile_remote(host_artifact, tracker=f"127.0.0.1:{port}", key="farm", min_runs=5,
+                                   min_seconds=0.1, timeout=60)  # fmt: skip
+        assert stats.where == f"tracker 127.0.0.1:{port} farm" and stats.runs >= 5
+    finally:
+        os.killpg(tracker.pid, signal.SIGKILL)

@@ -112,7 +112,6 @@ def import_onnx(onnx_model: Any, input_name: str, input_shape: list[int], target
     """
     import tvm
     from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
 
     custom = sorted({f"{n.domain}::{n.op_type}" for n in onnx_model.graph.node if n.domain not in ("", "ai.onnx")})
     if custom:
@@ -120,16 +119,76 @@ def import_onnx(onnx_model: Any, input_name: str, input_shape: list[int], target
             f"operators {', '.join(custom)} are not supported by TVM's ONNX frontend for target {target_name!r}"
         )
     try:
-        mod = from_onnx(onnx_model, shape_dict={input_name: input_shape}, keep_params_in_input=True)
+        mod = _from_onnx_or_folded(onnx_model, input_name, input_shape)
     except tvm.error.OpNotImplemented as exc:
         ops = str(exc).split(":", 1)[-1].strip().splitlines()[0]
         raise UnsupportedExportError(
             f"operator(s) {ops} not supported by TVM's ONNX frontend for target {target_name!r}"
         ) from None
-    except (NotImplementedError, ValueError) as exc:
-        raise UnsupportedExportError(f"TVM cannot import this ONNX graph for target {target_name!r}: {exc}") from None
+    except (tvm.error.TVMError, NotImplementedError, ValueError) as exc:
+        m = re.search(r"Error converting operator (\w+)", _captured.get("last", "") + str(exc))
+        op = f" operator {m.group(1)}" if m else ""
+        detail = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1][:200]
+        raise UnsupportedExportError(
+            f"TVM cannot import{op} of this ONNX graph for target {target_name!r}: {detail}"
+        ) from None
     mod, params = relax.frontend.detach_params(mod)
     return mod, list(params.get("main", []))
+
+
+_captured: dict[str, str] = {}
+
+
+def _from_onnx_or_folded(onnx_model: Any, input_name: str, input_shape: list[int]) -> Any:
+    """Import with TVM's frontend; if that fails, fold the graph's shape arithmetic first and retry.
+
+    Graphs that compute shapes at run time (``Shape -> Gather -> Reshape``, e.g. a channel
+    shuffle) trip the frontend; with the input shape fixed they are constants, and onnxruntime's
+    basic (standard-ONNX) optimizations fold them away.
+    """
+    import contextlib
+    import io
+
+    from tvm.relax.frontend.onnx import from_onnx
+
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):  # the frontend prints the failing operator
+            return from_onnx(onnx_model, shape_dict={input_name: input_shape}, keep_params_in_input=True)
+    except Exception as first:  # any frontend failure: retry once on the folded graph
+        _captured["last"] = buf.getvalue()
+        folded = _fold_shapes(onnx_model, input_name, input_shape)
+        if folded is None:
+            raise first from None
+        log.info("TVM import failed (%s); retrying on the shape-folded graph", str(first).splitlines()[-1][:120])
+        return from_onnx(folded, shape_dict={input_name: input_shape}, keep_params_in_input=True)
+
+
+def _fold_shapes(onnx_model: Any, input_name: str, input_shape: list[int]) -> Any:
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.ModelProto()
+    model.CopyFrom(onnx_model)
+    for inp in model.graph.input:
+        if inp.name == input_name:
+            for dim, size in zip(inp.type.tensor_type.shape.dim, input_shape, strict=False):
+                dim.Clear()
+                dim.dim_value = int(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "folded.onnx"
+        onnx.save(model, str(src))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(dst)
+        try:
+            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+            return onnx.load(str(dst))
+        except Exception:  # onnxruntime cannot load it either: report the frontend's error
+            return None
 
 
 def fuse_for_cpu(mod: Any, tgt: Any) -> Any:
