@@ -10,7 +10,7 @@ one process run; ratios are against torch eager of the same run.
 Default (fits well under 15 minutes on a busy 2-core machine):
     python bench/runtimes.py                       # all example models, >= 30 runs and >= 1 s each
 Options:
-    python bench/runtimes.py --models cnn --min-seconds 2 --no-rpc --tune 64
+    python bench/runtimes.py --models cnn --min-seconds 2 --threads 2 --no-rpc --tune 64
 
 Checkpoints are the cached built-in examples when present (trained weights); otherwise the
 model is randomly initialised (latency does not depend on the weights) and the table says so.
@@ -74,7 +74,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None) -> dict[str, Any]:
+def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, threads: int) -> dict[str, Any]:
+    import os
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # TVM's thread pool reads it once, at first use
     import numpy as np
     import torch
 
@@ -87,12 +90,13 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None) -> d
     from runtimes.tvm_rpc import DeviceServer, profile_remote
     from targets import get_target
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     host = get_target("x86-64")
     calib = load_splits("mnist").calib
     x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
     server = DeviceServer(_free_port(), key="bench").start() if rpc else None
     rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp_s:
             tmp = Path(tmp_s)
@@ -113,18 +117,18 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None) -> d
                     rows.append({"model": name, "runtime": "tvm", "p50_ms": None, "note": f"export failed: {exc}"[:160]})
                 compile_s = time.perf_counter() - t0
                 sessions: list[tuple[str, Any, str]] = [
-                    ("torch eager fp32", TorchSession(bundle.module.eval(), threads=2), ""),
-                    ("onnxruntime fp32", runtime_for(onnx_art).prepare(onnx_art, host, threads=2), ""),
-                    ("onnxruntime int8 (QDQ)", runtime_for(qdq).prepare(qdq, host, threads=2), ""),
+                    ("torch eager fp32", TorchSession(bundle.module.eval(), threads=threads), ""),
+                    ("onnxruntime fp32", runtime_for(onnx_art).prepare(onnx_art, host, threads=threads), ""),
+                    ("onnxruntime int8 (QDQ)", runtime_for(qdq).prepare(qdq, host, threads=threads), ""),
                 ]
                 for label, art in arts.items():
                     extra = art.manifest.extra
                     if label == "tvm fp32 tuned" and not extra.get("tuned_tasks"):
-                        rows.append({"model": name, "runtime": label, "p50_ms": None,
-                                     "note": "no tuning records for this model's operators"})  # fmt: skip
+                        skipped.append({"model": name, "runtime": label, "p50_ms": None,
+                                        "note": "no tuning records for this model's operators"})  # fmt: skip
                         continue
-                    note = f"{extra.get('tuned_tasks', 0)}/{extra.get('tasks', '?')} ops tuned" if "tuned" in label else ""
-                    sessions.append((label, runtime_for(art).prepare(art, host, threads=2), note))
+                    note = f"{extra.get('tuned_tasks', 0)}/{extra.get('tasks', '?')} ops tuned" if label == "tvm fp32 tuned" else ""
+                    sessions.append((label, runtime_for(art).prepare(art, host, threads=threads), note))
                 base = None
                 for label, sess, note in sessions:
                     st = measure_latency(sess, x, min_runs=30, min_seconds=min_seconds)
@@ -140,6 +144,7 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None) -> d
                     rows.append({"model": name, "runtime": f"{local_label} via RPC (loopback)", "where": st.where,
                                  "p50_ms": st.p50_ms, "p90_ms": st.p90_ms, "runs": st.runs,
                                  "vs_torch": (base or st.p50_ms) / st.p50_ms, "note": "device clock"})  # fmt: skip
+                rows += [r for r in skipped if r["model"] == name]
                 for r in rows:
                     if r["model"] == name:
                         r["weights"] = weights
@@ -155,13 +160,14 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated example models")
     ap.add_argument("--min-seconds", type=float, default=1.0, help="timing per runtime (>= 30 runs too)")
     ap.add_argument("--no-rpc", action="store_true", help="skip the RPC loopback measurement")
+    ap.add_argument("--threads", type=int, default=1, help="threads for every runtime (1: stable on a busy machine)")
     ap.add_argument("--tune", type=int, default=None, help="MetaSchedule trials to spend per model before measuring")
     args = ap.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     t0 = time.perf_counter()
-    data = run(models, args.min_seconds, not args.no_rpc, args.tune)
+    data = run(models, args.min_seconds, not args.no_rpc, args.tune, args.threads)
     data["machine"] = machine_info()
-    data["protocol"] = {"models": models, "batch": 1, "threads": 2, "min_runs": 30, "min_seconds": args.min_seconds,
+    data["protocol"] = {"models": models, "batch": 1, "threads": args.threads, "min_runs": 30, "min_seconds": args.min_seconds,
                         "rpc": not args.no_rpc, "tune_trials": args.tune, "wall_seconds": round(time.perf_counter() - t0)}  # fmt: skip
     cols = ["model", "runtime", "p50 ms", "p90 ms", "x vs torch eager", "note"]
     table = [[r["model"], r["runtime"], r.get("p50_ms") if r.get("p50_ms") is not None else "-",
@@ -169,7 +175,8 @@ def main() -> None:
               r.get("vs_torch") if r.get("vs_torch") is not None else "-", r.get("note", "")] for r in data["rows"]]  # fmt: skip
     m = data["machine"]
     md = (
-        f"Runtimes at batch 1 on {m['cpu']} ({m['cores']} cores, load {m['load_average']:.1f}), "
+        f"Runtimes at batch 1, {args.threads} thread(s) each, on {m['cpu']} ({m['cores']} cores, "
+        f"load {m['load_average']:.1f}), "
         f"{data['protocol']['wall_seconds']} s, models: {', '.join(models)}; "
         f"`python bench/runtimes.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`\n\n"
         + markdown_table(cols, table)
