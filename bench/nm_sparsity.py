@@ -49,12 +49,13 @@ def base_model(name: str, steps: int, seed: int, folder: Path):
     return load_checkpoint(path)
 
 
-def run_arm(bundle, splits, arm: str, pattern: str, steps: int, seed: int, lr: float) -> dict:
+def run_arm(bundle, splits, arm: str, pattern: str, steps: int, seed: int, lr: float,
+            overrides: dict | None = None) -> dict:  # fmt: skip
     from compress.sparsity import NMSparsityConfig
     from compress.sparsity.api import apply_nm_sparsity, check_module_pattern
 
     cfg = NMSparsityConfig(pattern=pattern, max_steps=steps, lr=lr, seed=seed, eval_every=10**6,
-                           checkpoint_every=10**6, **ARMS[arm])  # fmt: skip
+                           checkpoint_every=10**6, **{**ARMS[arm], **(overrides or {})})  # fmt: skip
     t0 = time.perf_counter()
     sparse, metrics = apply_nm_sparsity(bundle, cfg, splits)
     violations = sum(check_module_pattern(sparse.module, sparse.metadata["nm_sparsity"]).values())
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-steps", type=int, default=600, help="Dense pre-training steps (CNN).")
     ap.add_argument("--vit-base-steps", type=int, default=300, help="Dense pre-training steps (ViT).")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                    help="Override an NMSparsityConfig field for every arm (ablations), e.g. dense_fraction=0.")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--out-name", default="nm_sparsity", help="Result files: bench/results/<out-name>.{json,md,png}."
@@ -190,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     from compress.training import evaluate_accuracy
 
     torch.set_num_threads(args.threads)
+    overrides: dict = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set {item!r} must look like FIELD=VALUE")
+        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
     models = args.models.split(",")
     patterns = args.patterns.split(",")
     vit_patterns = patterns if args.vit_patterns == "same" else args.vit_patterns.split(",")
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = {"models": models, "patterns": patterns, "vit_patterns": vit_patterns, "arms": arms, "seeds": seeds,
              "steps": args.steps, "vit_steps": args.vit_steps, "base_steps": args.base_steps,
              "vit_base_steps": args.vit_base_steps, "lr": args.lr, "threads": args.threads,
-             "dense_control": args.dense_control}  # fmt: skip
+             "dense_control": args.dense_control, "overrides": overrides}  # fmt: skip
     result: dict = {"scale": scale, "dense": {}, "rows": [], "command": " ".join(sys.argv)}
     from compress.cache import cache_dir
 
@@ -222,7 +231,14 @@ def main(argv: list[str] | None = None) -> int:
             for pattern in vit_patterns if is_vit else patterns:
                 for arm in arms:
                     r = run_arm(
-                        bundle, splits, arm, pattern, args.vit_steps if is_vit else args.steps, seed, args.lr
+                        bundle,
+                        splits,
+                        arm,
+                        pattern,
+                        args.vit_steps if is_vit else args.steps,
+                        seed,
+                        args.lr,
+                        overrides,
                     )
                     r.update(model=model, pattern=pattern, arm=arm, seed=seed)
                     result["rows"].append(r)
