@@ -127,7 +127,7 @@ def test_no_server_is_a_clear_error(cli, host_artifact) -> None:
     assert code == 3 and "no device server" in err
 
 
-def test_server_killed_mid_profile(host_artifact, device_server) -> None:
+def test_server_killed_mid_profile(host_artifact, device_server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopping the device server while it times the model: a clear error well within the timeout,
     and the server leaves no worker processes behind. (Runs last: it ends the module's server.)"""
     import psutil
@@ -135,6 +135,9 @@ def test_server_killed_mid_profile(host_artifact, device_server) -> None:
     from runtimes.errors import DeviceConnectionError
     from runtimes.tvm_rpc import profile_remote
 
+    import runtimes.tvm_rpc
+
+    monkeypatch.setattr(runtimes.tvm_rpc, "MAX_REPEATS", 10**8)  # so the timing lasts min_seconds (120 s)
     proc, address = device_server
     children = psutil.Process(proc.pid).children(recursive=True)
     assert children, "the device server should run the TVM RPC server as a child process"
