@@ -132,10 +132,9 @@ def test_server_killed_mid_profile(host_artifact, device_server, monkeypatch: py
     and the server leaves no worker processes behind. (Runs last: it ends the module's server.)"""
     import psutil
 
+    import runtimes.tvm_rpc
     from runtimes.errors import DeviceConnectionError
     from runtimes.tvm_rpc import profile_remote
-
-    import runtimes.tvm_rpc
 
     monkeypatch.setattr(runtimes.tvm_rpc, "MAX_REPEATS", 10**8)  # so the timing lasts min_seconds (120 s)
     proc, address = device_server
