@@ -8,9 +8,9 @@ The rules come from what each stage produces:
 * ``codebook`` produces weights rebuilt in the graph from packed indices: ``ptq`` would replace the
   codebooks with int8 tensors (the size gain is lost), and ``qat``/``sparsify`` do not touch
   codebook layers.
-* ``sparsify`` must come before ``qat``/``codebook``/``ptq``: those keep the N:M zeros (a zero
-  stays zero under symmetric quantization and under a codebook with a zero codeword), the other
-  order does not create the pattern.
+* ``sparsify`` must come before ``qat``/``ptq``, which keep the N:M zeros (a zero stays zero under
+  symmetric int8 quantization, and the ``qat`` stage locks the mask). ``codebook`` after
+  ``sparsify`` is refused: codebooks reserve no zero codeword yet, so the pattern would be lost.
 * Each stage asks the target for the precision it produces (``ptq``/``qat`` -> int8,
   ``codebook`` -> codebook, ``sparsify`` -> nm-sparse).
 """
@@ -32,7 +32,9 @@ FORBIDDEN_ORDERS: dict[tuple[str, str], str] = {
     ("qat", "sparsify"): "sparsify before qat: pruning after QAT breaks the learned quantization scales",
     ("codebook", "ptq"): "int8 ptq would replace the packed codebooks with int8 tensors and lose the size gain",
     ("codebook", "qat"): "qat does not quantize codebook layers; put qat before codebook is not supported either",
-    ("codebook", "sparsify"): "sparsify before codebook: codebook layers are not pruned",
+    ("codebook", "sparsify"): "codebook layers are not pruned",
+    ("sparsify", "codebook"): "codebooks reserve no zero codeword yet, so the N:M zeros would be lost; "
+    "combine sparsify with qat or ptq instead",
 }
 
 STAGE_PRECISION = {"ptq": "int8", "qat": "int8", "codebook": "codebook", "sparsify": "nm-sparse"}

@@ -33,6 +33,7 @@ def _r(**kw):
         (_r(stages=[{"qat": {}}, {"ptq": {}}]), UnsupportedError, "quantize it a second time"),
         (_r(stages=[{"codebook": {}}, {"ptq": {}}]), UnsupportedError, "lose the size gain"),
         (_r(stages=[{"qat": {}}, {"sparsify": {}}]), UnsupportedError, "sparsify before qat"),
+        (_r(stages=[{"sparsify": {}}, {"codebook": {}}]), UnsupportedError, "no zero codeword"),
         (_r(targets=["opencl-mali"], stages=[{"ptq": {}}]), UnsupportedError, "does not run"),
     ],
 )
