@@ -79,7 +79,16 @@ def check_artifact(
     rows: list[dict[str, Any]] = []
     if ref_session is not None:
         rows.append({"runtime": "torch (reference)", "where": "local", **evaluate(ref_session, data)})
-    all_sessions = [runtime_for(artifact).prepare(artifact, target, threads=threads), *(sessions or [])]
+    runtime = runtime_for(artifact)
+    local = [runtime.prepare(artifact, target, threads=threads)] if runtime.supports(artifact, target) else []
+    all_sessions = [*local, *(sessions or [])]
+    if not all_sessions:
+        from runtimes import RuntimeUnavailableError
+
+        raise RuntimeUnavailableError(
+            f"artifact {artifact.path} ({artifact.manifest.format}) cannot run on this machine; "
+            "check it on the device with --rpc HOST:PORT --key K"
+        )
     for sess in all_sessions:
         r = evaluate(sess, data, reference=ref_session)
         r.pop("reference_accuracy", None)
