@@ -177,7 +177,8 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False) -> 
         failed = evaluate_gates(target.name, gates, metrics)
         failures.extend(failed)
         results.append({"target": target.name, "format": e.format, "artifact": str(art.path), "metrics": metrics,
-                        "gates": gates, "failed_gates": failed})  # fmt: skip
+                        "gates": gates, "failed_gates": failed,
+                        "notes": list(art.manifest.extra.get("notes", []))})  # fmt: skip
     summary = {
         "recipe": recipe.name,
         "model": reference.model_name,

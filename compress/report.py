@@ -52,6 +52,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
     for r in summary.get("results", []):
         if r["metrics"].get("latency_note"):
             lines.append(f"- {r['target']}: {r['metrics']['latency_note']}")
+        for note in r.get("notes", []):
+            lines.append(f"- {r['target']}/{r['format']}: {note}")
     lines += ["", "## Gates", ""]
     if summary.get("failures"):
         lines += ["| target | gate | limit | measured | excess |", "|---|---|---|---|---|"]
@@ -227,6 +229,9 @@ def render_html(summary: dict[str, Any], run_dir: Path) -> str:
         _table(["target", "format", "top-1 %", "fp32 top-1 %", "drop (pt)", "SQNR dB", "p50 ms", "p90 ms", "size bytes",
                 "gates"], res_rows, "summary"),  # fmt: skip
     ]
+    notes = [f"{r['target']}/{r['format']}: {n}" for r in summary.get("results", []) for n in r.get("notes", [])]
+    if notes:
+        body += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"]
     if summary.get("failures"):
         body += ["<h2>Failed gates</h2>", _table(["target", "gate", "limit", "measured", "excess"],
                  [[f["target"], f["gate"], f["limit"], f["value"], f["excess"]] for f in summary["failures"]], "gates")]  # fmt: skip

@@ -98,4 +98,7 @@ def _print_summary(summary: dict, out: Path) -> None:
         ["target", "format", "top-1 %", "fp32 top-1 %", "drop (pt)", "p50 ms", "size bytes", "gates"],
         rows,
     )
-    say(f"report: {out / 'report.md'}")
+    for r in summary["results"]:
+        for note in r.get("notes", []):
+            say(f"note ({r['target']}/{r['format']}): {note}")
+    say(f"report: {out / 'report.md'} and {out / 'report.html'}")
