@@ -93,6 +93,28 @@ def import_onnx_file(path: str | Path, out: str | Path, *, target: Any = None) -
     )  # fmt: skip
 
 
+def onnx_file_or_checkpoint(
+    model: str | Path, out: str | Path, *, target: Any = None, load: Callable[[], ModelBundle] | None = None
+) -> Artifact:
+    """An fp32 ONNX artifact at ``out`` for ``model``: an ``.onnx`` file imported as is, or a checkpoint
+    (loaded by ``load``) exported. Used by the commands that work on ONNX (quantize, export).
+
+    Raises:
+        ArtifactError: the ONNX file does not exist.
+    """
+    from compress.checkpoint import is_onnx_file, load_checkpoint
+
+    p = Path(model)
+    if is_onnx_file(p):
+        if not p.is_file():
+            from export import ArtifactError
+
+            raise ArtifactError(f"ONNX file {str(p)!r} does not exist")
+        return import_onnx_file(p, out, target=target)
+    bundle = load() if load is not None else load_checkpoint(p)
+    return export_model(bundle, "onnx", target, out)
+
+
 def export_model(source: ModelBundle | Artifact, fmt: str, target: Any, out: str | Path, **options: Any) -> Artifact:
     """Export ``source`` (a loaded checkpoint or an ONNX artifact) to ``fmt`` for ``target``.
 

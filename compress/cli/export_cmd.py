@@ -26,23 +26,22 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export MODEL for a target and verify the artifact against torch."""
         from compress.checkpoint import is_onnx_file
-        from compress.exporting import export_model, import_onnx_file
+        from compress.exporting import export_model
         from targets import get_target
 
         tgt = get_target(target)
         with cli_progress(not json_out):
             if is_onnx_file(model):
-                from export import ArtifactError
+                from compress.exporting import onnx_file_or_checkpoint
 
-                if not model.is_file():
-                    raise ArtifactError(f"ONNX file {str(model)!r} does not exist")
-                source = import_onnx_file(model, out.with_name(f".{out.name}.onnx-src"), target=tgt)
+                work = out.with_name(f".{out.name}.onnx-src")
                 try:
-                    art = export_model(source, fmt, tgt, out, opset=opset, tune=tune)
+                    art = export_model(onnx_file_or_checkpoint(model, work, target=tgt), fmt, tgt, out, opset=opset,
+                                       tune=tune)  # fmt: skip
                 finally:
                     import shutil
 
-                    shutil.rmtree(source.path, ignore_errors=True)
+                    shutil.rmtree(work, ignore_errors=True)
             else:
                 bundle = load_model_from_cli(model, model_factory, trust_pickle, input_shape)
                 art = export_model(bundle, fmt, tgt, out, opset=opset, tune=tune)

@@ -79,7 +79,6 @@ def register(app: typer.Typer) -> None:
         """Find the best int8 onnxruntime quantization of MODEL (Quantune) and write it to OUT."""
         import shutil
 
-        from compress.checkpoint import is_onnx_file
         from compress.data import load_splits
         from compress.ptq.config import parse_duration
         from compress.ptq.search import quantize_artifact
@@ -96,21 +95,12 @@ def register(app: typer.Typer) -> None:
         work = out.with_name(f".{out.name}.fp32-src")
         with cli_progress(not json_out):
             try:
-                if is_onnx_file(model):
-                    from compress.exporting import import_onnx_file
-                    from export import ArtifactError
+                from compress.exporting import onnx_file_or_checkpoint
 
-                    if not model.is_file():
-                        raise ArtifactError(f"ONNX file {str(model)!r} does not exist")
-                    source = import_onnx_file(model, work, target=tgt)
-                else:
-                    from compress.exporting import source_info
-                    from export import StageRecord, export_onnx
-
-                    bundle = load_model_from_cli(model, model_factory, trust_pickle, input_shape)
-                    source = export_onnx(bundle.module, bundle.input_shape, work, target=tgt, model_name=bundle.model_name,
-                                         preprocessing=bundle.preprocessing, extra=source_info(bundle),
-                                         stages=[StageRecord(**s) for s in bundle.metadata.get("stages", [])])  # fmt: skip
+                source = onnx_file_or_checkpoint(
+                    model, work, target=tgt,
+                    load=lambda: load_model_from_cli(model, model_factory, trust_pickle, input_shape),
+                )  # fmt: skip
                 shape = tuple(int(s) for s in source.manifest.inputs[0].shape[1:]) if source.manifest.inputs else None
                 splits = load_splits(data, preprocessing=source.manifest.preprocessing or None, input_shape=shape)
                 result = quantize_artifact(source, splits, cfg, out, target=tgt)

@@ -21,13 +21,9 @@ ARTIFACT_DIR = "artifact"
 
 def _fp32_artifact(source: Any, work: Path) -> Any:
     if isinstance(source, ModelBundle):
-        from compress.exporting import source_info
-        from export import StageRecord, export_onnx
+        from compress.exporting import export_model
 
-        return export_onnx(
-            source.module, source.input_shape, work, model_name=source.model_name, preprocessing=source.preprocessing,
-            stages=[StageRecord(**s) for s in source.metadata.get("stages", [])], extra=source_info(source),
-        )  # fmt: skip
+        return export_model(source, "onnx", None, work)
     fmt = getattr(getattr(source, "manifest", None), "format", None)
     if fmt != "onnx":
         from compress.errors import UnsupportedError
