@@ -8,9 +8,9 @@ The rules come from what each stage produces:
 * ``codebook`` produces weights rebuilt in the graph from packed indices: ``ptq`` would replace the
   codebooks with int8 tensors (the size gain is lost), and ``qat``/``sparsify`` do not touch
   codebook layers.
-* ``sparsify`` must come before ``qat``/``ptq``, which keep the N:M zeros (a zero stays zero under
-  symmetric int8 quantization, and the ``qat`` stage locks the mask). ``codebook`` after
-  ``sparsify`` is refused: codebooks reserve no zero codeword yet, so the pattern would be lost.
+* ``sparsify`` must come before ``qat``/``ptq``/``codebook``, which keep the N:M zeros (a zero stays
+  zero under symmetric int8 quantization, the ``qat`` stage locks the mask, and the ``codebook``
+  stage reserves an exact-zero codeword per codebook that the pruned weights keep).
 * Each stage asks the target for the precision it produces (``ptq``/``qat`` -> int8,
   ``codebook`` -> codebook, ``sparsify`` -> nm-sparse).
 """
@@ -33,8 +33,6 @@ FORBIDDEN_ORDERS: dict[tuple[str, str], str] = {
     ("codebook", "ptq"): "int8 ptq would replace the packed codebooks with int8 tensors and lose the size gain",
     ("codebook", "qat"): "qat does not quantize codebook layers; put qat before codebook is not supported either",
     ("codebook", "sparsify"): "codebook layers are not pruned",
-    ("sparsify", "codebook"): "codebooks reserve no zero codeword yet, so the N:M zeros would be lost; "
-    "combine sparsify with qat or ptq instead",
 }
 
 STAGE_PRECISION = {"ptq": "int8", "qat": "int8", "codebook": "codebook", "sparsify": "nm-sparse"}

@@ -86,3 +86,43 @@ def test_pattern_survives_qat(locked: bool, tmp_path, small_splits: Splits) -> N
     again = spec.load(tmp_path / "qat", sparse, cfg)
     violations = check_module_pattern(again.bundle.module, record, weights=_quantized_weights(again.bundle.module))
     assert all(v == 0 for v in violations.values()), violations
+
+
+def test_pattern_survives_codebook(tmp_path, small_splits: Splits) -> None:
+    """sparsify -> codebook: the pruned weights map to a reserved exact-zero codeword, in torch and in ONNX."""
+    import json
+
+    import onnxruntime as ort
+
+    from compress.codebook.artifact import export_codebook_artifact
+    from compress.codebook.layers import CODEBOOK_LAYERS
+
+    sparse = _sparse_cnn(tmp_path, small_splits)
+    record = sparse.metadata["nm_sparsity"]
+    spec = get_stage("codebook")
+    cfg = spec.config_cls(bits=3, groups=4, steps=6, calib_samples=32, batch_size=16)
+    out = spec.run(sparse, cfg, StageContext(out_dir=tmp_path / "codebook", splits=small_splits))
+    assert out.bundle is not None
+    module = out.bundle.module
+    mods = dict(module.named_modules())
+    assert all(isinstance(mods[name], CODEBOOK_LAYERS) for name in record["layers"])
+    weights = {name: mods[name].weight_store() for name in record["layers"]}
+    violations = check_module_pattern(module, record, weights=weights)
+    assert all(v == 0 for v in violations.values()), violations
+    for name in record["layers"]:  # exactly the input's zeros are kept (as zeros)
+        dense = dict(sparse.module.named_modules())[name].weight.detach()
+        assert bool((weights[name][dense == 0] == 0).all()), name
+    report = json.loads((tmp_path / "codebook" / "codebook_report.json").read_text())
+    assert report["nm_violations"] == {name: 0 for name in record["layers"]}
+    # the zero codeword is an ordinary codebook entry: no mask is stored
+    assert report["accounting"]["bits_per_weight"] < 3.5
+
+    x = torch.from_numpy(small_splits.val.x[:8]).float()
+    art = export_codebook_artifact(out.bundle, tmp_path / "art", report, measure_memory=False)
+    assert art.manifest.format == "onnx-codebook"
+    assert art.manifest.metrics["export_check"]["sqnr_db"] >= 40.0
+    sess = ort.InferenceSession(str(art.model_path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = module(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

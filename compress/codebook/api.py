@@ -5,6 +5,10 @@ Codebooks and Mappings", ICLR 2024 (arXiv 2309.17361). The steps follow ALGORITH
 neuron grouping and reordering (permutation folded where the graph allows), k-means
 initialisation, layer-wise joint learning of codebooks, scales and mappings on calibration data,
 an optional end-to-end distillation phase, then freezing into packed layers.
+
+After an N:M ``sparsify`` stage, ``keep_zeros`` names the sparse layers: their pruned weights stay
+exactly 0 (a reserved zero codeword per codebook, see :mod:`compress.codebook.learn`), and no row
+permutation is folded into a sparse layer's input columns (that would move its N:M groups).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +74,18 @@ def select_layers(model: nn.Module, config: JLCMConfig) -> list[str]:
 
 
 @torch.no_grad()
-def group_and_fold(model: nn.Module, names: list[str], config: JLCMConfig, example: torch.Tensor) -> dict[str, Any]:
+def group_and_fold(model: nn.Module, names: list[str], config: JLCMConfig, example: torch.Tensor,
+                   keep_zeros: Collection[str] = ()) -> dict[str, Any]:  # fmt: skip
     """JLCM step 1 on a float model, in place: group neurons, reorder rows, fold permutations.
 
     Folded layers get their rows (and bias) permuted in place together with the next layer's input
-    columns, so the model's function is unchanged. Returns per layer ``(weight_2d in stored order,
-    group_sizes, row_gather or None, folded)``.
+    columns, so the model's function is unchanged. A permutation is never folded into a layer of
+    ``keep_zeros`` (N:M sparse: permuting its input columns would break its groups); it is stored.
+    Returns per layer ``(weight_2d in stored order, group_sizes, row_gather or None, folded)``.
     """
     plans = fold_plans(model, names, example) if config.fold_permutation and config.grouping == "kmeans" else {}
+    sparse_ids = {id(model.get_submodule(n)) for n in keep_zeros}
+    plans = {k: p for k, p in plans.items() if id(p.consumer) not in sparse_ids}
     result: dict[str, Any] = {}
     for name in names:
         layer: Any = model.get_submodule(name)
@@ -97,13 +106,18 @@ def group_and_fold(model: nn.Module, names: list[str], config: JLCMConfig, examp
     return result
 
 
-def apply_jlcm(model: nn.Module, calib_inputs: torch.Tensor, config: JLCMConfig) -> tuple[nn.Module, dict[str, Any]]:
+def apply_jlcm(model: nn.Module, calib_inputs: torch.Tensor, config: JLCMConfig, *,
+               keep_zeros: Collection[str] = ()) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     """Compress ``model`` with JLCM; the input model is not modified.
 
     Args:
         model: a float model (eval mode is used throughout).
         calib_inputs: calibration inputs (at most ``config.calib_samples`` are used).
         config: the :class:`JLCMConfig`.
+        keep_zeros: names of layers whose exact zeros must survive (the N:M sparse layers,
+            ``metadata["nm_sparsity"]["layers"]``): each of their codebooks reserves an exact-zero
+            codeword that the zero weights keep. Costs no stored bit; the other weights get
+            ``K - 1`` codewords.
 
     Returns:
         ``(compressed_model, report)``; the report holds the per-layer learning losses, the
@@ -119,18 +133,24 @@ def apply_jlcm(model: nn.Module, calib_inputs: torch.Tensor, config: JLCMConfig)
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     student = copy.deepcopy(model).eval()
+    if keep_zeros:
+        from compress.sparsity.lock import unlock_nm_pattern
+
+        unlock_nm_pattern(student)  # plain weights (holding the zeros), so grouping can permute them in place
     for p in student.parameters():
         p.requires_grad_(False)
     calib = calib_inputs[: config.calib_samples]
     calib = calib.float() if calib.is_floating_point() else calib
     names = select_layers(student, config)
-    stored = group_and_fold(student, names, config, calib[:2])
+    keep = set(keep_zeros) & set(names)
+    stored = group_and_fold(student, names, config, calib[:2], keep)
     teacher = copy.deepcopy(student).eval()  # function-identical to ``model`` (folding is exact)
     trainables: list[TrainableCodebookLayer] = []
     layer_reports: list[dict[str, Any]] = []
     for i, name in enumerate(names):
         w2d, sizes, row_gather, folded = stored[name]
-        layer = TrainableCodebookLayer(student.get_submodule(name), w2d, sizes, row_gather, config)
+        mask = (w2d == 0) if name in keep else None
+        layer = TrainableCodebookLayer(student.get_submodule(name), w2d, sizes, row_gather, config, mask)
         if config.steps and layer.param_groups():
             x = _capture(student, name, calib, want="input")
             y = _capture(teacher, name, calib, want="output")
@@ -142,7 +162,8 @@ def apply_jlcm(model: nn.Module, calib_inputs: torch.Tensor, config: JLCMConfig)
         _set_module(student, name, layer)
         trainables.append(layer)
         layer_reports.append({"layer": name, "groups": len(sizes), "permutation": "folded" if folded else
-                              ("stored" if row_gather is not None else "none"), **stats})  # fmt: skip
+                              ("stored" if row_gather is not None else "none"), "keeps_zeros": name in keep,
+                              **stats})  # fmt: skip
         log.info("JLCM %s: reconstruction error %.4g -> %.4g", name, stats["loss_init"], stats["loss_final"])
     e2e_loss = None
     if config.e2e_steps:

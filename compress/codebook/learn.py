@@ -15,6 +15,12 @@ on the loss; the mapping follows one of two rules (``JLCMConfig.update``):
   nearby codewords instead of jumping to extreme ones.
 - ``ste``: a continuous latent weight per element receives the gradient straight through
   (``w_hat = C[I] + u - stopgrad(u)``), and ``I`` is re-assigned to the nearest codeword of ``u``.
+
+Keeping an N:M pattern (``zero_mask``, the pruned elements of a sparse layer): every codebook then
+reserves one codeword that is exactly 0 (pinned: it gets no gradient and is reset after each step).
+The masked elements point to it and never move; k-means places the other ``K - 1`` codewords on the
+unmasked weights only. Nothing extra is stored: the zero is an ordinary fp16 codebook entry, so the
+reconstruction (torch and ONNX) is exactly 0 there.
 """
 
 from __future__ import annotations
@@ -47,6 +53,16 @@ def kmeans_1d(x: torch.Tensor, k: int, *, iters: int = 30, max_points: int = 655
     return centres + torch.arange(k, dtype=torch.float32) * 1e-6
 
 
+def kmeans_with_zero(x: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
+    """Sorted codebook of ``k`` codewords: an exact 0 plus ``k - 1`` k-means centres of ``x`` (the unmasked weights)."""
+    x = x.detach().reshape(-1).float()
+    if k == 1:
+        return torch.zeros(1)
+    centres = kmeans_1d(x if x.numel() else torch.zeros(1), k - 1, seed=seed)
+    centres = torch.where(centres == 0, torch.full_like(centres, 1e-6), centres)  # keep the zero unique
+    return torch.sort(torch.cat([centres, torch.zeros(1)])).values
+
+
 def nearest_codeword(x: torch.Tensor, sorted_codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codeword of a sorted 1-D codebook for every element of ``x``."""
     mids = (sorted_codebook[1:] + sorted_codebook[:-1]) / 2
@@ -62,17 +78,23 @@ class TrainableCodebookLayer(nn.Module):
         group_sizes: rows per group.
         row_gather: (out,) stored row of each original row, or None.
         config: the JLCM config.
+        zero_mask: (out, D) bool, True where the weight must stay exactly 0 (the pruned elements
+            of an N:M sparse layer, stored order), or None. With a mask every codebook reserves an
+            exact-zero codeword (``zero_pos``) that the masked elements keep.
     """
 
     gid: torch.Tensor
     row_gather: torch.Tensor
     idx: torch.Tensor
+    zero_mask: torch.Tensor
+    zero_pos: torch.Tensor
     grad_ema: torch.Tensor
     template: Any
     conv_args: Any
 
     def __init__(self, layer: Any, weight_2d: torch.Tensor, group_sizes: list[int],
-                 row_gather: torch.Tensor | None, config: JLCMConfig):  # fmt: skip
+                 row_gather: torch.Tensor | None, config: JLCMConfig,
+                 zero_mask: torch.Tensor | None = None):  # fmt: skip
         super().__init__()
         self.config = config
         self.is_conv = isinstance(layer, nn.Conv2d)
@@ -85,22 +107,37 @@ class TrainableCodebookLayer(nn.Module):
         self.register_buffer("gid", gid)
         self.register_buffer("row_gather", row_gather if row_gather is not None else torch.zeros(0, dtype=torch.int64))
         k = config.num_codewords
+        keep = zero_mask is not None
+        mask = zero_mask.to(torch.bool) if zero_mask is not None else torch.zeros(0, dtype=torch.bool)
+        self.register_buffer("zero_mask", mask)
+        kept = ~mask if keep else torch.ones_like(w, dtype=torch.bool)
+
+        def centres(x: torch.Tensor) -> torch.Tensor:
+            return kmeans_with_zero(x, k, seed=config.seed) if keep else kmeans_1d(x, k, seed=config.seed)
+
         if config.variant == "scales":
-            if config.codebook_init == "uniform":
+            if config.codebook_init == "uniform":  # the signed levels already hold an exact 0 (index K/2)
                 half = 2 ** (config.bits - 1)
                 levels = torch.arange(k, dtype=torch.float32) - half
                 gmax = torch.zeros(len(group_sizes)).scatter_reduce(0, gid, w.abs().amax(1), "amax", include_self=False)
                 scales = gmax.clamp(min=1e-8) / max(half - 1, 1)
                 codebook = levels[None, :]
             else:
-                sq = torch.zeros(len(group_sizes)).index_add_(0, gid, w.pow(2).mean(1))
+                counts = kept.sum(1).clamp(min=1).float()
+                sq = torch.zeros(len(group_sizes)).index_add_(0, gid, (w * kept).pow(2).sum(1) / counts)
                 scales = (sq / torch.tensor(group_sizes, dtype=torch.float32)).sqrt().clamp(min=1e-8)
-                codebook = kmeans_1d(w / scales[gid][:, None], k, seed=config.seed)[None, :]
+                codebook = centres((w / scales[gid][:, None])[kept])[None, :]
             self.scales: nn.Parameter | None = nn.Parameter(scales)
         else:
-            codebook = torch.stack([kmeans_1d(w[gid == g], k, seed=config.seed) for g in range(len(group_sizes))])
+            codebook = torch.stack([centres(w[gid == g][kept[gid == g]]) for g in range(len(group_sizes))])
             self.scales = None
+        zero_pos = (codebook == 0).to(torch.int64).argmax(1) if keep else torch.zeros(0, dtype=torch.int64)
+        if keep and not bool((codebook.gather(1, zero_pos[:, None]) == 0).all()):
+            raise RuntimeError("a zero-keeping codebook lacks its exact-zero codeword")
+        self.register_buffer("zero_pos", zero_pos)
         self.codebook = nn.Parameter(codebook.clone(), requires_grad=config.learn_codebook)
+        if keep and config.learn_codebook:
+            self.codebook.register_hook(self._no_zero_grad)
         bias = getattr(layer, "bias", None)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.register_buffer("idx", self._assign(self._normalised(w)))
@@ -109,6 +146,24 @@ class TrainableCodebookLayer(nn.Module):
         self._last_weight: torch.Tensor | None = None
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None
         self.move_fraction = config.move_fraction  # adapted: halved when a move batch is rejected
+
+    # -- kept zeros ------------------------------------------------------------------------------
+    @property
+    def keeps_zeros(self) -> bool:
+        return bool(self.zero_mask.numel())
+
+    def _no_zero_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Codebook gradient hook: the reserved zero codewords get none (Adam then leaves them at 0)."""
+        return grad.scatter(1, self.zero_pos[:, None], 0.0)
+
+    @torch.no_grad()
+    def pin_zeros(self) -> None:
+        """Reset the reserved codewords to exactly 0 and point every masked element at its codebook's zero."""
+        if not self.keeps_zeros:
+            return
+        self.codebook.data.scatter_(1, self.zero_pos[:, None], 0.0)
+        zero_of_row = self.zero_pos[0] if self.scales is not None else self.zero_pos[self.gid][:, None]
+        self.idx = torch.where(self.zero_mask, zero_of_row, self.idx)
 
     # -- representation ------------------------------------------------------------------------
     def _row_scale(self) -> torch.Tensor:
@@ -124,11 +179,15 @@ class TrainableCodebookLayer(nn.Module):
     def _assign(self, u: torch.Tensor) -> torch.Tensor:
         cb = self.codebook.detach()
         if self.scales is not None:
-            return nearest_codeword(u, cb[0])
-        idx = torch.empty(u.shape, dtype=torch.int64)
-        for g in range(cb.shape[0]):
-            rows = self.gid == g
-            idx[rows] = nearest_codeword(u[rows], cb[g])
+            idx = nearest_codeword(u, cb[0])
+        else:
+            idx = torch.empty(u.shape, dtype=torch.int64)
+            for g in range(cb.shape[0]):
+                rows = self.gid == g
+                idx[rows] = nearest_codeword(u[rows], cb[g])
+        if self.keeps_zeros:
+            zero_of_row = self.zero_pos[0] if self.scales is not None else self.zero_pos[self.gid][:, None]
+            idx = torch.where(self.zero_mask, zero_of_row, idx)
         return idx
 
     def quantised_2d(self) -> torch.Tensor:
@@ -172,12 +231,15 @@ class TrainableCodebookLayer(nn.Module):
     @torch.no_grad()
     def keep_sorted(self) -> None:
         """Re-sort codewords that crossed during optimisation and remap the indices accordingly."""
+        self.pin_zeros()
         cb = self.codebook.data
         order = torch.argsort(cb, dim=1)
         if bool((order == torch.arange(cb.shape[1])).all()):
             return
         rank = torch.argsort(order, dim=1)
         self.codebook.data = torch.gather(cb, 1, order)
+        if self.keeps_zeros:
+            self.zero_pos = torch.gather(rank, 1, self.zero_pos[:, None])[:, 0]
         if self.scales is not None:
             self.idx = rank[0][self.idx]
         else:
@@ -212,6 +274,8 @@ class TrainableCodebookLayer(nn.Module):
             delta = torch.gather(cb.expand(self.idx.shape[0], k), 1, cand) - current
             score = self.grad_ema * delta * torch.exp(-delta.abs() / (cfg.proximal_temperature * gap))
             better = (score < best_score) & (cand != self.idx)
+            if self.keeps_zeros:
+                better &= ~self.zero_mask  # kept zeros never move
             best_score = torch.where(better, score, best_score)
             best_idx = torch.where(better, cand, best_idx)
         budget = max(1, int(self.move_fraction * best_score.numel()))
@@ -240,7 +304,7 @@ class TrainableCodebookLayer(nn.Module):
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of everything learning changes (for keeping the best state)."""
-        state = {"idx": self.idx.clone(), "codebook": self.codebook.detach().clone()}
+        state = {"idx": self.idx.clone(), "codebook": self.codebook.detach().clone(), "zero_pos": self.zero_pos.clone()}
         if self.scales is not None:
             state["scales"] = self.scales.detach().clone()
         if self.bias is not None:
@@ -250,6 +314,7 @@ class TrainableCodebookLayer(nn.Module):
     @torch.no_grad()
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         self.idx = state["idx"].clone()
+        self.zero_pos = state["zero_pos"].clone()
         self.codebook.copy_(state["codebook"])
         if self.scales is not None:
             self.scales.copy_(state["scales"])
@@ -349,6 +414,8 @@ def _kl(student_out: torch.Tensor, teacher_log_probs: torch.Tensor, temperature:
 
 def _mapping_step_checked(layers: list[TrainableCodebookLayer], batch_loss: Any) -> int:
     """Mapping updates of ``layers``; proximal moves are kept only if the batch loss does not rise."""
+    for layer in layers:
+        layer.pin_zeros()  # Adam momentum may have nudged a reserved zero codeword
     proximal = [layer for layer in layers if layer.config.update == "proximal"]
     if not proximal:
         return sum(layer.mapping_step() for layer in layers)

@@ -51,7 +51,15 @@ def run_codebook_stage(bundle: Any, config: JLCMConfig, ctx: StageContext) -> St
 
     cfg = config.model_copy(update={"seed": config.seed or ctx.seed})
     calib = torch.from_numpy(ctx.splits.calib.x[: cfg.calib_samples])
-    module, report = apply_jlcm(bundle.module, calib, cfg)
+    nm_record = bundle.metadata.get("nm_sparsity")  # after ``sparsify``: keep the pruned weights at exact 0
+    keep = list(nm_record["layers"]) if nm_record else []
+    module, report = apply_jlcm(bundle.module, calib, cfg, keep_zeros=keep)
+    if nm_record:
+        report["nm_violations"] = nm_pattern_violations(module, nm_record)
+        if any(report["nm_violations"].values()):
+            from compress.errors import CompressError
+
+            raise CompressError(f"codebook stage broke the N:M pattern: {report['nm_violations']}")
     acc = evaluate_accuracy(module, ctx.splits.val)
     out = ModelBundle(module, bundle.model_name, bundle.input_shape, bundle.preprocessing, bundle.num_classes,
                       {**bundle.metadata, "codebook": {"bits_per_weight": report["accounting"]["bits_per_weight"]}})  # fmt: skip
@@ -62,6 +70,16 @@ def run_codebook_stage(bundle: Any, config: JLCMConfig, ctx: StageContext) -> St
     metrics = {"val_accuracy": acc, "bits_per_weight": acct["bits_per_weight"], "payload_bytes": acct["payload_bytes"],
                "fp32_bytes": acct["fp32_bytes"], "seconds": report["seconds"]}  # fmt: skip
     return StageOutput(bundle=out, metrics=metrics, files={"model": MODEL_FILE, "report": REPORT_FILE})
+
+
+def nm_pattern_violations(module: Any, record: dict[str, Any]) -> dict[str, int]:
+    """N:M violations of the reconstructed weights of ``module``'s layers named in ``record`` (all 0 when kept)."""
+    from compress.sparsity.api import check_module_pattern
+
+    mods = dict(module.named_modules())
+    weights = {name: mods[name].weight_store() for name in record["layers"]
+               if name in mods and hasattr(mods[name], "weight_store")}  # fmt: skip
+    return check_module_pattern(module, record, weights=weights)
 
 
 def load_codebook_stage(out_dir: Path, bundle: Any, config: JLCMConfig) -> StageOutput:
