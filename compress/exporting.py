@@ -131,6 +131,9 @@ def _ensure_builtins() -> None:
     if "onnx" in _FORMATS:
         return
     register_export_format("onnx", _export_onnx_format)
+    from export.ort_mobile import export_ort_format  # onnxruntime's mobile format (.ort, XNNPACK settings)
+
+    register_export_format("ort", export_ort_format)
     try:
         from export.tvm import export_tvm_format  # the TVM backend, when present
     except ImportError:

@@ -7,7 +7,7 @@ Example:
     >>> art = export_tvm_format(onnx_artifact, get_target("x86-64"), "art-tvm/", tune="10m")  # doctest: +SKIP
 """
 
-from export.tvm.exporter import FORMAT, export_tvm_format, export_tvm_from_onnx
+from export.tvm.exporter import FORMAT, export_tvm_format, export_tvm_from_onnx, export_tvm_from_program
 from export.tvm.tuning import TuneBudget, TuneBudgetError, TuningReport, database_key, default_database_root
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "default_database_root",
     "export_tvm_format",
     "export_tvm_from_onnx",
+    "export_tvm_from_program",
 ]

@@ -276,3 +276,37 @@ def load_params(path: Path) -> list[Any]:
 
     d = tvm.runtime.load_param_dict(path.read_bytes())
     return [d[f"p{i}"] for i in range(len(d))]
+
+
+def import_exported_program(program: Any, batch: int, target_name: str) -> tuple[Any, list[Any]]:
+    """Import a ``torch.export`` program into Relax directly (no ONNX); returns (module, params).
+
+    A dynamic batch dimension is bound to ``batch``; a static one must equal it.
+
+    Raises:
+        UnsupportedExportError: the frontend has no converter for an operator (named in the message).
+        ExportError: the program's batch is static and differs from ``batch``.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+    except (tvm.error.TVMError, NotImplementedError, AssertionError, KeyError, ValueError) as exc:
+        m = re.search(r"[Uu]nsupported (?:function type|op(?:erator)?)[^\w]*([\w.:]+)", str(exc))
+        op = f" operator {m.group(1)}" if m else ""
+        detail = ([ln for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__])[-1][:200]
+        raise UnsupportedExportError(
+            f"TVM cannot import{op} of this torch.export program for target {target_name!r}: {detail}"
+        ) from None
+    shape = mod["main"].params[0].ty.shape  # a TensorType: static ints and symbolic tir Vars
+    dim0: Any = shape[0] if shape is not None else None
+    if hasattr(dim0, "value"):  # a static IntImm (tvm.tirx in 0.27, tvm.tir before)
+        if int(dim0.value) != batch:
+            raise ExportError(f"the torch.export program has a static batch of {int(dim0.value)}; "
+                              f"compile it with batch={int(dim0.value)}")  # fmt: skip
+    elif hasattr(dim0, "name"):  # a symbolic batch: fix it to the compiled batch
+        mod = relax.transform.BindSymbolicVars({dim0.name: batch}, "main")(mod)
+    mod, params = relax.frontend.detach_params(mod)
+    return mod, list(params.get("main", []))

@@ -1,4 +1,5 @@
-"""TVM artifacts: the compiled library, its parameters and a manifest, from an ONNX artifact.
+"""TVM artifacts: the compiled library, its parameters and a manifest, from an ONNX artifact or a
+``torch.export`` program (imported directly with TVM's PyTorch frontend, no ONNX in between).
 
 The artifact folder holds ``model.so`` (or ``model.tar`` when no linker for the device exists
 here), ``params.bin`` (the weights, in the order the ``main`` function takes them after the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,21 @@ def export_tvm_from_onnx(
     model = onnx.load(str(onnx_artifact.model_path))
     precision = "int8" if _is_quantized(model) else "fp32"
     mod, params = tc.import_onnx(model, spec.name, [batch, *sample_shape], target.name)
+
+    def check_fn(folder: Path, lib_path: Path) -> dict[str, Any]:
+        return _verify_against_onnxruntime(folder, lib_path, onnx_artifact, batch, sample_shape, precision)
+
+    return _compile_and_write(mod, params, onnx_artifact.manifest, onnx_artifact.hash, target, dest, budget=budget,
+                              database_dir=database_dir, batch=batch, sample_shape=sample_shape, precision=precision,
+                              verify=verify, use_database=use_database, check_fn=check_fn, t0=t0)  # fmt: skip
+
+
+def _compile_and_write(
+    mod: Any, params: list[Any], src: Manifest, parent_hash: str | None, target: Any, dest: str | Path, *,
+    budget: TuneBudget | None, database_dir: str | Path | None, batch: int, sample_shape: list[int], precision: str,
+    verify: bool, use_database: bool, check_fn: Callable[[Path, Path], dict[str, Any]], t0: float,
+) -> Artifact:  # fmt: skip
+    """Fuse, tune or apply tuning records, build, write the library + params + manifest, verify."""
     tgt = tc.tvm_target(target)
     device = tc.device_kind(target)
     notes: list[str] = []
@@ -150,15 +167,112 @@ def export_tvm_from_onnx(
         tc.save_params(params, tmp)
         check: dict[str, Any] = {}
         if verify and not tc.is_cross(target):
-            check = _verify_against_onnxruntime(tmp, lib_path, onnx_artifact, batch, sample_shape, precision)
+            check = check_fn(tmp, lib_path)
         elif verify:
             notes.append(f"outputs not verified here: the {target.name} code needs the device (compress check --rpc)")
-        manifest = _manifest(onnx_artifact, target, lib_path, plan, device, precision, batch, sample_shape,
+        manifest = _manifest(src, parent_hash, target, lib_path, plan, device, precision, batch, sample_shape,
                              tuning_info, notes, check, time.perf_counter() - t0)  # fmt: skip
         write_manifest(tmp, manifest)
-    log.info("compiled %s for %s (%s, %s)", onnx_artifact.manifest.model_name, target.name, precision,
+    log.info("compiled %s for %s (%s, %s)", src.model_name, target.name, precision,
              "tuned" if tuning_info["tuned"] else "untuned")  # fmt: skip
     return load_artifact(dest)
+
+
+def export_tvm_from_program(
+    bundle: Any,
+    target: Any,
+    dest: str | Path,
+    *,
+    tune: str | int | TuneBudget | None = None,
+    trials_per_task: int | None = None,
+    database_dir: str | Path | None = None,
+    batch: int | None = None,
+    verify: bool = True,
+    use_database: bool = True,
+) -> Artifact:
+    """Compile a ``torch.export`` program (``bundle.exported_program``, a ``.pt2`` input) with TVM's
+    PyTorch frontend directly, without going through ONNX, and write a TVM artifact.
+
+    The manifest's ``extra["source_format"]`` is ``"torch.export"``; when the code runs here its
+    outputs are compared with the program's own (``program.module()``). ``batch`` defaults to the
+    program's static batch (1 when it is dynamic). Other arguments as :func:`export_tvm_from_onnx`.
+
+    Raises:
+        UnsupportedExportError: an operator TVM cannot import or compile for the target (exit 3).
+        ExportError: the compiled code disagrees with torch, or linking failed.
+    """
+    import torch
+
+    from export.tvm.tuning import TuneBudgetError
+
+    program = bundle.exported_program
+    budget = TuneBudget.parse(tune, trials_per_task=trials_per_task)
+    sample_shape = [int(s) for s in bundle.input_shape]
+    static = _program_static_batch(program)
+    if batch is None:
+        batch = static or 1
+    if batch < 1:
+        raise TuneBudgetError(f"batch must be at least 1, got {batch}")
+    t0 = time.perf_counter()
+    mod, params = tc.import_exported_program(program, batch, target.name)
+    reference = program.module()
+    with torch.no_grad():
+        example = reference(torch.zeros((batch, *sample_shape)))
+    out0 = example[0] if isinstance(example, (tuple, list)) else example
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs
+                   if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]  # fmt: skip
+    src = Manifest(
+        format="torch.export",
+        model_name=bundle.model_name,
+        model_file=Path(getattr(bundle, "source", None) or "program.pt2").name,
+        inputs=[TensorSpec(name=user_inputs[0] if user_inputs else "input", shape=[batch, *sample_shape])],
+        outputs=[TensorSpec(name="output", shape=[int(d) for d in out0.shape])],
+        preprocessing=dict(getattr(bundle, "preprocessing", None) or {}),
+        stages=[StageRecord(**s) for s in getattr(bundle, "metadata", {}).get("stages", [])],
+        extra={**_source_info(bundle), "importer": "tvm.relax.frontend.torch.from_exported_program"},
+    )
+
+    def check_fn(folder: Path, lib_path: Path) -> dict[str, Any]:
+        return _verify_against_torch(folder, lib_path, reference, batch, sample_shape)
+
+    return _compile_and_write(mod, params, src, None, target, dest, budget=budget, database_dir=database_dir,
+                              batch=batch, sample_shape=sample_shape, precision="fp32", verify=verify,
+                              use_database=use_database, check_fn=check_fn, t0=t0)  # fmt: skip
+
+
+def _program_static_batch(program: Any) -> int | None:
+    """The static batch size of the program's first user input (None when it is dynamic)."""
+    import torch
+
+    user = [s.arg.name for s in program.graph_signature.input_specs
+            if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]  # fmt: skip
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and user and node.name == user[0] and "val" in node.meta:
+            d0 = node.meta["val"].shape[0]
+            return int(d0) if isinstance(d0, int) else None
+    return None
+
+
+def _verify_against_torch(
+    folder: Path, lib_path: Path, reference: Any, batch: int, sample_shape: list[int]
+) -> dict[str, Any]:
+    import torch
+
+    x = np.random.default_rng(0).standard_normal((4 * batch, *sample_shape)).astype(np.float32)
+    with torch.no_grad():
+        refs = []
+        for i in range(0, len(x), batch):
+            r = reference(torch.from_numpy(x[i : i + batch]))
+            refs.append((r[0] if isinstance(r, (tuple, list)) else r).numpy())
+    ref = np.concatenate(refs)
+    out = run_local(lib_path, folder / tc.PARAMS_FILE, x, batch)
+    check: dict[str, Any] = {**compare_outputs(ref, out), "reference": "torch (torch.export program)"}
+    if check["sqnr_db"] < MIN_SQNR_DB["fp32"]:
+        raise ExportError(
+            f"TVM output differs from torch: SQNR {check['sqnr_db']:.1f} dB < {MIN_SQNR_DB['fp32']} dB "
+            f"(max abs error {check['max_abs_error']:.3g}) for this torch.export program"
+        )
+    return check
 
 
 def _count_applied(before: Any, after: Any, tgt: Any, database: Any) -> dict[str, int]:
@@ -206,10 +320,9 @@ def run_local(lib_path: Path, params_path: Path, x: np.ndarray, batch: int) -> n
 
 
 def _manifest(
-    src: Artifact, target: Any, lib_path: Path, plan: tc.LibraryPlan, device: str, precision: str, batch: int,
+    m: Manifest, parent_hash: str | None, target: Any, lib_path: Path, plan: tc.LibraryPlan, device: str, precision: str, batch: int,
     sample_shape: list[int], tuning: dict[str, Any], notes: list[str], check: dict[str, Any], seconds: float,
 ) -> Manifest:  # fmt: skip
-    m = src.manifest
     extra = {
         **{k: v for k, v in m.extra.items() if k != "notes"},
         "tvm_target": dict(target.tvm),
@@ -236,7 +349,7 @@ def _manifest(
         stages=[*m.stages, StageRecord(stage="export-tvm", config={"target": target.name, "library": plan.suffix,
                                                                       "tuned": tuning.get("tuned", False)},
                                        seconds=round(seconds, 3))],  # fmt: skip
-        parent_hash=src.hash,
+        parent_hash=parent_hash,
         metrics={"export_check": check} if check else {},
         extra=extra,
     )
@@ -246,7 +359,8 @@ def export_tvm_format(source: Any, target: Any, out: str | Path, **options: Any)
     """The ``tvm`` export format: a compress ``ModelBundle`` or an ONNX artifact -> TVM artifact.
 
     A bundle (anything with ``.module``) is exported to ONNX first (verified against torch), then
-    compiled. Options: ``tune``, ``trials_per_task``, ``database_dir``, ``batch``, ``opset``,
+    compiled; a bundle with ``exported_program`` set (a ``.pt2`` input) is imported directly from
+    the program instead (:func:`export_tvm_from_program`). Options: ``tune``, ``trials_per_task``, ``database_dir``, ``batch``, ``opset``,
     ``verify``, ``use_database``.
     """
     opts = {k: v for k, v in options.items() if k in ("tune", "trials_per_task", "database_dir", "batch", "verify",
@@ -259,6 +373,9 @@ def export_tvm_format(source: Any, target: Any, out: str | Path, **options: Any)
         return export_tvm_from_onnx(source, target, out, **opts)
     if not hasattr(source, "module"):
         raise ExportError(f"cannot export a {type(source).__name__} to TVM; give a checkpoint bundle or an ONNX artifact")
+    if getattr(source, "exported_program", None) is not None:
+        prog_opts = {k: v for k, v in opts.items() if k != "batch"}
+        return export_tvm_from_program(source, target, out, batch=opts.get("batch"), **prog_opts)
     from export.onnx_export import export_onnx
 
     with tempfile.TemporaryDirectory(prefix="edgecompress-tvm-") as tmp:
