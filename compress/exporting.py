@@ -13,7 +13,9 @@ from typing import Any
 
 from compress.checkpoint import ModelBundle
 from compress.errors import ConfigError, UnsupportedError
-from export import Artifact, StageRecord, TensorSpec, export_onnx, sha256_file, write_onnx_artifact
+from export import Artifact, StageRecord, TensorSpec, sha256_file, write_onnx_artifact
+from export.onnx_export import bundle_source_info as source_info  # noqa: F401  (used by the techniques)
+from export.onnx_export import export_bundle_onnx
 
 # name -> fn(source: ModelBundle | Artifact, target, out, **options) -> Artifact
 _FORMATS: dict[str, Callable[..., Artifact]] = {}
@@ -28,15 +30,6 @@ def export_formats() -> list[str]:
     return sorted(_FORMATS)
 
 
-def source_info(bundle: ModelBundle) -> dict[str, Any]:
-    """Where a model came from, for the manifest (so `compress check` can rebuild the reference)."""
-    info: dict[str, Any] = {"model_name": bundle.model_name, "input_shape": list(bundle.input_shape)}
-    if bundle.source and Path(bundle.source).is_file():
-        info["source_checkpoint"] = str(Path(bundle.source).resolve())
-        info["source_sha256"] = sha256_file(Path(bundle.source))
-    return info
-
-
 def _export_onnx_format(source: ModelBundle | Artifact, target: Any, out: Path, **options: Any) -> Artifact:
     if isinstance(source, Artifact):
         if not source.manifest.format.startswith("onnx"):
@@ -49,17 +42,7 @@ def _export_onnx_format(source: ModelBundle | Artifact, target: Any, out: Path, 
             stages=source.manifest.stages, parent_hash=source.hash, metrics=dict(source.manifest.metrics),
             extra=dict(source.manifest.extra),
         )  # fmt: skip
-    return export_onnx(
-        source.exported_program if source.exported_program is not None else source.module,
-        source.input_shape,
-        out,
-        target=target,
-        model_name=source.model_name,
-        preprocessing=source.preprocessing,
-        stages=[StageRecord(**s) for s in source.metadata.get("stages", [])],
-        opset=int(options.get("opset") or 17),
-        extra=source_info(source),
-    )
+    return export_bundle_onnx(source, out, target=target, opset=options.get("opset"))
 
 
 def import_onnx_file(path: str | Path, out: str | Path, *, target: Any = None) -> Artifact:

@@ -268,3 +268,34 @@ def write_onnx_artifact(
         )  # fmt: skip
         write_manifest(tmp, manifest)
     return load_artifact(dest)
+
+
+def bundle_source_info(bundle: Any) -> dict[str, Any]:
+    """Where a loaded checkpoint came from (duck-typed ``ModelBundle``), recorded in manifests so
+    ``compress check`` can rebuild the fp32 torch reference."""
+    from export.artifact import sha256_file
+
+    info: dict[str, Any] = {"model_name": bundle.model_name, "input_shape": list(bundle.input_shape)}
+    src = getattr(bundle, "source", None)
+    if src and Path(src).is_file():
+        info["source_checkpoint"] = str(Path(src).resolve())
+        info["source_sha256"] = sha256_file(Path(src))
+    return info
+
+
+def export_bundle_onnx(bundle: Any, dest: str | Path, *, target: Any = None, opset: int | None = None) -> Artifact:
+    """Export a loaded checkpoint (duck-typed ``ModelBundle``: ``module``, ``input_shape``, ``model_name``,
+    ``preprocessing``, ``metadata``, optional ``exported_program``) to a verified ONNX artifact, with
+    its stage lineage and source recorded. Every format that starts from ONNX (tvm, ort) uses this."""
+    program = getattr(bundle, "exported_program", None)
+    return export_onnx(
+        program if program is not None else bundle.module,
+        tuple(bundle.input_shape),
+        dest,
+        target=target,
+        model_name=bundle.model_name,
+        preprocessing=bundle.preprocessing,
+        stages=[StageRecord(**s) for s in getattr(bundle, "metadata", {}).get("stages", [])],
+        opset=int(opset or DEFAULT_OPSET),
+        extra=bundle_source_info(bundle),
+    )

@@ -220,25 +220,8 @@ def export_ort_format(source: Any, target: Any, out: str | Path, **options: Any)
         return export_ort_from_onnx(source, target, out, verify=verify)
     if not hasattr(source, "module"):
         raise ExportError(f"cannot export a {type(source).__name__} to ort; give a checkpoint bundle or an ONNX artifact")
-    from export.onnx_export import export_onnx
-    program = getattr(source, "exported_program", None)
+    from export.onnx_export import export_bundle_onnx
+
     with tempfile.TemporaryDirectory(prefix="edgecompress-ort-") as tmp:
-        onnx_art = export_onnx(
-            program if program is not None else source.module, tuple(source.input_shape), Path(tmp) / "onnx",
-            target=target, model_name=source.model_name, preprocessing=source.preprocessing,
-            stages=[StageRecord(**s) for s in getattr(source, "metadata", {}).get("stages", [])],
-            opset=int(options.get("opset") or 17), extra=_source_info(source),
-        )  # fmt: skip
+        onnx_art = export_bundle_onnx(source, Path(tmp) / "onnx", target=target, opset=options.get("opset"))
         return export_ort_from_onnx(onnx_art, target, out, verify=verify)
-
-
-def _source_info(bundle: Any) -> dict[str, Any]:
-    """Where the model came from, so ``compress check`` can rebuild the torch reference."""
-    from export.artifact import sha256_file
-
-    info: dict[str, Any] = {"model_name": bundle.model_name, "input_shape": list(bundle.input_shape)}
-    src = getattr(bundle, "source", None)
-    if src and Path(src).is_file():
-        info["source_checkpoint"] = str(Path(src).resolve())
-        info["source_sha256"] = sha256_file(Path(src))
-    return info

@@ -30,6 +30,7 @@ from export.artifact import (
     write_manifest,
 )
 from export.errors import ExportError, UnsupportedExportError
+from export.onnx_export import bundle_source_info
 from export.tvm import compile as tc
 from export.tvm.tuning import TuneBudget, open_databases
 from export.tvm.tuning import tune as run_tuning
@@ -229,7 +230,7 @@ def export_tvm_from_program(
         outputs=[TensorSpec(name="output", shape=[int(d) for d in out0.shape])],
         preprocessing=dict(getattr(bundle, "preprocessing", None) or {}),
         stages=[StageRecord(**s) for s in getattr(bundle, "metadata", {}).get("stages", [])],
-        extra={**_source_info(bundle), "importer": "tvm.relax.frontend.torch.from_exported_program"},
+        extra={**bundle_source_info(bundle), "importer": "tvm.relax.frontend.torch.from_exported_program"},
     )
 
     def check_fn(folder: Path, lib_path: Path) -> dict[str, Any]:
@@ -376,25 +377,9 @@ def export_tvm_format(source: Any, target: Any, out: str | Path, **options: Any)
     if getattr(source, "exported_program", None) is not None:
         prog_opts = {k: v for k, v in opts.items() if k != "batch"}
         return export_tvm_from_program(source, target, out, batch=opts.get("batch"), **prog_opts)
-    from export.onnx_export import export_onnx
+    from export.onnx_export import export_bundle_onnx
 
     with tempfile.TemporaryDirectory(prefix="edgecompress-tvm-") as tmp:
-        onnx_art = export_onnx(
-            source.module, tuple(source.input_shape), Path(tmp) / "onnx", target=target,
-            model_name=source.model_name, preprocessing=source.preprocessing,
-            stages=[StageRecord(**s) for s in getattr(source, "metadata", {}).get("stages", [])],
-            opset=int(options.get("opset") or 17), extra=_source_info(source),
-        )  # fmt: skip
+        onnx_art = export_bundle_onnx(source, Path(tmp) / "onnx", target=target, opset=options.get("opset"))
         return export_tvm_from_onnx(onnx_art, target, out, **opts)
 
-
-def _source_info(bundle: Any) -> dict[str, Any]:
-    """Where the model came from, so ``compress check`` can rebuild the torch reference."""
-    from export.artifact import sha256_file
-
-    info: dict[str, Any] = {"model_name": bundle.model_name, "input_shape": list(bundle.input_shape)}
-    src = getattr(bundle, "source", None)
-    if src and Path(src).is_file():
-        info["source_checkpoint"] = str(Path(src).resolve())
-        info["source_sha256"] = sha256_file(Path(src))
-    return info
