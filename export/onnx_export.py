@@ -61,7 +61,9 @@ def register_onnx_exporter(exporter: OnnxExporter) -> None:
     _EXPORTERS.insert(0, exporter)
 
 
-def _standard_export(module: Any, example: Any, path: Path, opset: int) -> None:
+def torch_onnx_export(module: Any, example: Any, path: Path, opset: int, **kwargs: Any) -> None:
+    """``torch.onnx.export`` as every exporter here calls it: the TorchScript path, our input/output
+    names, a dynamic batch and constant folding (``kwargs`` adds e.g. ``custom_opsets``)."""
     import warnings
 
     import torch
@@ -78,6 +80,7 @@ def _standard_export(module: Any, example: Any, path: Path, opset: int) -> None:
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             do_constant_folding=True,
+            **kwargs,
         )
 
 
@@ -109,7 +112,7 @@ def _pick_exporter(module: Any) -> OnnxExporter:
     for exp in _EXPORTERS:
         if exp.predicate(module):
             return exp
-    return OnnxExporter("torch.onnx", lambda m: True, _standard_export, "onnx", 40.0)
+    return OnnxExporter("torch.onnx", lambda m: True, torch_onnx_export, "onnx", 40.0)
 
 
 def verify_onnx_against_torch(module: Any, onnx_path: Path, inputs: np.ndarray) -> dict[str, float]:

@@ -43,6 +43,20 @@ def cnn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def untrained_cnn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example CNN with seeded random weights, for tests where training does not matter
+    (compiling, timing, RPC)."""
+    import torch
+
+    from compress.checkpoint import ModelBundle, save_checkpoint
+    from compress.models import create_model
+
+    torch.manual_seed(0)
+    bundle = ModelBundle(create_model("cnn", num_classes=10, in_chans=1).eval(), "cnn", (1, 28, 28), {}, 10, {})
+    return save_checkpoint(bundle, tmp_path_factory.mktemp("untrained") / "cnn.pt", model_kwargs={"num_classes": 10})
+
+
+@pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     """Factory fixture: ``trained_checkpoint("vit", steps=200)`` trains once per (name, steps)."""
     made: dict[tuple[str, int], Path] = {}

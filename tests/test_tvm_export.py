@@ -7,27 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tvm")
-
-
-def _untrained_cnn_checkpoint(folder: Path) -> Path:
-    """The example CNN with seeded random weights: compiling and timing do not need training
-    (and the built-in MNIST takes minutes to parse on a busy machine)."""
-    import torch
-
-    from compress.checkpoint import ModelBundle, save_checkpoint
-    from compress.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("cnn", num_classes=10, in_chans=1).eval()
-    bundle = ModelBundle(model, "cnn", (1, 28, 28), {}, 10, {})
-    return save_checkpoint(bundle, folder / "cnn.pt", model_kwargs={"num_classes": 10})
-
-
-@pytest.fixture(scope="module")
-def cnn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _untrained_cnn_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
 
 @pytest.fixture(scope="module")
 def inputs() -> np.ndarray:
@@ -35,12 +14,12 @@ def inputs() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def cnn_onnx(cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+def cnn_onnx(untrained_cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     from compress.checkpoint import load_checkpoint
     from compress.exporting import export_model
     from targets import get_target
 
-    bundle = load_checkpoint(cnn_checkpoint)
+    bundle = load_checkpoint(untrained_cnn_checkpoint)
     return export_model(bundle, "onnx", get_target("x86-64"), tmp_path_factory.mktemp("onnx") / "cnn")
 
 
@@ -179,11 +158,11 @@ def test_cli_unsupported_operator_exit_3(cli, tmp_path: Path) -> None:
         assert "TfIdfVectorizer" in err and "x86-64" in err
 
 
-def test_cli_export_and_profile(cli, cnn_checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_export_and_profile(cli, untrained_cnn_checkpoint: Path, tmp_path: Path) -> None:
     import json
 
     out = tmp_path / "art"
-    code, stdout, err = cli("export", cnn_checkpoint, "--format", "tvm", "--target", "x86-64", "-o", out, "--json")
+    code, stdout, err = cli("export", untrained_cnn_checkpoint, "--format", "tvm", "--target", "x86-64", "-o", out, "--json")
     assert code == 0, err
     result = json.loads(stdout)
     assert result["format"] == "tvm" and "model.so" in result["files"]

@@ -10,26 +10,9 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-pytest.importorskip("tvm")
-
-
-def _untrained_cnn_checkpoint(folder: Path) -> Path:
-    """The example CNN with seeded random weights: compiling and timing do not need training
-    (and the built-in MNIST takes minutes to parse on a busy machine)."""
-    import torch
-
-    from compress.checkpoint import ModelBundle, save_checkpoint
-    from compress.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("cnn", num_classes=10, in_chans=1).eval()
-    bundle = ModelBundle(model, "cnn", (1, 28, 28), {}, 10, {})
-    return save_checkpoint(bundle, folder / "cnn.pt", model_kwargs={"num_classes": 10})
 
 KEY = "test-key"
 
@@ -41,13 +24,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def host_artifact(tmp_path_factory: pytest.TempPathFactory):
+def host_artifact(untrained_cnn_checkpoint, tmp_path_factory: pytest.TempPathFactory):
     from compress.checkpoint import load_checkpoint
     from compress.exporting import export_model
     from targets import get_target
 
     folder = tmp_path_factory.mktemp("rpc")
-    return export_model(load_checkpoint(_untrained_cnn_checkpoint(folder)), "tvm", get_target("x86-64"), folder / "tvm")
+    return export_model(load_checkpoint(untrained_cnn_checkpoint), "tvm", get_target("x86-64"), folder / "tvm")
 
 
 @pytest.fixture(scope="module")

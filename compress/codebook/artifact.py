@@ -107,9 +107,9 @@ def fp32_onnx(module: Any, input_shape: tuple[int, ...], path: Path) -> Path:
     """Export a float model with torch's exporter (for size and memory comparisons)."""
     import torch
 
-    from export.onnx_export import _standard_export
+    from export.onnx_export import torch_onnx_export
 
-    _standard_export(module.eval(), torch.zeros((1, *input_shape)), path, 17)
+    torch_onnx_export(module.eval(), torch.zeros((1, *input_shape)), path, 17)
     return path
 
 

@@ -15,7 +15,6 @@ JLCM paper: Yvinec, Dapogny, Bailly, ICLR 2024 (arXiv 2309.17361).
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -177,21 +176,9 @@ def export_codebook_onnx(module: Any, example: Any, path: Path, opset: int) -> N
     """Export a model holding codebook layers to ONNX with in-graph weight reconstruction."""
     import onnx
 
-    module.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-            do_constant_folding=True,
-            custom_opsets={DOMAIN: 1},
-        )
+    from export.onnx_export import torch_onnx_export
+
+    torch_onnx_export(module.eval(), example, path, opset, custom_opsets={DOMAIN: 1})
     model = onnx.load(str(path))
     used = sorted({node.op_type for node in model.graph.node if node.domain == DOMAIN})
     for op in used:
