@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default="64x3072x768,64x768x3072,4096x4096x4096,8192x8192x8192",
                     help="Comma-separated BATCHxOUTxIN linear shapes.")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="Folder for the results.")
     args = ap.parse_args(argv)
 
     import torch
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['shape']} | {r['dense_ms']:.3f} | {r['sparse_2of4_ms']:.3f} | {r['speedup']:.2f}x | "
               f"{r['max_abs_diff']:.3g} |" for r in rows]  # fmt: skip
     md = "\n".join(lines) + "\n"
-    out = ROOT / "bench" / "results"
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_nm_check.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "gpu_nm_check.md").write_text(md)

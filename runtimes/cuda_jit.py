@@ -1,0 +1,101 @@
+"""Compile the CUDA source inside a TVM artifact when it loads on the GPU machine.
+
+A TVM library for a CUDA target that was built on a machine without the CUDA runtime (any CI
+machine, this project's build machines) holds its kernels as CUDA C source. TVM's CUDA loader
+compiles that source when the library loads, by calling the global function
+``tvm_callback_cuda_compile``. TVM's own callback takes the GPU architecture from the current
+compilation target, which a runtime-only TVM (the wheel without its compiler library, as on a
+device) does not have; this one takes it from the artifact (``sm_90``), or asks the GPU.
+
+``nvcc`` is used when it is on ``PATH``, NVRTC (through ``cuda-bindings``) otherwise;
+``TVM_CUDA_COMPILE_MODE=nvcc|nvrtc`` forces one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from typing import Any
+
+from runtimes.errors import RuntimeUnavailableError
+
+_registered: dict[str, str | None] = {}
+
+
+def _device_arch() -> str:
+    import tvm
+
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        raise RuntimeUnavailableError("no CUDA GPU on this machine: a CUDA artifact cannot load here")
+    return "sm_" + str(dev.compute_version).replace(".", "")
+
+
+def compiler_mode() -> str:
+    """``nvrtc`` or ``nvcc``: which CUDA compiler this machine can use for the JIT.
+
+    Raises:
+        RuntimeUnavailableError: neither is installed (names the packages to install).
+    """
+    forced = os.environ.get("TVM_CUDA_COMPILE_MODE", "").lower()
+    if forced in ("nvrtc", "nvcc"):
+        return forced
+    if shutil.which("nvcc"):
+        return "nvcc"
+    if importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None:
+        return "nvrtc"
+    raise RuntimeUnavailableError(
+        "this CUDA artifact holds CUDA source to compile on the GPU machine, and neither NVRTC "
+        "(pip install cuda-bindings) nor nvcc is installed here"
+    )
+
+
+def compile_with_nvcc(code: str, arch: str) -> bytes:
+    """CUDA source -> fatbin for ``arch`` with ``nvcc`` (the flags TVM's own nvcc path uses).
+
+    TVM's helper asks the current compilation target for the architecture even when it is given,
+    which a runtime-only TVM cannot answer, hence this direct call.
+
+    Raises:
+        RuntimeUnavailableError: nvcc is missing or rejects the source (its message is kept).
+    """
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeUnavailableError("nvcc is not on PATH: cannot compile this CUDA artifact's kernels")
+    sm = arch.removeprefix("sm_").removeprefix("compute_")
+    with tempfile.TemporaryDirectory(prefix="edgecompress-cuda-") as tmp:
+        src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
+        src.write_text(code)
+        cmd = [nvcc, "--fatbin", "-O3", f"-gencode=arch=compute_{sm},code=sm_{sm}", "--use_fast_math",
+               "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+               "-o", str(out), str(src)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeUnavailableError(f"nvcc could not compile the kernels for {arch}: {proc.stderr[-1500:]}")
+        return out.read_bytes()
+
+
+def register_cuda_jit(arch: str | None) -> None:
+    """Register ``tvm_callback_cuda_compile`` for ``arch`` (e.g. ``sm_90``; None: the GPU's own).
+
+    Idempotent; a later call with another architecture replaces the callback.
+    """
+    if _registered.get("arch", "unset") == arch:
+        return
+    import tvm_ffi
+    from tvm.support import nvcc  # registers TVM's own callback on import: replaced just below
+
+    def compile_source(code: str, *_: Any) -> bytes:
+        mode = compiler_mode()
+        target_arch = arch or _device_arch()
+        if mode == "nvcc":
+            return compile_with_nvcc(code, target_arch)
+        return bytes(nvcc.compile_cuda(code, target_format="cubin", arch=target_arch, compiler="nvrtc"))
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_source, override=True)
+    _registered["arch"] = arch
