@@ -23,6 +23,32 @@ from runtimes.errors import RuntimeUnavailableError
 _registered: dict[str, str | None] = {}
 
 
+def ensure_cuda_runtime() -> None:
+    """Load TVM's CUDA runtime library when ``import tvm`` did not (a runtime-only TVM skips it).
+
+    Raises:
+        RuntimeUnavailableError: the library is missing or cannot load (e.g. no CUDA driver).
+    """
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None:
+        return
+    from pathlib import Path
+
+    from tvm import base
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    runtime_dir = Path(base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+        )
+    except (OSError, RuntimeError) as exc:
+        raise RuntimeUnavailableError(
+            f"TVM's CUDA runtime does not load here ({exc}): a CUDA driver and libcudart are needed"
+        ) from None
+
+
 def _device_arch() -> str:
     import tvm
 
@@ -85,6 +111,7 @@ def register_cuda_jit(arch: str | None) -> None:
 
     Idempotent; a later call with another architecture replaces the callback.
     """
+    ensure_cuda_runtime()
     if _registered.get("arch", "unset") == arch:
         return
     import tvm_ffi
