@@ -102,16 +102,20 @@ def compile_with_nvcc(code: str, arch: str) -> bytes:
                "-o", str(out), str(src)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeUnavailableError(f"nvcc could not compile the kernels for {arch}: {proc.stderr[-1500:]}")
+            errors = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines()
+            raise RuntimeUnavailableError(f"nvcc could not compile the kernels for {arch}: " + "\n".join(errors[:10]))
         return out.read_bytes()
 
 
-def register_cuda_jit(arch: str | None) -> None:
+def register_cuda_jit(arch: str | None, *, load_runtime: bool = True) -> None:
     """Register ``tvm_callback_cuda_compile`` for ``arch`` (e.g. ``sm_90``; None: the GPU's own).
 
-    Idempotent; a later call with another architecture replaces the callback.
+    Idempotent; a later call with another architecture replaces the callback. ``load_runtime``
+    also loads TVM's CUDA runtime library; a process that forks workers (the RPC server) must
+    not, since CUDA does not survive a fork: its workers load the library themselves.
     """
-    ensure_cuda_runtime()
+    if load_runtime:
+        ensure_cuda_runtime()
     if _registered.get("arch", "unset") == arch:
         return
     import tvm_ffi
