@@ -33,6 +33,7 @@ class TvmSession:
         self._keepalive = keepalive  # an RPC session must outlive the objects it holds
         self._input: Any = None  # the input tensor on the device, reused run to run
         self._main: Any = None
+        self._host_view: np.ndarray | None = None  # a numpy view of ``_input`` (local CPU only)
         self.batch = batch
         self.threads = threads
         self.where = where
@@ -60,10 +61,28 @@ class TvmSession:
         if self._input is None:
             self._input = self._tensor(chunk)
             self._main = self._vm["main"]
+            self._host_view = self._numpy_view(self._input)
+        elif self._host_view is not None:
+            self._host_view[...] = chunk  # writes into the VM's input tensor: no FFI copy call
         else:
             self._input.copyfrom(np.ascontiguousarray(chunk, dtype=np.float32))
         out = self._main(self._input, *self._params)
-        return out.numpy() if hasattr(out, "numpy") else out[0].numpy()
+        out = out if hasattr(out, "numpy") else out[0]
+        if self._host_view is not None:
+            # DLPack: ~1.5 us instead of ~15 us for .numpy() on a small output (the copy is needed:
+            # the VM reuses the output's memory on the next call).
+            return np.array(np.from_dlpack(out), copy=True)
+        return out.numpy()
+
+    def _numpy_view(self, tensor: Any) -> np.ndarray | None:
+        """A writable numpy view of a tensor in this process's CPU memory (None for remote/GPU)."""
+        if self.where != "local" or int(self._dev.dlpack_device_type()) != 1:  # 1: kDLCPU
+            return None
+        try:
+            view = np.from_dlpack(tensor)
+        except (TypeError, BufferError, RuntimeError):  # an older numpy or a non-CPU tensor
+            return None
+        return view if view.flags.writeable else None
 
     def time_evaluator(self, x: np.ndarray, *, number: int, repeat: int, min_repeat_ms: int = 0) -> list[float]:
         """TVM's ``time_evaluator`` on the device itself: seconds per call for each repeat."""
@@ -74,6 +93,7 @@ class TvmSession:
         self._vm = None
         self._main = None
         self._input = None
+        self._host_view = None
         self._params = []
         self._keepalive = None
 

@@ -1,0 +1,131 @@
+"""TVM compile details that make small models fast: weight transforms done once, cheap session I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _mlp_onnx(path: Path, *, quantized: bool = False) -> tuple[Path, np.ndarray]:
+    """A two-layer MLP as ONNX (Gemm with transB=1, as torch exports nn.Linear); optionally QDQ."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    x = torch.randn(1, 1, 8, 8)
+    src = path / "mlp.onnx"
+    torch.onnx.export(model.eval(), (x,), str(src), input_names=["input"], output_names=["output"], dynamo=False)
+    if not quantized:
+        return src, x.numpy()
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"input": np.random.default_rng(i).standard_normal((1, 1, 8, 8)).astype(np.float32)}
+                            for i in range(8)])  # fmt: skip
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    dst = path / "mlp_qdq.onnx"
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)  # fmt: skip
+    return dst, x.numpy()
+
+
+def _ops(mod) -> set[str]:
+    """Names of the Relax operators ``main`` calls."""
+    import tvm
+    from tvm import relax
+
+    names: set[str] = set()
+
+    def visit(expr) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            names.add(expr.op.name)
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    return names
+
+
+def test_gemm_weight_transpose_is_done_at_compile_time(tmp_path: Path) -> None:
+    """Gemm imports as matmul(x, permute_dims(W)): the transpose must not stay in ``main``."""
+    import onnx
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from export.tvm import compile as tc
+
+    path, x = _mlp_onnx(tmp_path)
+    mod, params = tc.import_onnx(onnx.load(str(path)), "input", [1, 1, 8, 8], "x86-64")
+    assert "relax.permute_dims" not in _ops(mod)
+    assert sorted(tuple(p.shape) for p in params if len(p.shape) == 2) == [(32, 10), (64, 32)]  # (in, out)
+    assert [gv.name_hint for gv in mod.functions] == ["main"]
+    ex = tvm.compile(mod, target=tvm.target.Target("llvm"))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x), *params).numpy()
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_weights_are_not_expanded(tmp_path: Path) -> None:
+    """Pre-dequantizing int8 weights would make the artifact 4x larger: the graph is left as is."""
+    import onnx
+
+    from export.tvm import compile as tc
+
+    path, _ = _mlp_onnx(tmp_path, quantized=True)
+    model = onnx.load(str(path))
+    mod, params = tc.import_onnx(model, "input", [1, 1, 8, 8], "x86-64")
+    assert any(str(p.dtype) == "int8" for p in params)
+    assert sum(p.numpy().nbytes for p in params) < 4 * 64 * 32  # still int8-sized, not fp32
+
+
+def test_local_session_reuses_buffers_and_copies_outputs(tmp_path: Path) -> None:
+    """The fast path (numpy views of the VM tensors) must not hand out memory the VM reuses."""
+    import torch
+
+    from compress.checkpoint import ModelBundle
+    from compress.models import create_model
+    from export.tvm import export_tvm_format
+    from runtimes import runtime_for
+    from targets import get_target
+
+    torch.manual_seed(0)
+    bundle = ModelBundle(create_model("cnn", num_classes=10, in_chans=1).eval(), "cnn", (1, 28, 28), {}, 10, {})
+    art = export_tvm_format(bundle, get_target("x86-64"), tmp_path / "tvm", use_database=False)
+    sess = runtime_for(art).prepare(art, threads=1)
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((1, 1, 28, 28)).astype(np.float32) for _ in range(2))
+    out_a = sess.run(a)
+    out_b = sess.run(b)
+    assert sess._host_view is not None  # the local CPU fast path is taken
+    with torch.no_grad():
+        ref_a, ref_b = (bundle.module(torch.from_numpy(v)).numpy() for v in (a, b))
+    np.testing.assert_allclose(out_a, ref_a, rtol=1e-4, atol=1e-4)  # not overwritten by the second run
+    np.testing.assert_allclose(out_b, ref_b, rtol=1e-4, atol=1e-4)
+    batch = np.concatenate([a, b, a])  # chunked path (static batch 1) still right
+    np.testing.assert_allclose(sess.run(batch), np.concatenate([ref_a, ref_b, ref_a]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["cnn"])
+def test_shipped_database_covers_example(name: str, tmp_path: Path) -> None:
+    """The example's artifact is fully tuned from the shipped database alone (no user records)."""
+    import torch
+
+    from compress.checkpoint import ModelBundle
+    from compress.models import create_model
+    from export.tvm import export_tvm_format
+    from targets import get_target
+
+    host = get_target("x86-64")
+    if host.tvm.get("mcpu") != "haswell" or host.tvm.get("num-cores") != 2:
+        pytest.skip(f"the shipped database is for haswell/2 cores; this host is {host.tvm.get('mcpu')}")
+    torch.manual_seed(0)
+    bundle = ModelBundle(create_model(name, num_classes=10, in_chans=1).eval(), name, (1, 28, 28), {}, 10, {})
+    art = export_tvm_format(bundle, host, tmp_path / "tvm", database_dir=tmp_path / "empty-db")
+    extra = art.manifest.extra
+    assert extra["tuned"] is True and extra["tuned_tasks"] == extra["tasks"]
