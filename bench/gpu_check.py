@@ -153,29 +153,15 @@ def _rpc_profile(folder: Path, name: str) -> dict[str, Any]:
     """Profile one artifact through ``compress device-server``'s RPC path on the GPU machine's loopback."""
     import tempfile
 
-    import tvm
-
     from export.artifact import load_artifact
+    from runtimes.cuda_jit import write_server_python
     from runtimes.tvm_rpc import DeviceServer, profile_remote
     from targets import get_target
 
     art = load_artifact(folder / f"{name}-{TARGET}")
-    # CUDA does not survive a fork: the server's per-session workers load TVM's CUDA runtime
-    # themselves (--load-library), the server process never touches the GPU.
-    cuda_lib = str(Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so")
     with tempfile.TemporaryDirectory() as tmp:
-        # The server and its worker processes start through this wrapper (it becomes their
-        # sys.executable), so each registers the CUDA JIT before it loads a library.
-        wrapper = Path(tmp) / "python-cuda-jit"
-        wrapper.write_text(
-            f"#!{sys.executable}\nimport runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-            "import runtimes.cuda_jit as j\nj.register_cuda_jit(None, load_runtime=False)\n"
-            f"sys.executable = {str(wrapper)!r}\nmod = sys.argv[2]\nsys.argv = [mod] + sys.argv[3:]\n"
-            f"if mod == 'tvm.exec.rpc_server':\n    sys.argv += ['--load-library', {cuda_lib!r}]\n"
-            "runpy.run_module(mod, run_name='__main__', alter_sys=True)\n"
-        )
-        wrapper.chmod(0o755)
-        with DeviceServer(9190, key="gpu", python=str(wrapper)) as srv:
+        python = write_server_python(Path(tmp), sys.executable)  # server + workers with the CUDA JIT
+        with DeviceServer(9190, key="gpu", python=str(python)) as srv:
             stats = profile_remote(art, rpc=srv.address, key="gpu", target=get_target(TARGET), timeout=120)
     return {"model": name, "rpc_p50_ms": stats.p50_ms, "rpc_p90_ms": stats.p90_ms, "runs": stats.runs}
 

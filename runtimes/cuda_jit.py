@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 from runtimes.errors import RuntimeUnavailableError
@@ -33,8 +34,6 @@ def ensure_cuda_runtime() -> None:
 
     if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None:
         return
-    from pathlib import Path
-
     from tvm import base
     from tvm_ffi.libinfo import load_lib_ctypes
 
@@ -88,7 +87,6 @@ def compile_with_nvcc(code: str, arch: str) -> bytes:
     """
     import subprocess
     import tempfile
-    from pathlib import Path
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -130,3 +128,58 @@ def register_cuda_jit(arch: str | None, *, load_runtime: bool = True) -> None:
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_source, override=True)
     _registered["arch"] = arch
+
+
+_WRAPPER = """#!{python}
+# Written by edgecompress: starts TVM's RPC server (and each of its worker processes) with the
+# CUDA JIT registered, so CUDA artifacts built without the CUDA runtime load on this GPU.
+import runpy, sys
+sys.path[:0] = {paths!r}
+import runtimes.cuda_jit
+runtimes.cuda_jit.register_cuda_jit(None, load_runtime=False)
+sys.executable = {wrapper!r}
+flag, what, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+if flag == "-m":
+    if what == "tvm.exec.rpc_server":
+        # CUDA does not survive a fork: spawn session workers, each loading the CUDA runtime.
+        rest += ["--no-fork"] + (["--load-library", {cuda_lib!r}] if {cuda_lib!r} else [])
+    sys.argv = [what, *rest]
+    runpy.run_module(what, run_name="__main__", alter_sys=True)
+elif flag == "-c":  # multiprocessing's spawn start
+    sys.argv = ["-c", *rest]
+    exec(compile(what, "<string>", "exec"), {{"__name__": "__main__"}})
+else:
+    sys.exit("usage: python-cuda-jit -m MODULE ... | -c CODE ...")
+"""
+
+
+def cuda_driver_present() -> bool:
+    """Whether the CUDA driver library loads here (dlopen only: CUDA itself is not initialised)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def write_server_python(folder: Path, python: str) -> Path:
+    """Write an executable that runs ``python`` with the CUDA JIT registered (for the RPC server).
+
+    Use it as the server's Python (``DeviceServer(python=...)``): the server, its pool worker and
+    every session worker then start through it. Sessions are spawned rather than forked and load
+    TVM's CUDA runtime themselves when the CUDA driver is present.
+    """
+    import tvm
+    from tvm import base
+
+    cuda_lib = ""
+    if cuda_driver_present():
+        cuda_lib = str(Path(base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so")
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [root, str(Path(tvm.__file__).resolve().parents[1])]
+    wrapper = folder / "python-cuda-jit"
+    wrapper.write_text(_WRAPPER.format(python=python, paths=paths, wrapper=str(wrapper), cuda_lib=cuda_lib))
+    wrapper.chmod(0o755)
+    return wrapper
