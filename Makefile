@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install browser demo test test-slow lint bench clean
+.PHONY: install browser demo test test-slow lint bench clean device-emu
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ bench: install
 	$(BIN)/python bench/gaqat.py
 	$(BIN)/python bench/jlcm.py
 	$(BIN)/python bench/nm_sparsity.py
+
+# An emulated ARM64 device for CI (no phone): a Debian arm64 root run under qemu user mode, built
+# once into the cache (apt-get installs qemu-user-static, debootstrap and the aarch64 cross compiler
+# when missing; needs root). Then: compress device-server --emulate arm64 --port 9090 --key emu
+device-emu: install
+	$(BIN)/python tools/device_emu/build.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MAX_REPEATS = 10_000
+#: The least per-call deadline for a device that is an emulator on this machine (runtimes.emulator):
+#: long enough for qemu to load a model and run a batch of a check, short enough to end a hang.
+EMULATED_TIMEOUT_S = 300.0
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -160,6 +163,8 @@ def remote_session(
             "(export it with --format tvm)"
         )
     sess, where = connect(rpc=address, tracker=tracker, key=key, timeout=timeout)
+    if emulation_note(where, target):  # qemu loads and runs ARM64 code ~1000x slower than a phone
+        timeout = max(timeout, EMULATED_TIMEOUT_S)
     extra = artifact.manifest.extra
     lib_file = Path(artifact.model_path)
     params_host = load_params(Path(artifact.path) / extra["params_file"])
@@ -266,12 +271,14 @@ class DeviceServer:
     """
 
     def __init__(self, port: int, *, key: str, host: str = "127.0.0.1", tracker: str | None = None,
-                 python: str | None = None, env: dict[str, str] | None = None):  # fmt: skip
+                 python: str | None = None, env: dict[str, str] | None = None,
+                 start_timeout: float = 60.0):  # fmt: skip
         if not key:
             raise DeviceConnectionError("a device server needs a key (--key): clients must name it to connect")
         self.host, self.port, self.key, self.tracker = host, int(port), key, tracker
         self.python = python or sys.executable
         self.env = env
+        self.start_timeout = start_timeout  # an emulated device (runtimes.emulator) needs minutes
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
 
@@ -279,7 +286,7 @@ class DeviceServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self, wait: float = 60.0) -> DeviceServer:
+    def start(self, wait: float | None = None) -> DeviceServer:
         """Start the server and wait until it accepts connections.
 
         Raises:
@@ -290,6 +297,7 @@ class DeviceServer:
         if self.tracker:
             cmd += ["--tracker", self.tracker]
         env = {**os.environ, **(self.env or {})}
+        wait = self.start_timeout if wait is None else wait
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:

@@ -14,11 +14,17 @@ def register(app: typer.Typer) -> None:
         key: str = typer.Option(..., "--key", "-k", help="Key that clients must name to connect (required)."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; loopback unless set (0.0.0.0: all)."),
         tracker: str | None = typer.Option(None, "--tracker", help="Register with a TVM RPC tracker host:port."),
+        emulate: str | None = typer.Option(
+            None, "--emulate", metavar="ARCH",
+            help="Serve an emulated device instead: 'arm64' runs the server under qemu in the root that "
+            "'make device-emu' builds (outputs are real ARM64 results; latency is meaningless).",
+        ),
     ) -> None:
         """Serve this machine as a device: clients upload TVM libraries and time them here.
 
         Binds 127.0.0.1 unless --host is given, and only accepts clients that name --key. Stop it
-        with Ctrl-C (or SIGTERM): its worker processes are ended with it.
+        with Ctrl-C (or SIGTERM): its worker processes are ended with it. With --emulate arm64 the
+        device is this machine emulating ARM64 (CI without a phone): check outputs with it, never speed.
         """
         import signal
 
@@ -27,7 +33,16 @@ def register(app: typer.Typer) -> None:
 
         if not key.strip():
             raise ConfigError("--key must not be empty: clients identify the device by it")
-        server = DeviceServer(port, key=key, host=host, tracker=tracker)
+        warning = ""
+        if emulate:
+            from runtimes.emulator import EmulatedDevice
+
+            device = EmulatedDevice.find(emulate.strip().lower())
+            server = device.server(port, key=key, host=host, tracker=tracker)  # raises unless built
+            warning = device.warning()
+            say(f"starting the emulated {device.arch} device from {device.root} (qemu: this takes a minute)")
+        else:
+            server = DeviceServer(port, key=key, host=host, tracker=tracker)
 
         def _stop(signum: int, _frame: object) -> None:
             raise KeyboardInterrupt
@@ -36,6 +51,8 @@ def register(app: typer.Typer) -> None:
         try:
             server.start()
             say(f"device server listening on {server.address} (key {key!r}); Ctrl-C to stop")
+            if warning:
+                say(f"warning: {warning}")
             if host not in ("127.0.0.1", "localhost", "::1"):
                 say(f"warning: bound to {host}: any machine that can reach it and knows the key can run code here")
             code = server.wait()

@@ -1,0 +1,237 @@
+"""The emulated ARM64 device: `make device-emu` builds a Debian arm64 root, `compress device-server
+--emulate arm64` serves it under qemu, and `compress profile/check --rpc` run ARM64 code on it.
+
+The fast tests cover the parts that need no qemu (the clear error without a root, the build's
+stamp and atomic rename, the wrapper that makes the RPC worker start through qemu). The slow test
+runs the real thing end to end and compares the ARM64 outputs with onnxruntime's on this machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtimes.emulator import SITE, STAMP, WRAPPER, EmulatedDevice, emulator_root
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "emu-test"
+# Read at import, before conftest points $EDGECOMPRESS_CACHE at a per-session folder: the slow test
+# uses the root that `make device-emu` built (and built once, reuses across sessions).
+BUILT_ROOT = emulator_root("arm64")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _build_module():
+    spec = importlib.util.spec_from_file_location("device_emu_build", REPO / "tools/device_emu/build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_qemu(folder: Path) -> Path:
+    """A stand-in for qemu-aarch64-static: drops ``-L ROOT ROOT/usr/bin/python3`` and runs this
+    machine's python, so the wrapper and sitecustomize written by the build run for real."""
+    qemu = folder / "fake-qemu"
+    qemu.write_text(f'#!/bin/sh\nshift 3\nexec "{sys.executable}" "$@"\n')
+    qemu.chmod(0o755)
+    return qemu
+
+
+@pytest.fixture()
+def fake_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> EmulatedDevice:
+    """A root with the build's helpers (wrapper, sitecustomize, cpuinfo) and its stamp, run by a fake qemu."""
+    build = _build_module()
+    root = tmp_path / "arm64"
+    (root / SITE).mkdir(parents=True)
+    build.write_helpers(root)
+    (root / STAMP).write_text(json.dumps({"machine": "aarch64"}))
+    monkeypatch.setenv("EDGECOMPRESS_DEVICE_EMU", str(root))
+    monkeypatch.setenv("EDGECOMPRESS_QEMU", str(_fake_qemu(tmp_path)))
+    return EmulatedDevice.find("arm64")
+
+
+def test_missing_root_is_a_clear_error(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGECOMPRESS_DEVICE_EMU", str(tmp_path / "not-built"))
+    code, out, err = cli("device-server", "--emulate", "arm64", "--port", str(_free_port()), "--key", KEY)
+    assert code == 3, out + err
+    assert "run `make device-emu` first" in err and str(tmp_path / "not-built") in err
+
+
+def test_unknown_architecture_lists_the_known_ones(cli) -> None:
+    code, out, err = cli("device-server", "--emulate", "riscv64", "--port", str(_free_port()), "--key", KEY)
+    assert code == 3, out + err
+    assert "cannot emulate 'riscv64'; known: arm64" in err
+
+
+def test_half_built_root_is_not_built(tmp_path: Path) -> None:
+    """Without the stamp (written last) a root folder is not usable, whatever else it holds."""
+    root = tmp_path / "arm64"
+    (root / WRAPPER).parent.mkdir(parents=True)
+    (root / WRAPPER).write_text("#!/bin/sh\n")
+    dev = EmulatedDevice(root)
+    assert not dev.is_built()
+    (root / STAMP).write_text("{}")
+    assert dev.is_built()
+
+
+def test_wrapper_runs_python_through_qemu_and_is_sys_executable(fake_root: EmulatedDevice) -> None:
+    """TVM's RPC server starts its worker with sys.executable: inside the root it must be the wrapper
+    (a host program that starts qemu), never the arm64 binary the host cannot execute."""
+    out = subprocess.run(fake_root.command("-c", "import os, sys; print(sys.executable); print(os.environ['PYTHONPATH'])"),
+                         capture_output=True, text=True, timeout=60, check=True).stdout.split()  # fmt: skip
+    assert out == [str(fake_root.python), str(fake_root.site)]
+    cpuinfo = (fake_root.root / "proc/cpuinfo").read_text()
+    assert "asimd" in cpuinfo and "CPU implementer\t: 0x41" in cpuinfo
+
+
+def test_server_starts_through_the_wrapper(fake_root: EmulatedDevice) -> None:
+    from runtimes.tvm_rpc import connect
+
+    server = fake_root.server(_free_port(), key=KEY)
+    assert server.python == str(fake_root.python) and server.host == "127.0.0.1"
+    assert server.start_timeout >= 300 and server.env and server.env["TVM_NUM_THREADS"] == "1"
+    assert "EMULATED arm64" in fake_root.warning() and "meaningless" in fake_root.warning()
+    with server:
+        sess, where = connect(rpc=server.address, key=KEY, timeout=60)
+        assert where == f"rpc {server.address}" and sess.device("cpu", 0).exist
+
+
+def test_build_is_a_no_op_once_stamped(fake_root: EmulatedDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    build = _build_module()
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a built root must not be rebuilt")
+
+    monkeypatch.setattr(build, "build", must_not_run)
+    monkeypatch.setattr(build, "ensure_host_tools", lambda: None)
+    assert build.main([]) == 0
+
+
+def test_interrupted_build_leaves_nothing_that_looks_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    build = _build_module()
+    root = tmp_path / "arm64"
+    monkeypatch.setenv("EDGECOMPRESS_DEVICE_EMU", str(root))
+    monkeypatch.setattr(build, "ensure_host_tools", lambda: None)
+    monkeypatch.setattr(build, "install_wheels", lambda *a, **k: a[0].mkdir(parents=True, exist_ok=True))
+
+    def fake_bootstrap(tmp: Path) -> None:
+        (tmp / "usr/bin").mkdir(parents=True)
+
+    def failing_check(tmp: Path) -> dict[str, str]:
+        raise build.BuildError("self-check: platform.machine() is 'x86_64', expected 'aarch64'")
+
+    monkeypatch.setattr(build, "bootstrap", fake_bootstrap)
+    monkeypatch.setattr(build, "self_check", failing_check)
+    assert build.main([]) == 1
+    assert not root.exists() and not EmulatedDevice(root).is_built()
+    leftover = tmp_path / ".arm64.building"
+    assert leftover.is_dir()  # the next build removes it first
+    monkeypatch.setattr(build, "self_check", lambda tmp: {"machine": "aarch64"})
+    assert build.main([]) == 0
+    assert EmulatedDevice(root).is_built() and not leftover.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _emulator_or_skip() -> EmulatedDevice:
+    """The root `make device-emu` built; built here when the tools are installed; else skip."""
+    dev = EmulatedDevice(BUILT_ROOT)
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("no aarch64 cross compiler to link the ARM64 .so (run `make device-emu`, which installs it)")
+    if not dev.is_built():
+        tools = ("qemu-aarch64-static", "debootstrap", "dpkg-deb")
+        missing = [t for t in tools if shutil.which(t) is None]
+        if missing or os.geteuid() != 0:
+            pytest.skip(f"emulated ARM64 root not built at {BUILT_ROOT} and cannot be built here "
+                        f"(missing {missing or 'root'}): run `make device-emu`")  # fmt: skip
+        env = {**os.environ, "EDGECOMPRESS_DEVICE_EMU": str(BUILT_ROOT)}
+        done = subprocess.run([sys.executable, str(REPO / "tools/device_emu/build.py")], env=env, capture_output=True,
+                              text=True, timeout=1800, check=False)  # fmt: skip
+        assert done.returncode == 0, f"building the emulated root failed:\n{done.stdout}\n{done.stderr}"
+    if shutil.which("qemu-aarch64-static") is None:
+        pytest.skip("qemu-aarch64-static is not installed (run `make device-emu`)")
+    return dev
+
+
+@pytest.mark.slow
+def test_emulated_arm64_end_to_end(cli, untrained_cnn_checkpoint, tmp_path: Path) -> None:
+    """A cross-compiled ARM64 .so runs under qemu behind `compress device-server --emulate arm64`:
+    profile says its latency is meaningless, check's table comes from it, and its outputs match
+    onnxruntime's on this machine."""
+    from compress.checkpoint import load_checkpoint
+    from compress.exporting import export_model
+    from runtimes import runtime_for
+    from runtimes.tvm_rpc import remote_session
+    from targets import get_target
+
+    dev = _emulator_or_skip()
+    bundle = load_checkpoint(untrained_cnn_checkpoint)
+    arm = export_model(bundle, "tvm", get_target("arm64-linux"), tmp_path / "arm64")
+    lib = Path(arm.model_path)
+    assert lib.suffix == ".so" and lib.read_bytes()[18:20] == (183).to_bytes(2, "little")  # ELF e_machine: AArch64
+    onnx = export_model(load_checkpoint(untrained_cnn_checkpoint), "onnx", get_target("x86-64"), tmp_path / "onnx")
+
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    log = (tmp_path / "server.log").open("w+")
+    env = {**os.environ, "EDGECOMPRESS_DEVICE_EMU": str(dev.root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compress.cli.app", "device-server", "--emulate", "arm64", "--port", str(port),
+         "--key", KEY], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while "listening" not in Path(log.name).read_text():
+            assert proc.poll() is None, f"device-server exited: {Path(log.name).read_text()}"
+            assert time.monotonic() < deadline, "the emulated device server did not listen within 600 s"
+            time.sleep(1)
+        banner = Path(log.name).read_text()
+        assert "EMULATED arm64 device" in banner and "latency is meaningless" in banner
+
+        code, out, err = cli("profile", arm.path, "--rpc", address, "--key", KEY, "--min-runs", "3",
+                             "--min-seconds", "0.1", "--timeout", "300")  # fmt: skip
+        assert code == 0, out + err
+        assert "under emulation" in out and "meaningless" in out
+
+        code, out, err = cli("check", arm.path, "--data", "mnist", "--split", "test", "--rpc", address, "--key", KEY,
+                             "--json")  # fmt: skip
+        assert code == 0, out + err
+        rows = {r["where"]: r for r in json.loads(out)["rows"]}
+        device_row = rows[f"rpc {address}"]
+        assert device_row["top1_agreement"] == 100.0 and device_row["sqnr_db"] > 60, device_row
+
+        x = np.random.default_rng(1).standard_normal((8, 1, 28, 28)).astype(np.float32)
+        remote = remote_session(arm, address, key=KEY, target=get_target("arm64-linux"), timeout=300)
+        try:
+            on_arm64 = remote.run(x)
+        finally:
+            remote.close()
+        on_x86 = runtime_for(onnx).prepare(onnx).run(x)
+        np.testing.assert_allclose(on_arm64, on_x86, rtol=1e-4, atol=1e-4)
+        assert np.abs(on_x86).max() > 1e-3  # not trivially equal zeros
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
