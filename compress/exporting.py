@@ -107,7 +107,41 @@ def export_model(source: ModelBundle | Artifact, fmt: str, target: Any, out: str
     _ensure_builtins()
     if fmt not in _FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; known: {', '.join(sorted(_FORMATS))}")
+    options = _with_tuning_device(fmt, target, options)
     return _FORMATS[fmt](source, target, Path(out), **options)
+
+
+DEVICE_OPTIONS = ("rpc", "tracker", "key", "timeout")
+
+
+def _with_tuning_device(fmt: str, target: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """Turn ``rpc``/``tracker``/``key``/``timeout`` options into the device that times tuning candidates.
+
+    The device is connected here, before anything is compiled, so a dead server, a wrong key or
+    an emulator fails in seconds.
+
+    Raises:
+        ConfigError: device options for a format other than ``tvm``, without ``tune``, or a key
+            without an address.
+        DeviceConnectionError: the device cannot be reached, refuses the key, or is an emulator.
+    """
+    given = {k: options[k] for k in DEVICE_OPTIONS if options.get(k) is not None}
+    rest = {k: v for k, v in options.items() if k not in DEVICE_OPTIONS}
+    if not given:
+        return rest
+    if fmt != "tvm":
+        raise ConfigError(f"{', '.join(sorted(given))} name a device for TVM tuning; format {fmt!r} does not tune")
+    if not given.get("rpc") and not given.get("tracker"):
+        raise ConfigError(f"{', '.join(sorted(given))} given without a device address: add rpc HOST:PORT or tracker HOST:PORT")
+    if given.get("rpc") and given.get("tracker"):
+        raise ConfigError("give either rpc (one device server) or tracker (a TVM tracker of devices), not both")
+    if rest.get("tune") is None:
+        raise ConfigError("a device (rpc/tracker) is used to time tuning candidates: add a tuning budget (--tune 10m)")
+    from runtimes.tvm_rpc import open_measure_device
+
+    device = open_measure_device(target, rpc=given.get("rpc"), tracker=given.get("tracker"), key=given.get("key"),
+                                 timeout=float(given.get("timeout", 60.0)))  # fmt: skip
+    return {**rest, "device": device}
 
 
 def _ensure_builtins() -> None:

@@ -153,7 +153,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False) -> 
         source = final.artifact if final.bundle is None else final.bundle
         if final.artifact is not None and e.format == "onnx":
             source = final.artifact
-        art = export_model(source, e.format, target, art_dir, **e.options)
+        art = export_model(source, e.format, target, art_dir, **e.export_options())
         check = check_artifact(art, splits.test, target=target, reference=reference)
         metrics: dict[str, Any] = {
             "accuracy": check["accuracy"],

@@ -48,11 +48,49 @@ class ModelSpec(BaseModel):
 
 
 class ExportSpec(BaseModel):
+    """One artifact to export. ``rpc`` or ``tracker`` (with ``key``) name the device that times TVM
+    tuning candidates (``options: {tune: 10m}``); targets whose code runs elsewhere (ARM64, GPUs)
+    are tuned only on their device.
+
+    Example::
+
+        - {format: tvm, target: arm64-linux, rpc: "192.168.1.20:9090", key: pi5, options: {tune: 10m}}
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     format: str = "onnx"
     target: str
     options: dict[str, Any] = {}
+    rpc: str | None = None
+    tracker: str | None = None
+    key: str | None = None
+    timeout: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _device(self) -> ExportSpec:
+        inside = sorted(set(self.options) & {"rpc", "tracker", "key", "timeout"})
+        if inside:
+            raise ValueError(f"{', '.join(inside)} belong to the export entry itself, not to its options")
+        if self.rpc is None and self.tracker is None:
+            if self.key is not None:
+                raise ValueError("key names a device: give it with rpc: HOST:PORT or tracker: HOST:PORT")
+            return self
+        if self.rpc is not None and self.tracker is not None:
+            raise ValueError("give either rpc (one device server) or tracker (a TVM tracker of devices), not both")
+        if self.format != "tvm" or self.options.get("tune") is None:
+            raise ValueError("rpc/tracker name the device that times TVM tuning: use them with format: tvm and "
+                             "options: {tune: 10m}")  # fmt: skip
+        if self.tracker is not None and not self.key:
+            raise ValueError("a tracker hands out devices by key: add key")
+        return self
+
+    def export_options(self) -> dict[str, Any]:
+        """The options for :func:`compress.exporting.export_model`, the device fields included."""
+        device: dict[str, Any] = {"rpc": self.rpc, "tracker": self.tracker, "key": self.key}
+        if self.rpc or self.tracker:
+            device["timeout"] = self.timeout
+        return {**self.options, **{k: v for k, v in device.items() if v is not None}}
 
 
 class GateSpec(BaseModel):

@@ -220,6 +220,95 @@ def emulation_note(where: str, target: Any) -> str:
     return ""
 
 
+def shares_this_machine(sess: Any, timeout: float = 10.0) -> bool | None:
+    """Whether the RPC server behind ``sess`` runs on this machine: it writes a probe file into its
+    work folder and we look for that file here. None when the server cannot say (no work folder).
+
+    A port forwarded to a phone (``adb forward``) is on loopback too, so the address alone does not
+    tell an emulator from a real device; a shared file system does.
+    """
+    import secrets
+
+    token = secrets.token_hex(16)
+    name = f"edgecompress-probe-{token[:12]}"
+
+    def probe() -> bool:
+        sess.upload(bytearray(token.encode()), name)
+        try:
+            path = Path(str(sess.get_function("tvm.rpc.server.workpath")(name)))
+            return path.is_file() and path.read_text(errors="replace") == token
+        finally:
+            sess.remove(name)
+
+    try:
+        return bool(with_deadline(probe, timeout, "probing where the device server runs"))
+    except DeviceConnectionError:
+        return None
+
+
+def emulated_device_reason(where: str, target: Any, same_machine: bool | None) -> str:
+    """Why the device is an emulator ("" when it is not): code for another CPU served from this machine.
+
+    Args:
+        where: ``"rpc host:port"`` / ``"tracker host:port key"`` (from :func:`connect`).
+        target: the target whose code the device runs.
+        same_machine: :func:`shares_this_machine`'s answer; None falls back to the loopback address.
+    """
+    triple = str(((getattr(target, "tvm_host", None) or getattr(target, "tvm", None)) or {}).get("mtriple", ""))
+    arch = platform.machine().lower().replace("amd64", "x86_64")
+    if not triple or triple.startswith(arch):
+        return ""
+    if same_machine is True:
+        return f"the {triple} device at {where.split(' ', 1)[-1]} runs on this {arch} machine, i.e. under emulation"
+    if same_machine is None:
+        note = emulation_note(where, target)
+        return note.split(":", 1)[0] if note else ""
+    return ""
+
+
+def open_measure_device(
+    target: Any, *, rpc: str | None = None, tracker: str | None = None, key: str | None = None, timeout: float = 60.0
+) -> Any:
+    """Connect to the device that will time tuning candidates; returns an
+    :class:`export.tvm.rpc_measure.MeasureDevice` for :func:`export.tvm.tuning.tune`.
+
+    Connects once now, so a dead server, a wrong key or a busy tracker fails before any compiling.
+
+    Raises:
+        DeviceConnectionError: the device cannot be reached or refuses the key; the device is an
+            emulator (emulated timings say nothing about the real device, so tuning on one is refused);
+            the device has no ``cuda``/``opencl`` device the target needs.
+    """
+    from export.tvm.compile import device_kind
+    from export.tvm.rpc_measure import MeasureDevice
+
+    first, where = connect(rpc=rpc, tracker=tracker, key=key, timeout=timeout)
+    try:
+        reason = emulated_device_reason(where, target, shares_this_machine(first, min(timeout, 10.0)))
+        if reason:
+            raise DeviceConnectionError(
+                f"refusing to tune on {where}: {reason}. Emulated timings are thousands of times slower than the real "
+                "device and rank schedules differently, so the records would be wrong for it; tune on the real device "
+                "(--rpc HOST:PORT or --tracker HOST:PORT --key K) and use the emulator only to check outputs"
+            )
+        kind = device_kind(target)
+        probe = first.device(kind, 0)
+        if not with_deadline(lambda: bool(probe.exist), timeout, f"looking for a {kind} device on {where}"):
+            raise DeviceConnectionError(f"the device at {where} has no {kind} device, which target {target.name!r} runs on")
+    except DeviceConnectionError:
+        first = probe = None  # a device server serves one session at a time: free it for the next client
+        raise
+    pending = [first]
+
+    def open_session() -> Any:
+        if pending:
+            return pending.pop()
+        return connect(rpc=rpc, tracker=tracker, key=key, timeout=timeout)[0]
+
+    return MeasureDevice(where=where, connect=open_session, call=with_deadline, release=pending.clear,
+                         errors=(DeviceConnectionError, RuntimeUnavailableError), timeout=timeout)  # fmt: skip
+
+
 def profile_remote(
     artifact: Any,
     *,

@@ -19,17 +19,27 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "-o", "--out", help="Artifact folder to write (replaced atomically)."),
         opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
         tune: str | None = typer.Option(None, "--tune", help="TVM: MetaSchedule tuning budget, e.g. 10m or 200 (trials)."),
+        rpc: str | None = typer.Option(
+            None, "--rpc", help="TVM tuning: time candidates on the device server at HOST:PORT (required for ARM64/GPU)."
+        ),
+        tracker: str | None = typer.Option(None, "--tracker", help="TVM tuning: get a device from the tracker at HOST:PORT."),
+        key: str | None = typer.Option(None, "--key", help="Device key (the server's --key, or the tracker's device key)."),
+        timeout: float = typer.Option(60.0, "--timeout", min=1.0, help="Seconds one remote step may take while tuning."),
         model_factory: str | None = ModelFactoryOption,
         trust_pickle: bool = TrustPickleOption,
         input_shape: str | None = InputShapeOption,
         json_out: bool = JsonOption,
     ) -> None:
-        """Export MODEL for a target and verify the artifact against torch."""
+        """Export MODEL for a target and verify the artifact against torch.
+
+        TVM artifacts for ARM64 and GPU targets are tuned on the device: --tune 10m --rpc HOST:PORT --key K.
+        """
         from compress.checkpoint import is_onnx_file
         from compress.exporting import export_model
         from targets import get_target
 
         tgt = get_target(target)
+        device = {"rpc": rpc, "tracker": tracker, "key": key, "timeout": timeout if (rpc or tracker) else None}
         with cli_progress(not json_out):
             if is_onnx_file(model):
                 from compress.exporting import onnx_file_or_checkpoint
@@ -37,14 +47,14 @@ def register(app: typer.Typer) -> None:
                 work = out.with_name(f".{out.name}.onnx-src")
                 try:
                     art = export_model(onnx_file_or_checkpoint(model, work, target=tgt), fmt, tgt, out, opset=opset,
-                                       tune=tune)  # fmt: skip
+                                       tune=tune, **device)  # fmt: skip
                 finally:
                     import shutil
 
                     shutil.rmtree(work, ignore_errors=True)
             else:
                 bundle = load_model_from_cli(model, model_factory, trust_pickle, input_shape)
-                art = export_model(bundle, fmt, tgt, out, opset=opset, tune=tune)
+                art = export_model(bundle, fmt, tgt, out, opset=opset, tune=tune, **device)
         m = art.manifest
         result = {"artifact": str(art.path), "format": m.format, "target": tgt.name, "size_bytes": art.size_bytes,
                   "files": m.files, "metrics": m.metrics, "notes": m.extra.get("notes", [])}  # fmt: skip

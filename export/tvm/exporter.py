@@ -32,7 +32,8 @@ from export.artifact import (
 from export.errors import ExportError, UnsupportedExportError
 from export.onnx_export import bundle_source_info
 from export.tvm import compile as tc
-from export.tvm.tuning import TuneBudget, open_databases
+from export.tvm.rpc_measure import MeasureDevice, TuningNeedsDeviceError
+from export.tvm.tuning import TuneBudget, has_records, open_databases
 from export.tvm.tuning import tune as run_tuning
 from export.verify import compare_outputs
 
@@ -72,6 +73,7 @@ def export_tvm_from_onnx(
     batch: int = 1,
     verify: bool = True,
     use_database: bool = True,
+    device: MeasureDevice | None = None,
 ) -> Artifact:
     """Compile an ONNX artifact (fp32 or QDQ) with TVM for ``target`` and write a TVM artifact.
 
@@ -79,19 +81,24 @@ def export_tvm_from_onnx(
         onnx_artifact: the source artifact (format ``onnx*``), with a recorded input shape.
         target: a :class:`targets.Target`.
         dest: the artifact folder (replaced atomically).
-        tune: MetaSchedule budget for CPU targets: ``"10m"``, ``"90s"``, ``200`` (trials), or None.
+        tune: MetaSchedule budget: ``"10m"``, ``"90s"``, ``200`` (trials), or None.
         trials_per_task: cap on the trials one task gets (default 16).
         database_dir: root of the tuning databases (default: the user cache, see
             :func:`export.tvm.tuning.default_database_root`).
         batch: the static batch size compiled in (sessions split larger batches).
         verify: compare with onnxruntime when the library runs on this machine.
         use_database: apply tuning records found in the databases (False: plain untuned build).
+        device: the device that times tuning candidates over TVM RPC (``runtimes.tvm_rpc.
+            open_measure_device``); required to tune a target whose code does not run here
+            (ARM64, GPUs), optional for the host CPU (None: timed in this process).
 
     Returns:
         The loaded, hash-verified artifact.
 
     Raises:
         UnsupportedExportError: an operator TVM cannot import or compile for the target (exit 3).
+        TuningNeedsDeviceError: ``tune`` for a cross target without ``device`` (exit 2).
+        TuningDeviceError: the device stopped answering while tuning; records so far are kept (exit 3).
         ExportError: the compiled code disagrees with onnxruntime, or linking failed.
     """
     import onnx
@@ -103,6 +110,7 @@ def export_tvm_from_onnx(
     if batch < 1:
         raise TuneBudgetError(f"batch must be at least 1, got {batch}")
     budget = TuneBudget.parse(tune, trials_per_task=trials_per_task)
+    require_tuning_device(target, budget, device)
     spec = onnx_artifact.manifest.inputs[0] if onnx_artifact.manifest.inputs else None
     sample_shape = [int(s) for s in spec.shape[1:]] if spec else []
     if not spec or not sample_shape or not all(s > 0 for s in sample_shape):
@@ -117,30 +125,45 @@ def export_tvm_from_onnx(
 
     return _compile_and_write(mod, params, onnx_artifact.manifest, onnx_artifact.hash, target, dest, budget=budget,
                               database_dir=database_dir, batch=batch, sample_shape=sample_shape, precision=precision,
-                              verify=verify, use_database=use_database, check_fn=check_fn, t0=t0)  # fmt: skip
+                              verify=verify, use_database=use_database, check_fn=check_fn, t0=t0,
+                              measure=device)  # fmt: skip
+
+
+def require_tuning_device(target: Any, budget: TuneBudget | str | int | None, device: MeasureDevice | None) -> None:
+    """Tuning code that runs on another device needs that device: never tune it here or skip silently.
+
+    Raises:
+        TuningNeedsDeviceError: a tuning budget for a cross target (ARM64, GPU) without a device.
+    """
+    if budget is None or device is not None or not tc.is_cross(target):
+        return
+    raise TuningNeedsDeviceError(
+        f"tuning for {target.name} measures every candidate on the device, so it needs one: add --rpc HOST:PORT "
+        f"--key K (a 'compress device-server --key K' running on the device) or --tracker HOST:PORT --key K "
+        "(a TVM tracker of devices), or in a recipe's export entry rpc:/tracker: and key:. Emulators are refused. "
+        "Without --tune the artifact is built with the records already in the target's database"
+    )
 
 
 def _compile_and_write(
     mod: Any, params: list[Any], src: Manifest, parent_hash: str | None, target: Any, dest: str | Path, *,
     budget: TuneBudget | None, database_dir: str | Path | None, batch: int, sample_shape: list[int], precision: str,
     verify: bool, use_database: bool, check_fn: Callable[[Path, Path], dict[str, Any]], t0: float,
+    measure: MeasureDevice | None = None,
 ) -> Artifact:  # fmt: skip
     """Fuse, tune or apply tuning records, build, write the library + params + manifest, verify."""
     tgt = tc.tvm_target(target)
     device = tc.device_kind(target)
     notes: list[str] = []
     tuning_info: dict[str, Any] = {"tuned": False}
-    if device == "cpu":
+    root = Path(database_dir) if database_dir else None
+    plan = tc.library_plan(target)
+    # GPU code is scheduled by TVM's default GPU pipeline; it goes through the tuning tasks only when
+    # tuning, or when the target's database holds records to apply.
+    if device == "cpu" or budget is not None or (use_database and has_records(*open_databases(dict(target.tvm), root)[::2])):
         mod = tc.fuse_for_cpu(mod, tgt)
-        if budget is not None and tc.is_cross(target):
-            notes.append(
-                f"not tuned: tuning for {target.name} measures on the device through the RPC runner; "
-                "tuning on this machine (or under emulation) would pick schedules for the wrong CPU"
-            )
-            budget = None
-        root = Path(database_dir) if database_dir else None
         if budget is not None:
-            report = run_tuning(mod, tgt, dict(target.tvm), budget, root=root)
+            report = run_tuning(mod, tgt, dict(target.tvm), budget, root=root, device=measure, plan=plan)
             tuning_info["tuning"] = report.to_dict()
             if not report.complete:
                 notes.append(f"tuning budget ran out: {report.tasks_left} of {report.tasks} tasks untuned (rerun to resume)")
@@ -154,12 +177,12 @@ def _compile_and_write(
                                databases=[str(f) for f in folders])  # fmt: skip
             if 0 < applied["applied"] < applied["tasks"]:
                 notes.append(f"partly tuned: {applied['applied']} of {applied['tasks']} operators have tuned schedules")
-        if not tuning_info["tuned"]:
+        if device == "cpu" and not tuning_info["tuned"]:
+            how = " on the device (--rpc HOST:PORT or --tracker HOST:PORT with --key)" if tc.is_cross(target) else ""
             notes.append(
                 "untuned TVM CPU code: expect it to be many times slower than onnxruntime; "
-                "export with --tune 10m (or more) to tune it"
+                f"export with --tune 10m (or more){how} to tune it"
             )
-    plan = tc.library_plan(target)
     if plan.note:
         notes.append(plan.note)
     executable = tc.build(mod, tgt)
@@ -190,6 +213,7 @@ def export_tvm_from_program(
     batch: int | None = None,
     verify: bool = True,
     use_database: bool = True,
+    device: MeasureDevice | None = None,
 ) -> Artifact:
     """Compile a ``torch.export`` program (``bundle.exported_program``, a ``.pt2`` input) with TVM's
     PyTorch frontend directly, without going through ONNX, and write a TVM artifact.
@@ -208,6 +232,7 @@ def export_tvm_from_program(
 
     program = bundle.exported_program
     budget = TuneBudget.parse(tune, trials_per_task=trials_per_task)
+    require_tuning_device(target, budget, device)
     sample_shape = [int(s) for s in bundle.input_shape]
     static = _program_static_batch(program)
     if batch is None:
@@ -238,7 +263,7 @@ def export_tvm_from_program(
 
     return _compile_and_write(mod, params, src, None, target, dest, budget=budget, database_dir=database_dir,
                               batch=batch, sample_shape=sample_shape, precision="fp32", verify=verify,
-                              use_database=use_database, check_fn=check_fn, t0=t0)  # fmt: skip
+                              use_database=use_database, check_fn=check_fn, t0=t0, measure=device)  # fmt: skip
 
 
 def _program_static_batch(program: Any) -> int | None:
@@ -361,15 +386,16 @@ def export_tvm_format(source: Any, target: Any, out: str | Path, **options: Any)
 
     A bundle (anything with ``.module``) is exported to ONNX first (verified against torch), then
     compiled; a bundle with ``exported_program`` set (a ``.pt2`` input) is imported directly from
-    the program instead (:func:`export_tvm_from_program`). Options: ``tune``, ``trials_per_task``, ``database_dir``, ``batch``, ``opset``,
-    ``verify``, ``use_database``.
+    the program instead (:func:`export_tvm_from_program`). Options: ``tune``, ``trials_per_task``,
+    ``database_dir``, ``batch``, ``opset``, ``verify``, ``use_database``, ``device`` (a
+    :class:`~export.tvm.rpc_measure.MeasureDevice` that times tuning candidates).
     """
-    opts = {k: v for k, v in options.items() if k in ("tune", "trials_per_task", "database_dir", "batch", "verify",
-                                                       "use_database") and v is not None}  # fmt: skip
-    unknown = set(options) - {"tune", "trials_per_task", "database_dir", "batch", "verify", "use_database", "opset"}
+    valid = ("tune", "trials_per_task", "database_dir", "batch", "verify", "use_database", "device")
+    opts = {k: v for k, v in options.items() if k in valid and v is not None}
+    unknown = set(options) - {*valid, "opset"}
     if unknown:
-        raise ExportError(f"unknown TVM export options {sorted(unknown)}; valid: batch, database_dir, opset, tune, "
-                          "trials_per_task, use_database, verify")  # fmt: skip
+        raise ExportError(f"unknown TVM export options {sorted(unknown)}; valid: {', '.join(sorted({*valid, 'opset'}))}")
+    require_tuning_device(target, opts.get("tune"), opts.get("device"))  # before any exporting: fail fast
     if isinstance(source, Artifact):
         return export_tvm_from_onnx(source, target, out, **opts)
     if not hasattr(source, "module"):

@@ -17,7 +17,9 @@ How this module uses it:
   the built-in examples get fast artifacts without a tune.
 
 Measurement on the host uses an in-process builder and runner: on a busy two-core machine the
-default process pools spend longer starting than measuring, and time out.
+default process pools spend longer starting than measuring, and time out. Targets whose code runs
+elsewhere (ARM64, GPUs) are measured on the device over TVM RPC (:mod:`export.tvm.rpc_measure`),
+never on this machine or an emulator: their records go to that target's own database.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from export.errors import ExportError
+
+if TYPE_CHECKING:
+    from export.tvm.rpc_measure import MeasureDevice
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,7 @@ class TuningReport:
     trials: int = 0
     seconds: float = 0.0
     task_names: list[str] = field(default_factory=list)
+    measured_on: str = "this machine (in process)"
 
     @property
     def complete(self) -> bool:
@@ -200,17 +207,31 @@ def tune(
     *,
     root: Path | None = None,
     seed: int = 0,
+    device: MeasureDevice | None = None,
+    plan: Any = None,
 ) -> TuningReport:
     """Tune the fused module's tasks that the databases do not cover yet, within ``budget``.
 
     Tasks are visited heaviest first (FLOPs times occurrences). Each task gets
     ``budget.trials_per_task`` trials (fewer when the trial budget runs out); the time budget is
-    checked before each task. Records are committed to the user database as each task ends.
+    checked before each task. Records are committed to the user database as they are measured,
+    and the ledger as each task ends.
+
+    Args:
+        device: time candidates on this device over TVM RPC (required for code that does not run
+            here: ARM64, GPUs); None times them in this process.
+        plan: with ``device``, how candidates are packaged for it (a
+            :class:`export.tvm.compile.LibraryPlan`: the cross compiler, or a ``.tar``).
 
     Returns:
         A :class:`TuningReport` (``trials == 0`` when everything was already in a database).
+
+    Raises:
+        TuningDeviceError: the device stopped answering; what was measured before is kept.
     """
     from tvm.s_tir import meta_schedule as ms
+
+    from export.tvm.rpc_measure import TuningDeviceError, rpc_workers
 
     _import_tensor_intrinsics()
     user, lookup, folders = open_databases(target_spec, root)
@@ -222,42 +243,62 @@ def tune(
     report.tasks = len(tasks)
     start = time.perf_counter()
     trials_left = budget.trials
-    workers = _in_process_workers()
-    for task in tasks:
-        mod = task.dispatched[0]
-        key = workload_hash(mod)
-        if lookup.query_tuning_record(mod, tgt, task.task_name) is not None:
-            report.tasks_from_database += 1
-            continue
-        if ledger.get(key, 0) >= budget.trials_per_task:
-            report.tasks_from_database += 1  # already given its trials; none built (e.g. a layout op)
-            continue
-        out_of_time = budget.seconds is not None and time.perf_counter() - start >= budget.seconds
-        if out_of_time or (trials_left is not None and trials_left <= 0):
-            report.tasks_left += 1
-            continue
-        n = budget.trials_per_task if trials_left is None else min(budget.trials_per_task, trials_left)
-        log.info("tuning %s with %d trials (%s)", task.task_name, n, target_spec.get("kind"))
-        # TuneContext built here rather than by extracted_tasks_to_tune_contexts: that helper
-        # reconfigures file loggers per call and fails on the second call in a process.
-        ctx = ms.TuneContext(
-            mod=mod, target=task.target, space_generator="post-order-apply", search_strategy=_strategy(n),
-            task_name=task.task_name, logger=logging.getLogger(f"{__name__}.metaschedule"), rand_state=seed,
-            num_threads=int(target_spec.get("num-cores") or 1),
-        ).clone()  # fmt: skip
-        ctxs, weights = [ctx], [float(task.weight)]
-        ms.tune_tasks(
-            tasks=ctxs, task_weights=weights, work_dir=str(user_dir / "logs"), max_trials_global=n,
-            max_trials_per_task=n, num_trials_per_iter=min(n, 16), database=user, builder=workers[0],
-            runner=workers[1], cost_model="random" if n < 32 else "xgb",  # replay-trace ignores the model
-        )  # fmt: skip
-        ledger[key] = ledger.get(key, 0) + n
-        _save_ledger(user_dir, ledger)
-        report.tasks_tuned += 1
-        report.trials += n
-        report.task_names.append(task.task_name)
-        if trials_left is not None:
-            trials_left -= n
+    link = None
+    if device is None:
+        workers = _in_process_workers()
+    else:
+        if plan is None:
+            raise ValueError("tuning on a device needs the target's library plan (how to package candidates)")
+        builder, runner, link = rpc_workers(device, plan, str(tgt.kind.name).replace("llvm", "cpu"))
+        workers = (builder, runner)
+        report.measured_on = device.where
+    try:
+        for task in tasks:
+            mod = task.dispatched[0]
+            key = workload_hash(mod)
+            if lookup.query_tuning_record(mod, tgt, task.task_name) is not None:
+                report.tasks_from_database += 1
+                continue
+            if ledger.get(key, 0) >= budget.trials_per_task:
+                report.tasks_from_database += 1  # already given its trials; none built (e.g. a layout op)
+                continue
+            out_of_time = budget.seconds is not None and time.perf_counter() - start >= budget.seconds
+            if out_of_time or (trials_left is not None and trials_left <= 0):
+                report.tasks_left += 1
+                continue
+            n = budget.trials_per_task if trials_left is None else min(budget.trials_per_task, trials_left)
+            log.info("tuning %s with %d trials (%s)", task.task_name, n, target_spec.get("kind"))
+            # TuneContext built here rather than by extracted_tasks_to_tune_contexts: that helper
+            # reconfigures file loggers per call and fails on the second call in a process.
+            ctx = ms.TuneContext(
+                mod=mod, target=task.target, space_generator="post-order-apply", search_strategy=_strategy(n),
+                task_name=task.task_name, logger=logging.getLogger(f"{__name__}.metaschedule"), rand_state=seed,
+                num_threads=int(target_spec.get("num-cores") or 1),
+            ).clone()  # fmt: skip
+            ctxs, weights = [ctx], [float(task.weight)]
+            ms.tune_tasks(
+                tasks=ctxs, task_weights=weights, work_dir=str(user_dir / "logs"), max_trials_global=n,
+                max_trials_per_task=n, num_trials_per_iter=min(n, 16), database=user, builder=workers[0],
+                runner=workers[1], cost_model="random" if n < 32 else "xgb",  # replay-trace ignores the model
+            )  # fmt: skip
+            if link is not None and link.lost is not None:
+                report.tasks_left += 1
+                report.seconds = round(time.perf_counter() - start, 2)
+                raise TuningDeviceError(
+                    f"the device {device.where if device else ''} stopped answering while tuning {task.task_name} "
+                    f"({link.lost}). The {report.tasks_tuned} task(s) finished before and the candidates measured so far "
+                    f"are saved in {user_dir}; rerun the same command to resume"
+                )
+            ledger[key] = ledger.get(key, 0) + n
+            _save_ledger(user_dir, ledger)
+            report.tasks_tuned += 1
+            report.trials += n
+            report.task_names.append(task.task_name)
+            if trials_left is not None:
+                trials_left -= n
+    finally:
+        if link is not None:
+            link.close()
     report.seconds = round(time.perf_counter() - start, 2)
     return report
 
@@ -320,14 +361,36 @@ def _flops(mod: Any) -> float:
         return 1.0
 
 
-def _in_process_workers() -> tuple[Any, Any]:
-    """A MetaSchedule builder and runner that work in this process (no worker pools)."""
+def done_future(res: list[float] | None, error: str | None) -> Any:
+    """A MetaSchedule runner future that is already finished (these runners measure synchronously)."""
     from tvm.ir.utils import derived_object
-    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.runner import PyRunnerFuture, RunnerResult
+
+    @derived_object
+    class DoneFuture(PyRunnerFuture):
+        def __init__(self) -> None:
+            super().__init__()
+
+        def done(self) -> bool:
+            return True
+
+        def result(self) -> Any:
+            return RunnerResult(res, error)
+
+    return DoneFuture()
+
+
+def in_process_builder(export: Callable[[Any], str] | None = None) -> Any:
+    """A MetaSchedule builder that compiles candidates in this process (no worker pool).
+
+    ``export`` packages a compiled candidate and returns its path (default: MetaSchedule's ``.tar``,
+    which ``tvm.runtime.load_module`` links on load).
+    """
+    from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
-    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, PyRunnerFuture, RunnerResult
-    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument, default_run_evaluator
+
+    package = export or default_export
 
     @derived_object
     class InProcessBuilder(PyBuilder):
@@ -335,23 +398,19 @@ def _in_process_workers() -> tuple[Any, Any]:
             results = []
             for bi in build_inputs:
                 try:
-                    results.append(BuilderResult(default_export(default_build(bi.mod, bi.target, None)), None))
+                    results.append(BuilderResult(package(default_build(bi.mod, bi.target, None)), None))
                 except Exception as exc:  # a candidate schedule that does not compile: a failed trial
                     results.append(BuilderResult(None, f"in-process build failed: {exc}"))
             return results
 
-    @derived_object
-    class DoneFuture(PyRunnerFuture):
-        def __init__(self, res: list[float] | None, error: str | None) -> None:
-            super().__init__()
-            self.res = res
-            self.error = error
+    return InProcessBuilder()
 
-        def done(self) -> bool:
-            return True
 
-        def result(self) -> Any:
-            return RunnerResult(self.res, self.error)
+def _in_process_workers() -> tuple[Any, Any]:
+    """A MetaSchedule builder and runner that work in this process (no worker pools)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument, default_run_evaluator
 
     config = EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
 
@@ -366,10 +425,9 @@ def _in_process_workers() -> tuple[Any, Any]:
                     lib = tvm.runtime.load_module(str(ri.artifact_path))
                     dev = tvm.runtime.device(str(ri.device_type), 0)
                     args = default_alloc_argument(dev, tuple(a.as_json() for a in ri.args_info), 1)
-                    futures.append(DoneFuture(list(default_run_evaluator(lib, dev, config, args)), None))
+                    futures.append(done_future(list(default_run_evaluator(lib, dev, config, args)), None))
                 except Exception as exc:  # a candidate that crashes at run time: a failed trial
-                    futures.append(DoneFuture(None, f"in-process run failed: {exc}"))
+                    futures.append(done_future(None, f"in-process run failed: {exc}"))
             return futures
 
-    del ms
-    return InProcessBuilder(), InProcessRunner()
+    return in_process_builder(), InProcessRunner()
