@@ -107,23 +107,12 @@ def convert_to_ort(onnx_path: Path, out_dir: Path, *, runtime_optimizations: boo
         return model, config
 
 
-def open_session(model_path: Path, settings: dict[str, Any], *, local: bool = True) -> Any:
-    """An onnxruntime session for the ``.ort`` file with ``settings``; ``local`` keeps only the
-    providers this onnxruntime build has (XNNPACK is absent from the x86 wheels)."""
-    import onnxruntime as ort
+def open_session(model_path: Path, settings: dict[str, Any]) -> Any:
+    """An onnxruntime session for the ``.ort`` file with ``settings`` (providers this onnxruntime
+    build lacks, such as XNNPACK in the x86 wheels, are skipped)."""
+    from runtimes.ort_runtime import build_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    for key, value in settings.get("session_config", {}).items():
-        opts.add_session_config_entry(key, value)
-    available = set(ort.get_available_providers()) if local else None
-    providers: list[Any] = []
-    for p in settings["providers"]:
-        if available is not None and p not in available:
-            continue
-        opt = settings.get("provider_options", {}).get(p)
-        providers.append((p, opt) if opt else p)
-    return ort.InferenceSession(str(model_path), opts, providers=providers or ["CPUExecutionProvider"])
+    return build_session(str(model_path), [str(p) for p in settings["providers"]], 0, settings)
 
 
 def export_ort_from_onnx(onnx_artifact: Artifact, target: Any, dest: str | Path, *, verify: bool = True) -> Artifact:

@@ -14,31 +14,55 @@ from runtimes.errors import RuntimeExecutionError, RuntimeUnavailableError
 log = logging.getLogger(__name__)
 
 
+def build_session(model_path: str, providers: list[str], threads: int, settings: dict[str, Any] | None = None) -> Any:
+    """An ``InferenceSession`` with the providers this onnxruntime has, in the order given.
+
+    ``settings`` is an artifact's recorded ``ort_session`` (see :mod:`export.ort_mobile`): provider
+    options, session config entries and thread counts are applied as recorded. A provider that
+    this build lacks is skipped; when it was the one holding the threads (XNNPACK's own pool, with
+    onnxruntime's intra-op pool at one thread), its thread count goes to the intra-op pool instead,
+    so the model is not measured single-threaded by accident.
+
+    Raises:
+        RuntimeExecutionError: onnxruntime cannot load the model.
+    """
+    import onnxruntime as ort
+
+    settings = settings or {}
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in settings.get("session_config", {}).items():
+        opts.add_session_config_entry(str(key), str(value))
+    available = set(ort.get_available_providers())
+    options = settings.get("provider_options", {})
+    skipped = [p for p in providers if p not in available]
+    usable = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+    if skipped:
+        log.info("onnxruntime providers not available here, skipped: %s", ", ".join(skipped))
+    intra = int(settings.get("intra_op_num_threads") or threads or 0)
+    for p in skipped:  # a skipped provider's own thread pool goes to onnxruntime's
+        intra = max(intra, int(options.get(p, {}).get("intra_op_num_threads", 0) or 0))
+    if intra:
+        opts.intra_op_num_threads = intra
+        opts.inter_op_num_threads = int(settings.get("inter_op_num_threads") or 1)
+    chosen = [(p, options[p]) if options.get(p) else p for p in usable]
+    try:
+        return ort.InferenceSession(model_path, opts, providers=chosen)
+    except Exception as exc:  # onnxruntime raises its own exception classes
+        raise RuntimeExecutionError(f"onnxruntime cannot load {model_path}: {exc}") from None
+
+
 class OrtSession:
     """An onnxruntime ``InferenceSession`` behind the :class:`runtimes.base.Session` interface."""
 
     runtime = "onnxruntime"
 
-    def __init__(self, model_path: str, providers: list[str], threads: int):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        available = set(ort.get_available_providers())
-        usable = [p for p in providers if p in available] or ["CPUExecutionProvider"]
-        skipped = [p for p in providers if p not in available]
-        if skipped:
-            log.info("onnxruntime providers not available here, skipped: %s", ", ".join(skipped))
-        try:
-            self._sess = ort.InferenceSession(model_path, opts, providers=usable)
-        except Exception as exc:  # onnxruntime raises its own exception classes
-            raise RuntimeExecutionError(f"onnxruntime cannot load {model_path}: {exc}") from None
+    def __init__(self, model_path: str, providers: list[str], threads: int, settings: dict[str, Any] | None = None):
+        self._sess = build_session(model_path, providers, threads, settings)
         self.providers = self._sess.get_providers()
-        self.threads = threads
+        opts = self._sess.get_session_options()
+        self.threads = int(opts.intra_op_num_threads or threads)
         self.input_name = self._sess.get_inputs()[0].name
         shape = self._sess.get_inputs()[0].shape
         self.input_shape = tuple(shape[1:])
@@ -67,8 +91,16 @@ class OrtRuntime:
     def prepare(self, artifact: Any, target: Any = None, *, threads: int | None = None) -> OrtSession:
         if not self.supports(artifact, target):
             raise RuntimeUnavailableError(f"onnxruntime cannot run artifacts of format {artifact.manifest.format!r}")
-        providers = list(target.ort_providers) if target is not None else ["CPUExecutionProvider"]
+        settings = artifact.manifest.extra.get("ort_session") or None
+        if settings:  # the artifact says how the device opens it (e.g. .ort with XNNPACK)
+            providers = [str(p) for p in settings.get("providers", ["CPUExecutionProvider"])]
+        else:
+            providers = list(target.ort_providers) if target is not None else ["CPUExecutionProvider"]
         # An explicit thread count makes latencies comparable run to run (onnxruntime's default varies).
         n = threads or (getattr(target, "num_threads", 0) if target is not None and not target.is_host else 0)
+        if threads and settings:  # an explicit count sizes every pool, the providers' own included
+            pools = {p: {**o, "intra_op_num_threads": str(threads)} if "intra_op_num_threads" in o else o
+                     for p, o in settings.get("provider_options", {}).items()}  # fmt: skip
+            settings = {**settings, "intra_op_num_threads": threads, "provider_options": pools}
         n = n or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-        return OrtSession(str(artifact.model_path), providers, n)
+        return OrtSession(str(artifact.model_path), providers, n, settings)

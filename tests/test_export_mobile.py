@@ -68,6 +68,13 @@ def test_ort_export_matches_onnx(cnn_onnx, tmp_path: Path) -> None:
     # the project's runtime opens it too (XNNPACK is skipped where this onnxruntime lacks it)
     sess = OrtRuntime().prepare(art, None)
     np.testing.assert_allclose(sess.run(x), ref, rtol=1e-5, atol=1e-5)
+    # ... with the manifest's session settings: its config entries, and XNNPACK's thread pool
+    # handed to onnxruntime's own pool since this build has no XNNPACK
+    opts = sess._sess.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.get_session_config_entry("session.enable_saved_runtime_optimizations") == "1"
+    assert sess.threads == opts.intra_op_num_threads == tgt.num_threads
+    assert OrtRuntime().prepare(art, None, threads=1).threads == 1  # an explicit count wins
 
 
 def test_cli_export_ort(cnn, cli, tmp_path: Path) -> None:
