@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError, UnsupportedExportError
+from export.tvm.names import sanitize_onnx_names
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def import_onnx(onnx_model: Any, input_name: str, input_shape: list[int], target
             f"operators {', '.join(custom)} are not supported by TVM's ONNX frontend for target {target_name!r}"
         )
     try:
-        mod = _from_onnx_or_folded(onnx_model, input_name, input_shape)
+        mod = _from_onnx_or_folded(sanitize_onnx_names(onnx_model), input_name, input_shape)
     except tvm.error.OpNotImplemented as exc:
         ops = str(exc).split(":", 1)[-1].strip().splitlines()[0]
         raise UnsupportedExportError(
