@@ -107,9 +107,10 @@ def _device(kind: str, index: int = 0, remote: Any = None) -> Any:
 
 
 def open_vm(lib: Any, dev: Any) -> Any:
-    from tvm import relax
+    """The Relax VM from TVM's runtime package: works with a runtime-only TVM (no compiler library)."""
+    from tvm.runtime.vm import VirtualMachine
 
-    return relax.VirtualMachine(lib, dev)
+    return VirtualMachine(lib, dev)
 
 
 class TvmRuntime:
@@ -138,6 +139,10 @@ class TvmRuntime:
     @staticmethod
     def _device_present(device: str) -> bool:
         try:
+            if device == "cuda":
+                from runtimes.cuda_jit import ensure_cuda_runtime
+
+                ensure_cuda_runtime()  # a runtime-only TVM does not load it by itself
             return bool(_device(device).exist)
         except Exception:  # the runtime was built without this device API
             return False
@@ -167,6 +172,10 @@ class TvmRuntime:
             os.environ["TVM_NUM_THREADS"] = str(n)  # read when the thread pool starts
         extra = artifact.manifest.extra
         dev = _device(extra.get("device", "cpu"))
+        if extra.get("device") == "cuda":  # kernels built without the CUDA runtime are compiled now
+            from runtimes.cuda_jit import register_cuda_jit
+
+            register_cuda_jit(str((extra.get("tvm_target") or {}).get("arch") or "") or None)
         try:
             lib = tvm.runtime.load_module(str(artifact.model_path))
             vm = open_vm(lib, dev)
