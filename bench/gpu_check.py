@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = ["cnn", "mobilenetv2", "resnet", "squeezenet", "shufflenet", "vit"]
 TARGET = "cuda-sm90"
-WHEELS = ["apache-tvm-ffi", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "platformdirs"]
+WHEELS = ["apache-tvm-ffi", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "platformdirs", "typer"]
 
 
 def prepare(folder: Path, models: list[str]) -> int:
@@ -162,8 +162,26 @@ def _rpc_profile(folder: Path, name: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         python = write_server_python(Path(tmp), sys.executable)  # server + workers with the CUDA JIT
         with DeviceServer(9190, key="gpu", python=str(python)) as srv:
-            stats = profile_remote(art, rpc=srv.address, key="gpu", target=get_target(TARGET), timeout=120)
+            try:
+                stats = profile_remote(art, rpc=srv.address, key="gpu", target=get_target(TARGET), timeout=120)
+            except Exception as exc:
+                raise RuntimeError(f"{exc}\n--- server log ---\n{srv.output()}\n--- direct ---\n{_direct_load(srv, art)}") from None
     return {"model": name, "rpc_p50_ms": stats.p50_ms, "rpc_p90_ms": stats.p90_ms, "runs": stats.runs}
+
+
+def _direct_load(srv: Any, art: Any) -> str:
+    """The remote load step by hand, keeping the whole error text (diagnostics for a failed profile)."""
+    import traceback
+
+    from tvm import rpc
+
+    try:
+        sess = rpc.connect(srv.host, srv.port, key=srv.key)
+        sess.upload(str(art.model_path))
+        sess.load_module(Path(art.model_path).name)
+        return "loaded fine by hand"
+    except Exception:
+        return traceback.format_exc()[-3000:]
 
 
 def run(folder: Path, out: Path, models: list[str]) -> int:
@@ -196,7 +214,7 @@ def run(folder: Path, out: Path, models: list[str]) -> int:
         try:
             result["rpc"].append(_rpc_profile(folder, name))
         except Exception as exc:
-            result["errors"][f"rpc-{name}"] = repr(exc)[-800:]
+            result["errors"][f"rpc-{name}"] = str(exc)[-2500:]
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"TVM CUDA (untuned, default GPU schedules) vs torch eager fp32 on {result['device']}, batch 1, "
              f"median of 200 end-to-end calls (synchronised)", "",
