@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtimes.errors import RuntimeUnavailableError
+import numpy as np
+
+from runtimes.errors import RuntimeExecutionError, RuntimeUnavailableError
 
 #: The architectures that can be emulated (``--emulate`` values), with their qemu program.
 QEMU_PROGRAMS = {"arm64": "qemu-aarch64-static"}
@@ -43,6 +45,14 @@ STAMP = TOOL_DIR / "ready.json"
 START_TIMEOUT_S = 600.0
 #: Seconds a client should wait for an emulated device's answers (upload, load, first call).
 CLIENT_TIMEOUT_S = 600.0
+# Runs inside the root: model path and a folder with x.npy in, y.npy out (host paths: qemu -L
+# only redirects paths that exist inside the root).
+_ORT_RUN = (
+    "import sys, numpy as np, onnxruntime as ort; "
+    "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); "
+    "x = np.load(sys.argv[2] + '/x.npy'); "
+    "np.save(sys.argv[2] + '/y.npy', s.run(None, {s.get_inputs()[0].name: x})[0])"
+)
 EMULATION_WARNING = (
     "this is an EMULATED {arch} device (qemu user mode on this {host} machine): it runs real {arch} "
     "code, so outputs are verified, but its latency is meaningless (thousands of times slower than "
@@ -150,6 +160,40 @@ class EmulatedDevice:
 
         host = platform.machine().lower().replace("amd64", "x86_64")
         return EMULATION_WARNING.format(arch=self.arch, host=host)
+
+    def run_onnx(self, model: str | Path, x: np.ndarray, *, timeout: float = 600.0) -> np.ndarray:
+        """The first output of onnxruntime's arm64 build (CPU provider) for ``x``, run in this root.
+
+        Verifies an ONNX (or ``.ort``) model on ARM64 kernels without a phone; one qemu process per
+        call (tens of seconds: python and onnxruntime start under emulation).
+
+        Raises:
+            RuntimeUnavailableError: the root is not built or its onnxruntime does not import.
+            RuntimeExecutionError: onnxruntime failed on the model, or took over ``timeout`` s.
+        """
+        import subprocess
+        import tempfile
+
+        self.require()
+        if not self.info().get("onnxruntime"):
+            raise RuntimeUnavailableError(
+                f"the emulated {self.arch} root at {self.root} has no working onnxruntime "
+                "(rebuild it with `tools/device_emu/build.py --force`)"
+            )
+        with tempfile.TemporaryDirectory(prefix="edgecompress-emu-") as tmp:
+            np.save(Path(tmp) / "x.npy", np.ascontiguousarray(x, dtype=np.float32))
+            cmd = self.command("-c", _ORT_RUN, str(Path(model).resolve()), tmp)
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
+                                      env={**os.environ, **self.server_env()})  # fmt: skip
+            except subprocess.TimeoutExpired:
+                raise RuntimeExecutionError(f"onnxruntime under qemu took over {timeout:g} s on {model}") from None
+            if done.returncode != 0 or not (Path(tmp) / "y.npy").is_file():
+                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+                raise RuntimeExecutionError(
+                    f"onnxruntime ({self.arch}, emulated) failed on {model} (exit {done.returncode}): " + " | ".join(tail)
+                )
+            return np.load(Path(tmp) / "y.npy")
 
     def server(self, port: int, *, key: str, host: str = "127.0.0.1", tracker: str | None = None) -> Any:
         """A :class:`runtimes.tvm_rpc.DeviceServer` that runs inside this root under qemu (not started).

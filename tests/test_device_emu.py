@@ -113,6 +113,31 @@ def test_server_starts_through_the_wrapper(fake_root: EmulatedDevice) -> None:
         assert where == f"rpc {server.address}" and sess.device("cpu", 0).exist
 
 
+def test_run_onnx_round_trip(fake_root: EmulatedDevice, tmp_path: Path) -> None:
+    """run_onnx's plumbing (input/output files, the script run by the root's python) with this
+    machine's onnxruntime behind the fake qemu; the slow test runs the arm64 build."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "double",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])])  # fmt: skip
+    model = tmp_path / "double.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    (fake_root.root / STAMP).write_text(json.dumps({"machine": "aarch64", "onnxruntime": "1.32.0"}))
+    np.testing.assert_array_equal(fake_root.run_onnx(model, x), 2 * x)
+
+
+def test_run_onnx_without_onnxruntime_is_a_clear_error(fake_root: EmulatedDevice, tmp_path: Path) -> None:
+    from runtimes.errors import RuntimeUnavailableError
+
+    (fake_root.root / STAMP).write_text(json.dumps({"machine": "aarch64", "onnxruntime": ""}))
+    with pytest.raises(RuntimeUnavailableError, match="no working onnxruntime"):
+        fake_root.run_onnx(tmp_path / "m.onnx", np.zeros((1, 3), np.float32))
+
+
 def test_build_is_a_no_op_once_stamped(fake_root: EmulatedDevice, monkeypatch: pytest.MonkeyPatch) -> None:
     build = _build_module()
 
@@ -175,7 +200,7 @@ def _emulator_or_skip() -> EmulatedDevice:
 def test_emulated_arm64_end_to_end(cli, untrained_cnn_checkpoint, tmp_path: Path) -> None:
     """A cross-compiled ARM64 .so runs under qemu behind `compress device-server --emulate arm64`:
     profile says its latency is meaningless, check's table comes from it, and its outputs match
-    onnxruntime's on this machine."""
+    onnxruntime's on this machine (and so do onnxruntime's arm64 kernels on the ONNX export)."""
     from compress.checkpoint import load_checkpoint
     from compress.exporting import export_model
     from runtimes import runtime_for
@@ -227,6 +252,8 @@ def test_emulated_arm64_end_to_end(cli, untrained_cnn_checkpoint, tmp_path: Path
         on_x86 = runtime_for(onnx).prepare(onnx).run(x)
         np.testing.assert_allclose(on_arm64, on_x86, rtol=1e-4, atol=1e-4)
         assert np.abs(on_x86).max() > 1e-3  # not trivially equal zeros
+        if dev.info().get("onnxruntime"):  # onnxruntime's own arm64 kernels, when the root has it
+            np.testing.assert_allclose(dev.run_onnx(onnx.model_path, x), on_x86, rtol=1e-4, atol=1e-4)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
