@@ -4,8 +4,8 @@
 finds it, checks it is complete, and starts a TVM RPC server inside it
 (``compress device-server --emulate arm64``). ``compress profile/check --rpc`` then upload a
 cross-compiled ARM64 library to it and run it on real ARM64 code, instruction by instruction:
-the *outputs* are those of ARM64 code, while the *latency* is that of an emulator (thousands of
-times slower than a phone) and means nothing.
+the *outputs* are those of ARM64 code, while the *latency* is that of qemu translating every
+instruction on a shared x86 machine, which says nothing about any real ARM64 device.
 
 No binfmt_misc is needed: every ARM64 program is started as ``qemu-aarch64-static -L ROOT
 ROOT/usr/bin/python3``. The TVM RPC server starts its worker with ``sys.executable``, which must
@@ -55,8 +55,8 @@ _ORT_RUN = (
 )
 EMULATION_WARNING = (
     "this is an EMULATED {arch} device (qemu user mode on this {host} machine): it runs real {arch} "
-    "code, so outputs are verified, but its latency is meaningless (thousands of times slower than "
-    "real hardware)"
+    "code, so outputs are verified, but its latency is meaningless (qemu translates every instruction: "
+    "timings say nothing about a real {arch} device)"
 )
 
 

@@ -163,7 +163,7 @@ def remote_session(
             "(export it with --format tvm)"
         )
     sess, where = connect(rpc=address, tracker=tracker, key=key, timeout=timeout)
-    if emulation_note(where, target):  # qemu loads and runs ARM64 code ~1000x slower than a phone
+    if emulation_note(where, target):  # qemu starts, loads and runs ARM64 code slowly
         timeout = max(timeout, EMULATED_TIMEOUT_S)
     extra = artifact.manifest.extra
     lib_file = Path(artifact.model_path)
