@@ -229,3 +229,35 @@ def test_device_without_the_targets_gpu_is_refused(tmp_path: Path, server) -> No
     with pytest.raises(DeviceConnectionError, match="has no cuda device"):
         export_model(_artifact(tmp_path / "a", 5), "tvm", get_target("cuda-sm80"), tmp_path / "gpu", tune=2,
                      database_dir=tmp_path / "db", rpc=server.address, key=KEY)  # fmt: skip
+
+
+def test_gpu_records_are_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records in a CUDA target's database (tuned on a GPU; here written with a stand-in runner, as
+    this machine has none) are applied when exporting for that target, and the result compiles."""
+    import onnx
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+
+    import export.tvm.tuning as tuning
+    from export.tvm import compile as tc
+    from export.tvm import export_tvm_from_onnx
+    from targets import get_target
+
+    @derived_object
+    class StandInRunner(PyRunner):
+        def run(self, inputs: list) -> list:
+            return [tuning.done_future([1e-5 * (i + 1)], None) for i, _ in enumerate(inputs)]
+
+    gpu, db = get_target("cuda-sm80"), tmp_path / "db"
+    src = _artifact(tmp_path / "a", 6)
+    untuned = export_tvm_from_onnx(src, gpu, tmp_path / "before", database_dir=db)
+    assert untuned.manifest.extra["tuned"] is False and "tasks" not in untuned.manifest.extra
+    monkeypatch.setattr(tuning, "_in_process_workers", lambda: (tuning.in_process_builder(), StandInRunner()))
+    mod, _ = tc.import_onnx(onnx.load(str(src.model_path)), "input", [1, 8], gpu.name)
+    tgt = tc.tvm_target(gpu)
+    report = tuning.tune(tc.fuse_for_cpu(mod, tgt), tgt, dict(gpu.tvm), tuning.TuneBudget(trials=2, trials_per_task=2),
+                         root=db)  # fmt: skip
+    assert report.trials == 2 and Path(report.database).name == "cuda-sm_80"
+    tuned = export_tvm_from_onnx(src, gpu, tmp_path / "after", database_dir=db)
+    assert tuned.manifest.extra["tuned"] is True and tuned.manifest.extra["tuned_tasks"] == 1
+    assert tuned.manifest.model_file == "model.so"

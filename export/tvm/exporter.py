@@ -160,7 +160,7 @@ def _compile_and_write(
     plan = tc.library_plan(target)
     # GPU code is scheduled by TVM's default GPU pipeline; it goes through the tuning tasks only when
     # tuning, or when the target's database holds records to apply.
-    if device == "cpu" or budget is not None or (use_database and has_records(*open_databases(dict(target.tvm), root)[::2])):
+    if device == "cpu" or budget is not None or (use_database and _has_tuning_records(target, root)):
         mod = tc.fuse_for_cpu(mod, tgt)
         if budget is not None:
             report = run_tuning(mod, tgt, dict(target.tvm), budget, root=root, device=measure, plan=plan)
@@ -299,6 +299,11 @@ def _verify_against_torch(
             f"(max abs error {check['max_abs_error']:.3g}) for this torch.export program"
         )
     return check
+
+
+def _has_tuning_records(target: Any, root: Path | None) -> bool:
+    user, _, folders = open_databases(dict(target.tvm), root)
+    return has_records(user, folders)
 
 
 def _count_applied(before: Any, after: Any, tgt: Any, database: Any) -> dict[str, int]:
