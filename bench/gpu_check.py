@@ -8,7 +8,8 @@ Two steps, because the GPU machine has no package registry and no TVM compiler:
    gathers what the GPU machine lacks: the ``apache-tvm-ffi`` wheel, the pydantic wheels and
    TVM's *runtime* (the wheel without its 250 MB compiler library: ``tvm.base`` then runs
    runtime-only, which is all a device needs).
-2. ``python bench/gpu_check.py run --dir .gpu --out DIR`` (on the GPU machine): for each model,
+2. ``bash .gpu/run.sh`` on the GPU machine (``bench/gpu_device.sh``: installs the carried wheels,
+   then ``python bench/gpu_check.py run --dir .gpu --out DIR``): for each model,
    torch eager fp32 on the GPU and the TVM artifact through the Relax VM on the GPU, batch 1:
    median end-to-end latency (host clock, synchronised after every call), the ratio, and the
    accuracy of both on the 512 digits with their top-1 agreement and max abs difference; then
@@ -80,6 +81,13 @@ def prepare(folder: Path, models: list[str]) -> int:
     tvm_dir = Path(tvm.__file__).parent
     with tarfile.open(folder / "tvm-runtime.tar.gz", "w:gz") as tar:
         tar.add(tvm_dir, arcname="tvm", filter=lambda ti: None if ti.name.endswith(("libtvm_compiler.so", ".pyc")) else ti)
+    src = folder / "src"  # the project's code as committed, next to the files it reads
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", "compress", "export", "runtimes", "targets",
+                              "bench", "pyproject.toml"], check=True, capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    shutil.copy2(ROOT / "bench" / "gpu_device.sh", folder / "run.sh")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     print(f"prepared {folder} ({size / 2**20:.1f} MiB)")
     return 0
@@ -165,23 +173,8 @@ def _rpc_profile(folder: Path, name: str) -> dict[str, Any]:
             try:
                 stats = profile_remote(art, rpc=srv.address, key="gpu", target=get_target(TARGET), timeout=120)
             except Exception as exc:
-                raise RuntimeError(f"{exc}\n--- server log ---\n{srv.output()}\n--- direct ---\n{_direct_load(srv, art)}") from None
+                raise RuntimeError(f"{exc}\n--- server log ---\n{srv.output()}") from None
     return {"model": name, "rpc_p50_ms": stats.p50_ms, "rpc_p90_ms": stats.p90_ms, "runs": stats.runs}
-
-
-def _direct_load(srv: Any, art: Any) -> str:
-    """The remote load step by hand, keeping the whole error text (diagnostics for a failed profile)."""
-    import traceback
-
-    from tvm import rpc
-
-    try:
-        sess = rpc.connect(srv.host, srv.port, key=srv.key)
-        sess.upload(str(art.model_path))
-        sess.load_module(Path(art.model_path).name)
-        return "loaded fine by hand"
-    except Exception:
-        return traceback.format_exc()[-3000:]
 
 
 def run(folder: Path, out: Path, models: list[str]) -> int:
