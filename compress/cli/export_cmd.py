@@ -57,7 +57,8 @@ def register(app: typer.Typer) -> None:
                 art = export_model(bundle, fmt, tgt, out, opset=opset, tune=tune, **device)
         m = art.manifest
         result = {"artifact": str(art.path), "format": m.format, "target": tgt.name, "size_bytes": art.size_bytes,
-                  "files": m.files, "metrics": m.metrics, "notes": m.extra.get("notes", [])}  # fmt: skip
+                  "files": m.files, "metrics": m.metrics, "notes": m.extra.get("notes", []),
+                  "tuning": m.extra.get("tuning")}  # fmt: skip
         if json_out:
             emit_json(result)
             return
@@ -67,5 +68,10 @@ def register(app: typer.Typer) -> None:
             ["format", "target", "size (bytes)", "SQNR vs torch (dB)", "max abs error"],
             [[m.format, tgt.name, art.size_bytes, check.get("sqnr_db"), check.get("max_abs_error")]],
         )
+        tuning = m.extra.get("tuning")
+        if tuning:
+            typer.echo(f"tuning: {tuning['trials']} trials measured on {tuning.get('measured_on', 'this machine')} in {tuning['seconds']} s; "
+                       f"{tuning['tasks_tuned']} tasks tuned, {tuning['tasks_from_database']} from the database, "
+                       f"{tuning['tasks_left']} left (database {tuning['database']})")  # fmt: skip
         for note in m.extra.get("notes", []):
             typer.echo(f"note: {note}")
