@@ -43,8 +43,6 @@ WRAPPER = TOOL_DIR / "python"
 STAMP = TOOL_DIR / "ready.json"
 #: Seconds for the emulated server to listen: qemu imports TVM about 20x slower than native.
 START_TIMEOUT_S = 600.0
-#: Seconds a client should wait for an emulated device's answers (upload, load, first call).
-CLIENT_TIMEOUT_S = 600.0
 # Runs inside the root: model path and a folder with x.npy in, y.npy out (host paths: qemu -L
 # only redirects paths that exist inside the root).
 _ORT_RUN = (
