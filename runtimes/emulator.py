@@ -41,7 +41,8 @@ TOOL_DIR = Path("opt/edgecompress")
 SITE = TOOL_DIR / "site"
 WRAPPER = TOOL_DIR / "python"
 STAMP = TOOL_DIR / "ready.json"
-#: Seconds for the emulated server to listen: qemu imports TVM about 20x slower than native.
+#: Seconds for the emulated server to listen: it listens after about 75 s on a 2-core x86 machine
+#: (the server and its worker each import TVM under qemu); the margin is for loaded CI machines.
 START_TIMEOUT_S = 600.0
 # Runs inside the root: model path and a folder with x.npy in, y.npy out (host paths: qemu -L
 # only redirects paths that exist inside the root).
