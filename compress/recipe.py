@@ -75,6 +75,9 @@ class ExportSpec(BaseModel):
         if self.rpc is None and self.tracker is None:
             if self.key is not None:
                 raise ValueError("key names a device: give it with rpc: HOST:PORT or tracker: HOST:PORT")
+            if self.format == "tvm" and self.options.get("tune") is not None and _runs_elsewhere(self.target):
+                raise ValueError(f"tuning for {self.target} measures on the device: add rpc: HOST:PORT (or tracker: "
+                                 "HOST:PORT) and key: to this export entry, or drop options.tune")  # fmt: skip
             return self
         if self.rpc is not None and self.tracker is not None:
             raise ValueError("give either rpc (one device server) or tracker (a TVM tracker of devices), not both")
@@ -91,6 +94,20 @@ class ExportSpec(BaseModel):
         if self.rpc or self.tracker:
             device["timeout"] = self.timeout
         return {**self.options, **{k: v for k, v in device.items() if v is not None}}
+
+
+def _runs_elsewhere(target_name: str) -> bool:
+    """Whether the target's code runs on another device (ARM64, GPUs); unknown targets are reported elsewhere."""
+    from targets import get_target
+    from targets.errors import UnknownTargetError
+
+    try:
+        target = get_target(target_name)
+    except UnknownTargetError:  # Recipe._cross_checks names it with the known ones
+        return False
+    from export.tvm.compile import is_cross
+
+    return is_cross(target)
 
 
 class GateSpec(BaseModel):

@@ -175,6 +175,8 @@ def test_recipe_export_entry_device_fields() -> None:
         parse_recipe({**base, "export": [{**entry, "device": "x"}]})
     with pytest.raises(ConfigError, match="options: {tune: 10m}"):
         parse_recipe({**base, "export": [{**entry, "options": {}}]})
+    with pytest.raises(ConfigError, match="tuning for arm64-linux measures on the device"):
+        parse_recipe({**base, "export": [{"format": "tvm", "target": "arm64-linux", "options": {"tune": "10m"}}]})
     with pytest.raises(ConfigError, match="not to its options"):
         parse_recipe({**base, "export": [{"format": "tvm", "target": "arm64-linux", "options": {"rpc": "h:1"}}]})
 
