@@ -180,7 +180,7 @@ class TvmRuntime:
             lib = tvm.runtime.load_module(str(artifact.model_path))
             vm = open_vm(lib, dev)
             params = [tvm.runtime.tensor(p.numpy(), dev) for p in load_params(Path(artifact.path) / extra["params_file"])]
-        except tvm.error.TVMError as exc:
+        except RuntimeError as exc:  # TVM errors (tvm.error.*) derive from RuntimeError
             raise RuntimeExecutionError(f"TVM cannot load {artifact.model_path}: {exc}") from None
         used = n or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
         return TvmSession(vm, dev, params, batch=int(extra.get("batch", 1)), threads=used)

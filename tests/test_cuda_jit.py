@@ -41,7 +41,7 @@ def test_sanitized_names_are_c_identifiers_and_compute_the_same() -> None:
 
     import onnx
 
-    from export.tvm.names import sanitize_onnx_names
+    from export.tvm.onnx_prep import sanitize_onnx_names
 
     model = _slashed_graph()
     clean = sanitize_onnx_names(model)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError, UnsupportedExportError
-from export.tvm.names import sanitize_onnx_names
+from export.tvm.onnx_prep import prepare_for_tvm
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +114,20 @@ def import_onnx(onnx_model: Any, input_name: str, input_shape: list[int], target
     import tvm
     from tvm import relax
 
+    onnx_model = prepare_for_tvm(onnx_model)  # local functions inlined, shape arithmetic folded, C names
     custom = sorted({f"{n.domain}::{n.op_type}" for n in onnx_model.graph.node if n.domain not in ("", "ai.onnx")})
     if custom:
         raise UnsupportedExportError(
             f"operators {', '.join(custom)} are not supported by TVM's ONNX frontend for target {target_name!r}"
         )
     try:
-        mod = _from_onnx_or_folded(sanitize_onnx_names(onnx_model), input_name, input_shape)
+        mod = _from_onnx_or_folded(onnx_model, input_name, input_shape)
     except tvm.error.OpNotImplemented as exc:
         ops = str(exc).split(":", 1)[-1].strip().splitlines()[0]
         raise UnsupportedExportError(
             f"operator(s) {ops} not supported by TVM's ONNX frontend for target {target_name!r}"
         ) from None
-    except (tvm.error.TVMError, NotImplementedError, ValueError) as exc:
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
         m = re.search(r"Error converting operator (\w+)", _captured.get("last", "") + str(exc))
         op = f" operator {m.group(1)}" if m else ""
         detail = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1][:200]
@@ -279,7 +280,7 @@ def build(mod: Any, tgt: Any) -> Any:
 
     try:
         return tvm.compile(mod, target=tgt)
-    except tvm.error.TVMError as exc:
+    except RuntimeError as exc:  # TVM errors (tvm.error.*) derive from RuntimeError
         op = _first_op_name(str(exc))
         detail = str(exc).strip().splitlines()[-1][:300]
         raise UnsupportedExportError(
@@ -341,13 +342,12 @@ def import_exported_program(program: Any, batch: int, target_name: str) -> tuple
         UnsupportedExportError: the frontend has no converter for an operator (named in the message).
         ExportError: the program's batch is static and differs from ``batch``.
     """
-    import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
     try:
         mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True)
-    except (tvm.error.TVMError, NotImplementedError, AssertionError, KeyError, ValueError) as exc:
+    except (RuntimeError, NotImplementedError, AssertionError, KeyError, ValueError) as exc:
         m = re.search(r"[Uu]nsupported (?:function type|op(?:erator)?)[^\w]*([\w.:]+)", str(exc))
         op = f" operator {m.group(1)}" if m else ""
         detail = ([ln for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__])[-1][:200]
