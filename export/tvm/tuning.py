@@ -24,6 +24,7 @@ never on this machine or an emulator: their records go to that target's own data
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -363,21 +364,28 @@ def _flops(mod: Any) -> float:
 
 def done_future(res: list[float] | None, error: str | None) -> Any:
     """A MetaSchedule runner future that is already finished (these runners measure synchronously)."""
+    return _done_future_class()(res, error)
+
+
+@functools.cache
+def _done_future_class() -> Any:
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.runner import PyRunnerFuture, RunnerResult
 
     @derived_object
     class DoneFuture(PyRunnerFuture):
-        def __init__(self) -> None:
+        def __init__(self, res: list[float] | None, error: str | None) -> None:
             super().__init__()
+            self.res = res
+            self.error = error
 
         def done(self) -> bool:
             return True
 
         def result(self) -> Any:
-            return RunnerResult(res, error)
+            return RunnerResult(self.res, self.error)
 
-    return DoneFuture()
+    return DoneFuture
 
 
 def in_process_builder(export: Callable[[Any], str] | None = None) -> Any:
