@@ -82,7 +82,14 @@ def with_deadline(fn: Callable[[], T], timeout: float, what: str) -> T:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The telling line of an error; for an error raised on the device, the device's own message
+    (TVM puts it on the lines after ``Error caught from RPC call:``)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if ln.endswith("RPC call:") and i + 1 < len(lines):
+            remote = [x for x in lines[i + 1 :] if not x.startswith(("File ", "^", "~"))]
+            errors = [x for x in remote if "rror" in x] or remote
+            return f"{ln} {errors[-1]}"[:500]
     useful = [ln for ln in lines if "Error" in ln or "error" in ln] or lines
     return (useful[-1] if useful else type(exc).__name__)[:300]
 

@@ -113,3 +113,25 @@ def test_server_python_serves_models(untrained_cnn_checkpoint: Path, tmp_path: P
         finally:
             session.close()
     np.testing.assert_allclose(remote, TvmRuntime().prepare(art).run(x), rtol=1e-5, atol=1e-5)
+
+
+def test_device_error_text_survives() -> None:
+    """An error raised on the device reaches the user with the device's own message."""
+    from runtimes.tvm_rpc import _first_line
+
+    text = ("RPCError: Error caught from RPC call:\n  File \"/x/cuda_jit.py\", line 70, in compile_source\n"
+            "    return compile_with_nvcc(code, target_arch)\n"
+            "runtimes.errors.RuntimeUnavailableError: nvcc could not compile the kernels for sm_90: k.cu(3): error")  # fmt: skip
+    line = _first_line(RuntimeError(text))
+    assert line.startswith("RPCError") and "nvcc could not compile the kernels for sm_90" in line
+
+
+def test_device_server_loads_cuda_artifacts_where_a_driver_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    from compress.cli import device_server_cmd
+
+    monkeypatch.setattr("runtimes.cuda_jit.cuda_driver_present", lambda: True)
+    server, note = device_server_cmd._native_server(9999, key="k", host="127.0.0.1", tracker=None)
+    assert Path(server.python).name == "python-cuda-jit" and "CUDA driver found" in note
+    monkeypatch.setattr("runtimes.cuda_jit.cuda_driver_present", lambda: False)
+    server, note = device_server_cmd._native_server(9999, key="k", host="127.0.0.1", tracker=None)
+    assert server.python == sys.executable and note == ""

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from compress.cli.common import say
+
+if TYPE_CHECKING:
+    from runtimes.tvm_rpc import DeviceServer
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +34,6 @@ def register(app: typer.Typer) -> None:
         import signal
 
         from compress.errors import ConfigError
-        from runtimes.tvm_rpc import DeviceServer
 
         if not key.strip():
             raise ConfigError("--key must not be empty: clients identify the device by it")
@@ -42,7 +46,9 @@ def register(app: typer.Typer) -> None:
             warning = device.warning()
             say(f"starting the emulated {device.arch} device from {device.root} (qemu: this takes a minute)")
         else:
-            server = DeviceServer(port, key=key, host=host, tracker=tracker)
+            server, note = _native_server(port, key=key, host=host, tracker=tracker)
+            if note:
+                say(note)
 
         def _stop(signum: int, _frame: object) -> None:
             raise KeyboardInterrupt
@@ -63,3 +69,23 @@ def register(app: typer.Typer) -> None:
         finally:
             server.stop()
             signal.signal(signal.SIGTERM, previous)
+
+
+def _native_server(port: int, *, key: str, host: str, tracker: str | None) -> tuple[DeviceServer, str]:
+    """This machine's own device server; on a machine with an NVIDIA driver, one that can load
+    CUDA artifacts (kernels compiled at load, sessions spawned since CUDA does not survive fork)."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from runtimes.cuda_jit import cuda_driver_present, write_server_python
+    from runtimes.tvm_rpc import DeviceServer
+
+    if not cuda_driver_present():
+        return DeviceServer(port, key=key, host=host, tracker=tracker), ""
+    folder = Path(tempfile.mkdtemp(prefix="edgecompress-device-"))
+    python = write_server_python(folder, sys.executable)
+    return DeviceServer(port, key=key, host=host, tracker=tracker, python=str(python)), (
+        "CUDA driver found: CUDA artifacts are compiled for this GPU when they load "
+        "(nvcc or NVRTC needed here); each session runs in a fresh process"
+    )
