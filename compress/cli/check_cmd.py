@@ -42,6 +42,12 @@ def register(app: typer.Typer) -> None:
 
             sessions.append(remote_session(art, rpc, key=key, target=tgt))
         result = check_artifact(art, ds, target=tgt, reference=ref, sessions=sessions, threads=threads)
+        if rpc:
+            from runtimes.tvm_rpc import emulation_note
+
+            note = emulation_note(sessions[0].where, tgt)
+            if note:
+                result["notes"] = [*result.get("notes", []), note]
         failed = (
             max_accuracy_drop is not None
             and result.get("accuracy_drop") is not None
@@ -60,6 +66,8 @@ def register(app: typer.Typer) -> None:
                 say(f"{c['a']} vs {c['b']}: agreement {c.get('top1_agreement', 0):.2f}%, SQNR {c['sqnr_db']:.1f} dB")
             if ref is None:
                 say("no torch reference (pass --reference CKPT to compare against the fp32 model)")
+            for note in result.get("notes", []):
+                say(f"note: {note}")
         if failed:
             raise GateFailure(
                 f"accuracy dropped {result['accuracy_drop']:.2f} points > {max_accuracy_drop}",
