@@ -94,6 +94,19 @@ def test_cli_profile_rpc(cli, host_artifact, device_server) -> None:
     assert result["where"] == f"rpc {address}" and result["runs"] >= 5
 
 
+def test_cli_check_rpc_table(cli, host_artifact, device_server) -> None:
+    """torch, the local TVM run and the device's run of the same inputs in one table."""
+    _, address = device_server
+    code, out, err = cli("check", host_artifact.path, "--data", "digits", "--rpc", address, "--key", KEY, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    wheres = [r["where"] for r in result["rows"]]
+    assert wheres[0] == "local" and f"rpc {address}" in wheres and len(wheres) == 3
+    remote = next(r for r in result["rows"] if r["where"] == f"rpc {address}")
+    assert remote["top1_agreement"] == 100.0 and remote["sqnr_db"] > 60
+    assert "notes" not in result  # a loopback x86 device serving an x86 artifact is no emulator
+
+
 def test_wrong_key_is_refused(host_artifact, device_server) -> None:
     from runtimes.errors import DeviceConnectionError
     from runtimes.tvm_rpc import remote_session
