@@ -266,7 +266,8 @@ def emulated_device_reason(where: str, target: Any, same_machine: bool | None) -
     if not triple or triple.startswith(arch):
         return ""
     if same_machine is True:
-        return f"the {triple} device at {where.split(' ', 1)[-1]} runs on this {arch} machine, i.e. under emulation"
+        return (f"the {triple} device behind {where} runs on this {arch} machine, i.e. under emulation "
+                f"(or it is no {triple} device at all)")  # fmt: skip
     if same_machine is None:
         note = emulation_note(where, target)
         return note.split(":", 1)[0] if note else ""
