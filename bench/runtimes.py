@@ -5,12 +5,19 @@ onnxruntime.quantization, per-channel weights, 32 MNIST calibration digits), TVM
 (no tuning records applied), TVM fp32 tuned (records from the shipped and user databases; only
 when they cover the model's operators), TVM int8 (the QDQ graph, untuned), and the TVM artifact
 profiled through a `compress device-server` RPC server on loopback (device-side clock). All in
-one process run; ratios are against torch eager of the same run.
+one process run, measured in interleaved rounds (every runtime of a model gets a slice of each
+round, so a load change on a shared machine hits them alike); ratios are against torch eager and
+onnxruntime fp32 of the same run. The summary table puts untuned TVM, tuned TVM, onnxruntime fp32
+and torch eager side by side with tuned TVM / onnxruntime fp32.
+
+Tuned TVM reads only the tuning databases shipped in the package (`export/tvm/tuned/`, made by
+`bench/tune_examples.py`), not the user's own, unless `--tune N` is given.
 
 Default (fits well under 15 minutes on a busy 2-core machine):
     python bench/runtimes.py                       # all example models, >= 30 runs and >= 1 s each
 Options:
     python bench/runtimes.py --models cnn --min-seconds 2 --threads 2 --no-rpc --tune 64
+    python bench/runtimes.py --no-rpc --no-int8 --rounds 10 --output runtimes_fp32
 
 Checkpoints are the cached built-in examples when present (trained weights); otherwise the
 model is randomly initialised (latency does not depend on the weights) and the table says so.
@@ -74,7 +81,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, threads: int) -> dict[str, Any]:
+def _interleaved(sessions: list[tuple[str, Any, str]], x: Any, *, min_seconds: float, rounds: int,
+                 measure: Any) -> list[Any]:
+    """Latency of each session, measured in ``rounds`` interleaved slices and merged.
+
+    Each slice is a :func:`runtimes.measure_latency` call (its own warm-up, at least
+    ``30 / rounds`` runs and ``min_seconds / rounds`` seconds); the samples of all slices of a
+    session are merged, so every reported number has at least 30 runs and ``min_seconds``.
+    """
+    from runtimes.measure import LatencyStats
+
+    samples: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for i, (_, sess, _) in enumerate(sessions):
+            st = measure(sess, x, warmup=3, min_runs=max(1, -(-30 // rounds)), min_seconds=min_seconds / rounds)
+            samples[i] += st.samples_ms or []
+    return [LatencyStats.from_samples(s, runtime=sess.runtime, threads=sess.threads, batch=len(x))
+            for s, (_, sess, _) in zip(samples, sessions, strict=True)]  # fmt: skip
+
+
+def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, threads: int, *, int8: bool = True,
+        rounds: int = 5) -> dict[str, Any]:
     import os
 
     os.environ["TVM_NUM_THREADS"] = str(threads)  # TVM's thread pool reads it once, at first use
@@ -104,14 +131,19 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, thre
                 bundle, weights = _bundle(name)
                 t0 = time.perf_counter()
                 onnx_art = export_model(bundle, "onnx", host, tmp / name / "onnx")
-                qdq = _qdq(onnx_art, calib, tmp / name)
+                qdq = _qdq(onnx_art, calib, tmp / name) if int8 else None
+                # Without --tune: the shipped databases only (an empty user database), so the numbers
+                # do not depend on what this machine's user cache happens to hold.
+                db = None if tune else tmp / "no-user-database"
                 try:
                     arts = {
                         "tvm fp32 untuned": export_tvm_from_onnx(onnx_art, host, tmp / name / "tvm-u", use_database=False),
-                        "tvm fp32 tuned": export_tvm_from_onnx(onnx_art, host, tmp / name / "tvm-t", tune=tune),
-                        "tvm int8 (QDQ) untuned": export_tvm_from_onnx(qdq, host, tmp / name / "tvm-q",
-                                                                       use_database=False),
+                        "tvm fp32 tuned": export_tvm_from_onnx(onnx_art, host, tmp / name / "tvm-t", tune=tune,
+                                                               database_dir=db),
                     }  # fmt: skip
+                    if qdq is not None:
+                        arts["tvm int8 (QDQ) untuned"] = export_tvm_from_onnx(qdq, host, tmp / name / "tvm-q",
+                                                                              use_database=False)  # fmt: skip
                 except (ExportError, UnsupportedExportError) as exc:
                     arts = {}
                     rows.append({"model": name, "runtime": "tvm", "p50_ms": None, "note": f"export failed: {exc}"[:160]})
@@ -119,8 +151,9 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, thre
                 sessions: list[tuple[str, Any, str]] = [
                     ("torch eager fp32", TorchSession(bundle.module.eval(), threads=threads), ""),
                     ("onnxruntime fp32", runtime_for(onnx_art).prepare(onnx_art, host, threads=threads), ""),
-                    ("onnxruntime int8 (QDQ)", runtime_for(qdq).prepare(qdq, host, threads=threads), ""),
                 ]
+                if qdq is not None:
+                    sessions.append(("onnxruntime int8 (QDQ)", runtime_for(qdq).prepare(qdq, host, threads=threads), ""))
                 for label, art in arts.items():
                     extra = art.manifest.extra
                     if label == "tvm fp32 tuned" and not extra.get("tuned_tasks"):
@@ -129,12 +162,15 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, thre
                         continue
                     note = f"{extra.get('tuned_tasks', 0)}/{extra.get('tasks', '?')} ops tuned" if label == "tvm fp32 tuned" else ""
                     sessions.append((label, runtime_for(art).prepare(art, host, threads=threads), note))
-                base = None
-                for label, sess, note in sessions:
-                    st = measure_latency(sess, x, min_runs=30, min_seconds=min_seconds)
-                    base = base or st.p50_ms
+                stats = _interleaved(sessions, x, min_seconds=min_seconds, rounds=rounds, measure=measure_latency)
+                base = stats[0].p50_ms
+                ort = next((st.p50_ms for (label, _, _), st in zip(sessions, stats, strict=True)
+                            if label == "onnxruntime fp32"), None)  # fmt: skip
+                for (label, sess, note), st in zip(sessions, stats, strict=True):
                     rows.append({"model": name, "runtime": label, "where": "local", "p50_ms": st.p50_ms,
-                                 "p90_ms": st.p90_ms, "runs": st.runs, "vs_torch": base / st.p50_ms, "note": note})  # fmt: skip
+                                 "p90_ms": st.p90_ms, "runs": st.runs, "threads": sess.threads,
+                                 "vs_torch": base / st.p50_ms, "vs_ort_fp32": st.p50_ms / ort if ort else None,
+                                 "note": note})  # fmt: skip
                 if server is not None and arts:
                     art = arts["tvm fp32 tuned"] if arts["tvm fp32 tuned"].manifest.extra.get("tuned_tasks") else (
                         arts["tvm fp32 untuned"])  # fmt: skip
@@ -143,7 +179,8 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, thre
                     local_label = "tvm fp32 tuned" if art is arts["tvm fp32 tuned"] else "tvm fp32 untuned"
                     rows.append({"model": name, "runtime": f"{local_label} via RPC (loopback)", "where": st.where,
                                  "p50_ms": st.p50_ms, "p90_ms": st.p90_ms, "runs": st.runs,
-                                 "vs_torch": (base or st.p50_ms) / st.p50_ms, "note": "device clock"})  # fmt: skip
+                                 "vs_torch": base / st.p50_ms, "vs_ort_fp32": st.p50_ms / ort if ort else None,
+                                 "note": "device clock"})  # fmt: skip
                 rows += [r for r in skipped if r["model"] == name]
                 for r in rows:
                     if r["model"] == name:
@@ -155,34 +192,72 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, thre
     return {"rows": rows}
 
 
+def summary(rows: list[dict[str, Any]], models: list[str]) -> tuple[list[str], list[list[Any]]]:
+    """One line per model: torch eager, onnxruntime fp32, TVM untuned and tuned (median ms), tuned / ort."""
+    cols = ["model", "torch eager", "onnxruntime fp32", "tvm untuned", "tvm tuned (ops tuned)", "tuned tvm / ort fp32",
+            "untuned tvm / ort fp32"]  # fmt: skip
+    table = []
+    for name in models:
+        by = {r["runtime"]: r for r in rows if r["model"] == name and r.get("p50_ms") is not None}
+        ort = by.get("onnxruntime fp32", {}).get("p50_ms")
+
+        def ms(label: str, by: dict[str, Any] = by) -> Any:
+            return by[label]["p50_ms"] if label in by else "-"
+
+        tuned = by.get("tvm fp32 tuned")
+        untuned = by.get("tvm fp32 untuned")
+        table.append([
+            name, ms("torch eager fp32"), ms("onnxruntime fp32"), ms("tvm fp32 untuned"),
+            f"{tuned['p50_ms']:.3f} ({tuned['note'].split()[0]})" if tuned else "- (no records)",
+            f"{tuned['p50_ms'] / ort:.2f}x" if tuned and ort else "-",
+            f"{untuned['p50_ms'] / ort:.1f}x" if untuned and ort else "-",
+        ])  # fmt: skip
+    return cols, table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated example models")
     ap.add_argument("--min-seconds", type=float, default=1.0, help="timing per runtime (>= 30 runs too)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds per model")
     ap.add_argument("--no-rpc", action="store_true", help="skip the RPC loopback measurement")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 (QDQ) rows")
     ap.add_argument("--threads", type=int, default=1, help="threads for every runtime (1: stable on a busy machine)")
     ap.add_argument("--tune", type=int, default=None, help="MetaSchedule trials to spend per model before measuring")
+    ap.add_argument("--output", default="runtimes", help="results name: bench/results/NAME.json|md")
     args = ap.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     t0 = time.perf_counter()
-    data = run(models, args.min_seconds, not args.no_rpc, args.tune, args.threads)
+    data = run(models, args.min_seconds, not args.no_rpc, args.tune, args.threads, int8=not args.no_int8,
+               rounds=max(1, args.rounds))  # fmt: skip
     data["machine"] = machine_info()
     data["protocol"] = {"models": models, "batch": 1, "threads": args.threads, "min_runs": 30, "min_seconds": args.min_seconds,
-                        "rpc": not args.no_rpc, "tune_trials": args.tune, "wall_seconds": round(time.perf_counter() - t0)}  # fmt: skip
-    cols = ["model", "runtime", "p50 ms", "p90 ms", "x vs torch eager", "note"]
-    table = [[r["model"], r["runtime"], r.get("p50_ms") if r.get("p50_ms") is not None else "-",
-              r.get("p90_ms") if r.get("p90_ms") is not None else "-",
-              r.get("vs_torch") if r.get("vs_torch") is not None else "-", r.get("note", "")] for r in data["rows"]]  # fmt: skip
+                        "rounds": args.rounds, "rpc": not args.no_rpc, "int8": not args.no_int8, "tune_trials": args.tune,
+                        "databases": "shipped only" if args.tune is None else "shipped + user",
+                        "wall_seconds": round(time.perf_counter() - t0)}  # fmt: skip
+
+    def cell(r: dict[str, Any], key: str) -> Any:
+        return r.get(key) if r.get(key) is not None else "-"
+
+    cols = ["model", "runtime", "p50 ms", "p90 ms", "x vs torch eager", "/ ort fp32", "note"]
+    table = [[r["model"], r["runtime"], cell(r, "p50_ms"), cell(r, "p90_ms"), cell(r, "vs_torch"), cell(r, "vs_ort_fp32"),
+              r.get("note", "")] for r in data["rows"]]  # fmt: skip
+    scols, stable = summary(data["rows"], models)
+    data["summary"] = [dict(zip(scols, r, strict=True)) for r in stable]
     m = data["machine"]
     md = (
-        f"Runtimes at batch 1, {args.threads} thread(s) each, on {m['cpu']} ({m['cores']} cores, "
-        f"load {m['load_average']:.1f}), "
-        f"{data['protocol']['wall_seconds']} s, models: {', '.join(models)}; "
+        f"Runtimes at batch 1, {args.threads} thread(s) for every runtime (onnxruntime intra-op threads, "
+        f"TVM_NUM_THREADS, torch.set_num_threads), on {m['cpu']} ({m['cores']} cores, load {m['load_average']:.1f}), "
+        f"{args.rounds} interleaved rounds, {data['protocol']['wall_seconds']} s, models: {', '.join(models)}; "
         f"`python bench/runtimes.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`\n\n"
+        "Median ms (tuned TVM with the shipped databases only):\n\n"
+        + markdown_table(scols, stable)
+        + "\n\nAll rows:\n\n"
         + markdown_table(cols, table)
-        + "\n\nx vs torch eager > 1 means faster than torch. GPU (CUDA/OpenCL) numbers: pending, no GPU on this machine."
+        + "\n\nx vs torch eager > 1 means faster than torch; / ort fp32 < 1 means faster than onnxruntime fp32. "
+        "GPU (CUDA/OpenCL) numbers: pending, no GPU on this machine."
     )
-    write_results("runtimes", data, md)
+    write_results(args.output, data, md)
 
 
 if __name__ == "__main__":
