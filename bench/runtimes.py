@@ -2,8 +2,8 @@
 
 For every example model: torch eager fp32, onnxruntime fp32 and int8 (static QDQ from
 onnxruntime.quantization, per-channel weights, 32 MNIST calibration digits), TVM fp32 untuned
-(no tuning records applied), TVM fp32 tuned (records from the shipped and user databases; only
-when they cover the model's operators), TVM int8 (the QDQ graph, untuned), and the TVM artifact
+(no tuning records applied), TVM fp32 tuned (records from the shipped database; only when they
+cover the model's operators), TVM int8 (the QDQ graph, untuned), and the TVM artifact
 profiled through a `compress device-server` RPC server on loopback (device-side clock). All in
 one process run, measured in interleaved rounds (every runtime of a model gets a slice of each
 round, so a load change on a shared machine hits them alike); ratios are against torch eager and
