@@ -255,7 +255,7 @@ def main() -> None:
         + "\n\nAll rows:\n\n"
         + markdown_table(cols, table)
         + "\n\nx vs torch eager > 1 means faster than torch; / ort fp32 < 1 means faster than onnxruntime fp32. "
-        "GPU (CUDA/OpenCL) numbers: pending, no GPU on this machine."
+        "GPU (CUDA) numbers: bench/gpu_check.py on a GPU machine (bench/results/gpu_check.md)."
     )
     write_results(args.output, data, md)
 
