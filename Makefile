@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/compress run examples/demo.yaml -o demo-out
 
 lint: install
-	$(BIN)/ruff check compress export runtimes targets tests bench
+	$(BIN)/ruff check compress export runtimes targets tests bench tools
 	$(BIN)/mypy targets export runtimes compress
 
 # pytest exits 5 when it collects nothing: treat that as a failure with a clear message.
@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python bench/gaqat.py
 	$(BIN)/python bench/jlcm.py
 	$(BIN)/python bench/nm_sparsity.py
+	$(BIN)/python bench/tune_rpc.py
 
 # An emulated ARM64 device for CI (no phone): a Debian arm64 root run under qemu user mode, built
 # once into the cache (apt-get installs qemu-user-static, debootstrap and the aarch64 cross compiler
