@@ -155,10 +155,9 @@ class EmulatedDevice:
         return {"PYTHONNOUSERSITE": "1", "TVM_NUM_THREADS": "1"}
 
     def warning(self) -> str:
-        import platform
+        from targets import detect_host
 
-        host = platform.machine().lower().replace("amd64", "x86_64")
-        return EMULATION_WARNING.format(arch=self.arch, host=host)
+        return EMULATION_WARNING.format(arch=self.arch, host=detect_host().arch)
 
     def run_onnx(self, model: str | Path, x: np.ndarray, *, timeout: float = 600.0) -> np.ndarray:
         """The first output of onnxruntime's arm64 build (CPU provider) for ``x``, run in this root.

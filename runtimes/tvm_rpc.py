@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -214,12 +213,22 @@ class _GuardedSession:
         self._inner.close()
 
 
+def _foreign_triple(target: Any) -> str:
+    """The target's LLVM triple when its CPU code is for another architecture than this machine's, else ""."""
+    from targets import detect_host
+
+    triple = str(getattr(target, "mtriple", "") or "")
+    return triple if triple and not triple.startswith(detect_host().arch) else ""
+
+
 def emulation_note(where: str, target: Any) -> str:
     """A warning when an ARM64 target is served from this x86 machine: that device is an emulator."""
     host = where.split()[1].rsplit(":", 1)[0] if len(where.split()) > 1 else ""
-    triple = str(((getattr(target, "tvm_host", None) or getattr(target, "tvm", None)) or {}).get("mtriple", ""))
-    arch = platform.machine().lower().replace("amd64", "x86_64")
-    if host in LOOPBACK and triple and not triple.startswith(arch):
+    triple = _foreign_triple(target)
+    if host in LOOPBACK and triple:
+        from targets import detect_host
+
+        arch = detect_host().arch
         return (
             f"the {triple} device at {host} runs on this {arch} machine, i.e. under emulation: "
             "its latency is meaningless (outputs are still verified)"
@@ -261,9 +270,10 @@ def emulated_device_reason(where: str, target: Any, same_machine: bool | None) -
         target: the target whose code the device runs.
         same_machine: :func:`shares_this_machine`'s answer; None falls back to the loopback address.
     """
-    triple = str(((getattr(target, "tvm_host", None) or getattr(target, "tvm", None)) or {}).get("mtriple", ""))
-    arch = platform.machine().lower().replace("amd64", "x86_64")
-    if not triple or triple.startswith(arch):
+    from targets import detect_host
+
+    triple, arch = _foreign_triple(target), detect_host().arch
+    if not triple:
         return ""
     if same_machine is True:
         return (f"the {triple} device behind {where} runs on this {arch} machine, i.e. under emulation "

@@ -129,11 +129,9 @@ class TvmRuntime:
             return False
         device = extra.get("device", "cpu")
         if device == "cpu":
-            import platform
+            from targets import runs_on_host
 
-            triple = str((extra.get("tvm_target") or {}).get("mtriple", ""))
-            arch = platform.machine().lower().replace("amd64", "x86_64")
-            return (not triple or triple.startswith(arch)) and "android" not in triple
+            return runs_on_host(str((extra.get("tvm_target") or {}).get("mtriple", "")))
         return self._device_present(device)
 
     @staticmethod

@@ -7,7 +7,7 @@ Example:
 """
 
 from targets.errors import TargetError, UnknownTargetError, UnsupportedOnTargetError
-from targets.host import HostCPU, detect_host
+from targets.host import HostCPU, detect_host, runs_on_host
 from targets.registry import get_target, list_targets, load_targets_file, register_target
 from targets.target import Budgets, Remote, Target
 
@@ -24,4 +24,5 @@ __all__ = [
     "list_targets",
     "load_targets_file",
     "register_target",
+    "runs_on_host",
 ]

@@ -40,7 +40,7 @@ class HostCPU:
     @property
     def llvm_mcpu(self) -> str:
         """The LLVM CPU name whose features this host has (oldest such, for portability)."""
-        if self.arch not in ("x86_64", "amd64"):
+        if self.arch != "x86_64":
             return "generic"
         if self.has_amx:
             return "sapphirerapids"
@@ -72,6 +72,18 @@ def _read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
 @functools.lru_cache(maxsize=1)
 def detect_host() -> HostCPU:
     """Detect the host CPU once per process."""
-    arch = platform.machine().lower()
+    arch = platform.machine().lower().replace("amd64", "x86_64")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return HostCPU(arch=arch, flags=_read_cpu_flags(), num_cores=cores)
+
+
+def runs_on_host(mtriple: str) -> bool:
+    """Whether CPU code compiled for the LLVM triple ``mtriple`` runs on this machine ("" = the host's own).
+
+    Android code never does (its libraries link against Bionic), whatever the CPU.
+
+    Example:
+        >>> runs_on_host("") and not runs_on_host("aarch64-linux-android")
+        True
+    """
+    return not mtriple or (mtriple.startswith(detect_host().arch) and "android" not in mtriple)

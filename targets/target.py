@@ -97,6 +97,12 @@ class Target:
             raise TargetError(f"target {self.name!r}: 'tvm' must be a dict with a 'kind' key, got {self.tvm!r}")
 
     @property
+    def mtriple(self) -> str:
+        """The LLVM triple of the CPU that runs the code ("" for the host's own): the host target's
+        for device targets (CUDA, OpenCL), else the target's."""
+        return str((self.tvm_host or self.tvm).get("mtriple", ""))
+
+    @property
     def is_host(self) -> bool:
         """True when artifacts for this target run on this machine without a remote device."""
         return self.remote.mode == "local" and self.kind == "cpu" and self.cross_compiler is None

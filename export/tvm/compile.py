@@ -64,15 +64,9 @@ def device_kind(target: Any) -> str:
 
 def is_cross(target: Any) -> bool:
     """True when code for ``target`` cannot run on this machine's CPU."""
-    import platform
+    from targets import runs_on_host
 
-    triple = str((target.tvm_host or target.tvm).get("mtriple", ""))
-    if device_kind(target) != "cpu":
-        return True
-    if not triple:
-        return False
-    host_arch = platform.machine().lower().replace("amd64", "x86_64")
-    return not triple.startswith(host_arch) or "android" in triple
+    return device_kind(target) != "cpu" or not runs_on_host(target.mtriple)
 
 
 def library_plan(target: Any) -> LibraryPlan:
@@ -83,7 +77,7 @@ def library_plan(target: Any) -> LibraryPlan:
     an Android NDK compiler is set in ``TVM_NDK_CC``; otherwise a ``.tar`` of object files that
     the device links when it loads it.
     """
-    host_triple = str((target.tvm_host or target.tvm).get("mtriple", ""))
+    host_triple = target.mtriple
     if not is_cross(target) or (device_kind(target) != "cpu" and not host_triple.startswith("aarch64")):
         return LibraryPlan("so")
     wanted = target.cross_compiler
@@ -224,10 +218,7 @@ def fold_param_transforms(mod: Any, params: list[Any], *, max_growth: float = 1.
     names = [gv.name_hint for gv in lifted.functions]
     if "main_transform_params" not in names:
         return mod, params
-    transform = tvm.IRModule({"main_transform_params": lifted["main_transform_params"]})
-    for gv in lifted.functions:  # the TIR functions the transform calls, if any were legalized already
-        if gv.name_hint not in ("main", "main_transform_params"):
-            transform[gv] = lifted[gv]
+    transform = _with_helpers(lifted, "main_transform_params")
     dev = tvm.cpu()
     with tvm.target.Target("llvm"):
         executable = tvm.compile(transform, target=tvm.target.Target("llvm"))
@@ -238,12 +229,21 @@ def fold_param_transforms(mod: Any, params: list[Any], *, max_growth: float = 1.
     if new_bytes > max_growth * nbytes:
         log.info("weights not pre-transformed: %d -> %d bytes", nbytes, new_bytes)
         return mod, params
-    main_only = tvm.IRModule({"main": lifted["main"]})
-    for gv in lifted.functions:
-        if gv.name_hint not in ("main", "main_transform_params"):
-            main_only[gv] = lifted[gv]
+    main_only = _with_helpers(lifted, "main")
     log.debug("weights pre-transformed at compile time: %d -> %d tensors", len(params), len(new))
     return main_only, [tvm.runtime.tensor(p.numpy()) for p in new]
+
+
+def _with_helpers(lifted: Any, entry: str) -> Any:
+    """A module holding ``entry`` (``main`` or ``main_transform_params``) of ``lifted`` and every
+    other function in it but those two (the TIR functions they call, if any were legalized already)."""
+    import tvm
+
+    mod = tvm.IRModule({entry: lifted[entry]})
+    for gv in lifted.functions:
+        if gv.name_hint not in ("main", "main_transform_params"):
+            mod[gv] = lifted[gv]
+    return mod
 
 
 def fuse_for_cpu(mod: Any, tgt: Any) -> Any:
