@@ -36,9 +36,6 @@ from export.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-# The same evaluator settings as the in-process runner: 3 calls per measurement and at least
-# 20 ms, enough to rank schedules; the artifact's latency is measured later by `compress profile`.
-EVALUATOR = {"number": 3, "repeat": 1, "min_repeat_ms": 20}
 PING_SECONDS = 10.0
 
 
@@ -141,7 +138,7 @@ def rpc_workers(device: MeasureDevice, plan: Any, device_type: str) -> tuple[Any
     from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
 
     from export.tvm import compile as tc
-    from export.tvm.tuning import done_future, in_process_builder
+    from export.tvm.tuning import EVALUATOR, done_future, in_process_builder
 
     def export_candidate(rt_mod: Any) -> str:
         # a fresh folder per candidate: MetaSchedule removes the artifact's folder after the run

@@ -47,6 +47,9 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 LEDGER_FILE = "attempted.json"
 DEFAULT_TRIALS_PER_TASK = 16
+#: How a candidate is timed, on this machine or on a device: 3 calls per measurement and at least
+#: 20 ms, enough to rank schedules (the artifact's latency is measured later by `compress profile`).
+EVALUATOR = {"number": 3, "repeat": 1, "min_repeat_ms": 20}
 _BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*$")
 
 
@@ -286,7 +289,7 @@ def tune(
                 report.tasks_left += 1
                 report.seconds = round(time.perf_counter() - start, 2)
                 raise TuningDeviceError(
-                    f"the device {device.where if device else ''} stopped answering while tuning {task.task_name} "
+                    f"the device {link.device.where} stopped answering while tuning {task.task_name} "
                     f"({link.lost}). The {report.tasks_tuned} task(s) finished before and the candidates measured so far "
                     f"are saved in {user_dir}; rerun the same command to resume"
                 )
@@ -420,7 +423,7 @@ def _in_process_workers() -> tuple[Any, Any]:
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner
     from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument, default_run_evaluator
 
-    config = EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
+    config = EvaluatorConfig(enable_cpu_cache_flush=False, **EVALUATOR)
 
     @derived_object
     class InProcessRunner(PyRunner):
