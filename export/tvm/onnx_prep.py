@@ -37,6 +37,27 @@ def prepare_for_tvm(model: Any) -> Any:
     return sanitize_onnx_names(fold_constant_nodes(small_integer_initializers_as_constants(model)))
 
 
+def _has_subgraph(node: Any) -> bool:
+    """Whether ``node`` carries a graph attribute (an If/Loop/Scan body)."""
+    import onnx
+
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _copy_with(model: Any, *, nodes: list[Any], initializers: list[Any] | None = None) -> Any:
+    """A copy of ``model`` with its graph's nodes (and, if given, initializers) replaced."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    if initializers is not None:
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(initializers)
+    return out
+
+
 def fold_constant_nodes(model: Any, max_elements: int = FOLD_MAX_ELEMENTS) -> Any:
     """A copy of ``model`` where every standard node whose inputs are all ``Constant`` outputs is
     replaced by ``Constant`` nodes holding its results (onnx's reference evaluator computes them).
@@ -45,8 +66,7 @@ def fold_constant_nodes(model: Any, max_elements: int = FOLD_MAX_ELEMENTS) -> An
     such nodes as run-time computations, which makes the shapes after them unknown. Results over
     ``max_elements`` values are left to run time (they would bloat the compiled code).
     """
-    import onnx
-    from onnx import helper
+    from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
     known: dict[str, Any] = {}
@@ -54,9 +74,8 @@ def fold_constant_nodes(model: Any, max_elements: int = FOLD_MAX_ELEMENTS) -> An
     changed = False
     for node in model.graph.node:
         standard = node.domain in ("", "ai.onnx")
-        has_graph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
         inputs = [i for i in node.input if i]
-        if standard and not has_graph and all(i in known for i in inputs):
+        if standard and not _has_subgraph(node) and all(i in known for i in inputs):
             try:
                 values = ReferenceEvaluator(node).run(None, {i: known[i] for i in inputs})
             except Exception:  # an operator the reference evaluator lacks: leave it to TVM
@@ -66,20 +85,12 @@ def fold_constant_nodes(model: Any, max_elements: int = FOLD_MAX_ELEMENTS) -> An
                 if node.op_type == "Constant":
                     nodes.append(node)
                 else:
-                    from onnx import numpy_helper
-
                     nodes.extend(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(v, name))
                                  for name, v in zip(node.output, values, strict=True))  # fmt: skip
                     changed = True
                 continue
         nodes.append(node)
-    if not changed:
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out
+    return _copy_with(model, nodes=nodes) if changed else model
 
 
 def small_integer_initializers_as_constants(model: Any, max_elements: int = SMALL_CONSTANT_ELEMENTS) -> Any:
@@ -97,17 +108,10 @@ def small_integer_initializers_as_constants(model: Any, max_elements: int = SMAL
              if i.data_type in ints and math.prod(i.dims) <= max_elements and i.name not in graph_inputs]  # fmt: skip
     if not small:
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
     names = {i.name for i in small}
-    kept = [i for i in out.graph.initializer if i.name not in names]
     constants = [helper.make_node("Constant", [], [i.name], value=i) for i in small]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
-    nodes = constants + list(out.graph.node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out
+    return _copy_with(model, nodes=constants + list(model.graph.node),
+                      initializers=[i for i in model.graph.initializer if i.name not in names])  # fmt: skip
 
 
 def sanitize_onnx_names(model: Any) -> Any:
@@ -120,7 +124,7 @@ def sanitize_onnx_names(model: Any) -> Any:
     import onnx
 
     graph = model.graph
-    if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for attr in n.attribute):
+    if any(_has_subgraph(n) for n in graph.node):
         return model
     keep = {v.name for v in graph.input} | {v.name for v in graph.output}
     names = [i.name for i in graph.initializer] + [o for n in graph.node for o in n.output]
