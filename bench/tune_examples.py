@@ -72,7 +72,7 @@ def fused_module_from_onnx(artifact: Any, host: Any) -> Any:
 
     art = load_artifact(artifact) if isinstance(artifact, (str, Path)) else artifact
     spec = art.manifest.inputs[0]
-    mod, _params = tc.import_onnx(onnx.load(str(art.model_path)), spec.name, [1, *spec.shape[1:]], host.name)
+    mod, _params = tc.import_onnx(onnx.load(str(art.model_path)), {spec.name: [1, *spec.shape[1:]]}, host.name)
     return tc.fuse_for_cpu(mod, tc.tvm_target(host))
 
 

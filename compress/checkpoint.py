@@ -19,11 +19,14 @@ import json
 import logging
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from compress.errors import CheckpointError
+from export.artifact import TensorSpec
+from export.errors import SpecError
+from export.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +42,48 @@ class ModelBundle:
     Attributes:
         module: the ``nn.Module`` (in eval mode after loading).
         model_name: built-in name, factory spec, or a description of the source.
-        input_shape: shape of one input sample without the batch dimension, e.g. ``(1, 28, 28)``.
+        input_shape: the first input's shape without the batch dimension, e.g. ``(1, 28, 28)``
+            (the shorthand for one float input; ``spec`` is the whole truth).
         preprocessing: how raw inputs are turned into the model's input (scale, mean, std).
         num_classes: output classes, when known.
         metadata: anything else recorded with the checkpoint (training metrics, stages applied).
         source: the file it was loaded from.
+        spec: the named inputs (shapes, dtypes) and outputs; built from ``input_shape`` when not given.
     """
 
     module: Any
     model_name: str
-    input_shape: tuple[int, ...]
+    input_shape: tuple[Any, ...] = ()
     preprocessing: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     exported_program: Any = None  # the torch.export program, for .pt2 inputs
+    spec: ModelSpec = field(default_factory=lambda: ModelSpec([]))
 
-    def example_input(self, batch: int = 1, seed: int = 0):
-        """A fixed random input of the right shape (for export and verification)."""
-        import torch
+    def __post_init__(self) -> None:
+        if not self.spec.inputs:
+            if not self.input_shape:
+                raise CheckpointError(f"model {self.model_name!r}: no inputs given; pass --input NAME:SHAPE:DTYPE")
+            self.spec = ModelSpec.single(tuple(self.input_shape))
+        self.input_shape = tuple(self.spec.inputs[0].shape[1:])
 
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn((batch, *self.input_shape), generator=g)
+    @property
+    def task(self) -> str | None:
+        """``classification``, ``embedding`` or ``other`` when known (recorded, or the built-in model's)."""
+        if self.metadata.get("task"):
+            return str(self.metadata["task"])
+        from compress.models import builtin_model_task
+
+        return builtin_model_task(self.model_name)
+
+    def derive(self, module: Any, **changes: Any) -> ModelBundle:
+        """A bundle for a compressed ``module`` of this model: same I/O, preprocessing and source info."""
+        return replace(self, module=module, exported_program=None, **changes)
+
+    def example_feeds(self, batch: int = 1, seed: int = 0) -> dict[str, Any]:
+        """Fixed random inputs of the right shapes and dtypes (for export and verification)."""
+        return self.spec.example_feeds(batch, seed)
 
 
 def is_onnx_file(path: str | Path) -> bool:
@@ -145,17 +168,17 @@ def _load_into(module: Any, state: dict[str, Any], source: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def _check_input_shape(bundle: ModelBundle) -> None:
-    import torch
+def _check_inputs(bundle: ModelBundle) -> None:
+    """Run the model once on example inputs: a mismatch fails here, named, and the outputs are recorded."""
+    from export.torch_io import forward_order, probe_outputs
 
+    spec = forward_order(bundle.module, bundle.spec)
+    if any(not isinstance(d, int) for i in spec.inputs for d in i.shape[1:]):
+        return  # dynamic dims: checked when the shape is fixed (export, data)
     try:
-        with torch.no_grad():
-            bundle.module(torch.zeros((1, *bundle.input_shape)))
-    except Exception as exc:  # any failure here means the shape does not fit the model
-        raise CheckpointError(
-            f"model {bundle.model_name!r} does not accept input shape {list(bundle.input_shape)} "
-            f"(without batch): {str(exc).splitlines()[0][:200]}; pass the right --input-shape"
-        ) from None
+        bundle.spec = ModelSpec(spec.inputs, probe_outputs(bundle.module, spec))
+    except SpecError as exc:
+        raise CheckpointError(f"model {bundle.model_name!r}: {exc}") from None
 
 
 def load_checkpoint(
@@ -165,6 +188,7 @@ def load_checkpoint(
     allow_code: bool = False,
     trust_pickle: bool = False,
     input_shape: tuple[int, ...] | None = None,
+    inputs: list[TensorSpec] | None = None,
     check_shape: bool = True,
 ) -> ModelBundle:
     """Load a checkpoint into a :class:`ModelBundle` (module in eval mode).
@@ -174,8 +198,10 @@ def load_checkpoint(
         model_factory: built-in model name or ``package.module:function`` (for plain state_dicts).
         allow_code: allow importing ``model_factory`` when it names user code.
         trust_pickle: allow unpickling arbitrary objects (whole pickled modules).
-        input_shape: overrides the shape recorded in the checkpoint.
-        check_shape: run one forward pass with the input shape to catch mismatches early.
+        input_shape: one float input of this shape (without batch), overriding the recorded inputs.
+        inputs: the model's inputs (``--input NAME:SHAPE:DTYPE``), overriding the recorded ones by name.
+        check_shape: run one forward pass on example inputs to catch mismatches early (and record
+            the outputs).
 
     Raises:
         CheckpointError: missing, truncated, unsafe, or mismatching checkpoints, with the fix.
@@ -191,12 +217,16 @@ def load_checkpoint(
     suffix = p.suffix.lower()
     if suffix == ".onnx":
         raise CheckpointError(f"{p} is an ONNX model; only 'compress quantize' and 'compress export' take ONNX files")
+    if input_shape and inputs:
+        raise CheckpointError("give the inputs either as --input-shape (one float input) or as --input, not both")
+    # An unnamed input is the --input-shape shorthand: it keeps the recorded input's name.
+    override = ModelSpec.single(input_shape, name="") if input_shape else (ModelSpec(list(inputs)) if inputs else None)
     if suffix == ".pt2":
-        bundle = _load_exported_program(p, input_shape)
+        bundle = _load_exported_program(p, override)
     elif suffix == ".safetensors":
-        bundle = _load_safetensors(p, model_factory, allow_code, input_shape)
+        bundle = _load_safetensors(p, model_factory, allow_code, override)
     elif suffix in STATE_DICT_SUFFIXES:
-        bundle = _load_torch(p, model_factory, allow_code, trust_pickle, input_shape)
+        bundle = _load_torch(p, model_factory, allow_code, trust_pickle, override)
     else:
         raise CheckpointError(
             f"{p}: unknown checkpoint format {suffix!r}; use .pt/.pth (state_dict), .safetensors, .pt2 or .onnx"
@@ -204,31 +234,53 @@ def load_checkpoint(
     if suffix != ".pt2":  # modules of torch.export programs refuse .eval(); they are exported in eval mode
         bundle.module.eval()
     if check_shape:
-        _check_input_shape(bundle)
+        _check_inputs(bundle)
     return bundle
 
 
-def _shape_from(meta_shape: Any, override: tuple[int, ...] | None, name: str, source: Path) -> tuple[int, ...]:
-    if override:
-        return tuple(int(s) for s in override)
-    if meta_shape:
-        return tuple(int(s) for s in meta_shape)
-    from compress.models import list_models
+def _spec_from(recorded: Any, override: ModelSpec | None, name: str, source: Path) -> ModelSpec:
+    """The model's inputs: the recorded spec (or a recorded input shape), with ``override`` applied;
+    a built-in model's own inputs when nothing is recorded."""
+    spec: ModelSpec | None = None
+    if isinstance(recorded, dict) and recorded.get("inputs"):
+        spec = ModelSpec.from_json(recorded)
+    elif isinstance(recorded, (list, tuple)) and recorded:
+        spec = ModelSpec.single(tuple(int(s) for s in recorded))
+    else:
+        from compress.models import builtin_model_spec
 
-    if name in list_models():
-        return (1, 28, 28)
-    raise CheckpointError(f"{source}: the input shape is not recorded; pass --input-shape C,H,W")
+        spec = builtin_model_spec(name)
+    if override is not None:
+        if spec is None:
+            return ModelSpec([i if i.name else TensorSpec(name="input", shape=i.shape) for i in override.inputs])
+        if len(override.inputs) == 1 and not override.inputs[0].name:  # --input-shape: one float input
+            if len(spec.inputs) != 1:
+                raise CheckpointError(
+                    f"--input-shape describes one float input; the model has {len(spec.inputs)} ({spec.describe()}): "
+                    "give each with --input NAME:SHAPE:DTYPE"
+                )
+            return ModelSpec([TensorSpec(name=spec.inputs[0].name, shape=override.inputs[0].shape)])
+        try:
+            return spec.with_overrides(override.inputs)
+        except SpecError as exc:
+            raise CheckpointError(str(exc)) from None
+    if spec is None:
+        raise CheckpointError(
+            f"{source}: the model's inputs are not recorded; pass --input NAME:SHAPE:DTYPE (repeatable) "
+            "or --input-shape C,H,W for one float input"
+        )
+    return spec
 
 
 def _load_torch(
-    p: Path, factory: str | None, allow_code: bool, trust_pickle: bool, input_shape: tuple[int, ...] | None
+    p: Path, factory: str | None, allow_code: bool, trust_pickle: bool, override: ModelSpec | None
 ) -> ModelBundle:
     import torch
 
     obj = _torch_load(p, trust_pickle)
     if isinstance(obj, torch.nn.Module):
-        shape = _shape_from(None, input_shape, type(obj).__name__, p)
-        return ModelBundle(obj, type(obj).__name__, shape, source=str(p))
+        spec = _spec_from(None, override, type(obj).__name__, p)
+        return ModelBundle(obj, type(obj).__name__, source=str(p), spec=spec)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a state_dict or a model checkpoint")
     if obj.get("format") == CHECKPOINT_FORMAT:
@@ -240,14 +292,15 @@ def _load_torch(
         name = factory or obj["model"]
         module = resolve_factory(name, allow_import=allow_code)(**obj.get("model_kwargs", {}))
         _load_into(module, obj["state_dict"], str(p))
+        recorded = json.loads(obj["model_spec_json"]) if obj.get("model_spec_json") else obj.get("input_shape")
         return ModelBundle(
             module,
             name,
-            _shape_from(obj.get("input_shape"), input_shape, name, p),
-            dict(obj.get("preprocessing") or {}),
-            obj.get("num_classes"),
-            json.loads(obj.get("metadata_json") or "{}"),
-            str(p),
+            preprocessing=dict(obj.get("preprocessing") or {}),
+            num_classes=obj.get("num_classes"),
+            metadata=json.loads(obj.get("metadata_json") or "{}"),
+            source=str(p),
+            spec=_spec_from(recorded, override, name, p),
         )
     state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -256,12 +309,10 @@ def _load_torch(
         raise CheckpointError(f"{p} is a plain state_dict; say which model it belongs to with --model-factory")
     module = resolve_factory(factory, allow_import=allow_code)()
     _load_into(module, state, str(p))
-    return ModelBundle(module, factory, _shape_from(None, input_shape, factory, p), source=str(p))
+    return ModelBundle(module, factory, source=str(p), spec=_spec_from(None, override, factory, p))
 
 
-def _load_safetensors(
-    p: Path, factory: str | None, allow_code: bool, input_shape: tuple[int, ...] | None
-) -> ModelBundle:
+def _load_safetensors(p: Path, factory: str | None, allow_code: bool, override: ModelSpec | None) -> ModelBundle:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -280,32 +331,37 @@ def _load_safetensors(
     return ModelBundle(
         module,
         name,
-        _shape_from(info.get("input_shape"), input_shape, name, p),
-        info.get("preprocessing", {}),
-        info.get("num_classes"),
-        info.get("metadata", {}),
-        str(p),
+        preprocessing=info.get("preprocessing", {}),
+        num_classes=info.get("num_classes"),
+        metadata=info.get("metadata", {}),
+        source=str(p),
+        spec=_spec_from(info.get("model_spec") or info.get("input_shape"), override, name, p),
     )
 
 
-def _load_exported_program(p: Path, input_shape: tuple[int, ...] | None) -> ModelBundle:
+def _load_exported_program(p: Path, override: ModelSpec | None) -> ModelBundle:
     import torch
+
+    from export.spec import dtype_name
 
     try:
         program = torch.export.load(str(p))
     except Exception as exc:  # torch.export.load raises many types for damaged files
         raise CheckpointError(f"{p} is truncated or not a torch.export program: {str(exc)[:200]}") from None
-    shape = input_shape
-    if shape is None:
-        user_inputs = [
-            s.arg.name for s in program.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT
-        ]
-        for node in program.graph.nodes:
-            if node.op == "placeholder" and node.name in user_inputs[:1] and "val" in node.meta:
-                shape = tuple(int(d) for d in node.meta["val"].shape[1:])
-    if not shape:
-        raise CheckpointError(f"{p}: cannot read the input shape from the program; pass --input-shape C,H,W")
-    return ModelBundle(program.module(), f"torch.export:{p.name}", tuple(shape), source=str(p), exported_program=program)
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs
+                   if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]  # fmt: skip
+    recorded = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs and "val" in node.meta:
+            val = node.meta["val"]
+            dims = [int(d) if isinstance(d, int) else str(d) for d in val.shape]
+            recorded.append(TensorSpec(name=node.name, shape=["batch", *dims[1:]], dtype=dtype_name(val.dtype)))
+    spec = ModelSpec(recorded) if recorded else None
+    if override is not None:
+        spec = spec.with_overrides(override.inputs) if spec is not None else override
+    if spec is None or not spec.inputs:
+        raise CheckpointError(f"{p}: cannot read the inputs from the program; pass --input NAME:SHAPE:DTYPE")
+    return ModelBundle(program.module(), f"torch.export:{p.name}", source=str(p), exported_program=program, spec=spec)
 
 
 def save_checkpoint(
@@ -333,7 +389,7 @@ def save_checkpoint(
             info = {
                 "model": bundle.model_name,
                 "model_kwargs": model_kwargs or {},
-                "input_shape": list(bundle.input_shape),
+                "model_spec": bundle.spec.to_json(),
                 "preprocessing": bundle.preprocessing,
                 "num_classes": bundle.num_classes,
                 "metadata": bundle.metadata,
@@ -347,6 +403,7 @@ def save_checkpoint(
                     "model": bundle.model_name,
                     "model_kwargs": model_kwargs or {},
                     "input_shape": list(bundle.input_shape),
+                    "model_spec_json": json.dumps(bundle.spec.to_json()),
                     "preprocessing": bundle.preprocessing,
                     "num_classes": bundle.num_classes,
                     # JSON keeps arbitrary metadata loadable under weights_only=True.

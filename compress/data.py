@@ -11,6 +11,10 @@ Built-in names (no download; the data ship inside installed packages):
 * ``digits``: scikit-learn's 1,797 8x8 digits, upsampled to 1x28x28.
 * ``rotated-mnist``: DomainBed's Rotated-MNIST on the same digits: six disjoint parts rotated by
   0, 15, 30, 45, 60, 75 degrees; ``Dataset.domains`` holds each sample's domain index.
+* ``photos``: 320 random crops of the natural photographs scikit-image ships, at the model's input
+  size, with the model's preprocessing; no labels (the metric is agreement with the fp32 model).
+* ``text``: 512 snippets of the Python standard library's sources (files held out from the text
+  encoder's training) as byte-level ``input_ids`` and ``attention_mask`` (64 tokens); no labels.
 """
 
 from __future__ import annotations
@@ -30,51 +34,93 @@ log = logging.getLogger(__name__)
 MNIST_PREPROCESSING: dict[str, Any] = {"scale": 1.0 / 255.0, "mean": [0.1307], "std": [0.3081], "layout": "NCHW"}
 ROTATED_MNIST_ANGLES = (0, 15, 30, 45, 60, 75)
 SPLIT_FRACTIONS = {"train": 0.6, "calib": 0.1, "val": 0.1, "test": 0.2}
-BUILTIN_DATASETS = ("mnist", "digits", "rotated-mnist")
+BUILTIN_DATASETS = ("mnist", "digits", "rotated-mnist", "photos", "text")
+PHOTO_CROPS = 320  # random crops of scikit-image's photographs for the built-in "photos"
+TEXT_SNIPPETS = 512  # standard-library snippets (held-out files) for the built-in "text"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
 class Dataset:
-    """Preprocessed samples and labels.
+    """Preprocessed samples, one array per model input, and labels when there are any.
 
     Attributes:
-        x: ``float32`` array of shape ``(N, C, H, W)`` (already preprocessed).
-        y: ``int64`` labels of shape ``(N,)``.
+        inputs: ``{name: array}`` with the samples on the first dim; a single-input dataset holds
+            ``{"x": (N, C, H, W) float32}`` (already preprocessed). Several inputs (token ids and a
+            mask, say) are named like the model's inputs.
+        y: ``int64`` labels of shape ``(N,)``, or None for unlabelled data (the metric is then
+            agreement or similarity with the fp32 model).
         name: where it came from (built-in name or path).
-        num_classes: number of classes.
-        preprocessing: how raw pixels became ``x`` (written into manifests).
+        num_classes: number of classes (None without labels).
+        preprocessing: how raw pixels became the inputs (written into manifests).
         domains: optional per-sample domain index (Rotated-MNIST).
         domain_names: names of the domains, indexed by ``domains``.
     """
 
-    x: np.ndarray
-    y: np.ndarray
+    inputs: dict[str, np.ndarray]
+    y: np.ndarray | None
     name: str
-    num_classes: int
+    num_classes: int | None = None
     preprocessing: dict[str, Any] = field(default_factory=dict)
     domains: np.ndarray | None = None
     domain_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.x) != len(self.y):
-            raise DataError(f"dataset {self.name!r}: {len(self.x)} samples but {len(self.y)} labels")
-        if len(self.x) == 0:
+        if isinstance(self.inputs, np.ndarray):  # one array: the single-input form
+            self.inputs = {"x": self.inputs}
+        if not self.inputs:
+            raise DataError(f"dataset {self.name!r} has no input arrays")
+        counts = {k: len(v) for k, v in self.inputs.items()}
+        if len(set(counts.values())) > 1:
+            raise DataError(f"dataset {self.name!r}: input arrays have different sample counts {counts}")
+        n = next(iter(counts.values()))
+        if self.y is not None and len(self.y) != n:
+            raise DataError(f"dataset {self.name!r}: {n} samples but {len(self.y)} labels")
+        if n == 0:
             raise DataError(f"dataset {self.name!r} is empty; it needs at least one sample")
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(next(iter(self.inputs.values())))
+
+    @property
+    def x(self) -> np.ndarray:
+        """The samples of a single-input dataset.
+
+        Raises:
+            DataError: the dataset has several inputs (use ``inputs``).
+        """
+        if len(self.inputs) != 1:
+            raise DataError(
+                f"dataset {self.name!r} has {len(self.inputs)} inputs ({', '.join(self.inputs)}); "
+                "this step takes a single-input (image) dataset"
+            )
+        return next(iter(self.inputs.values()))
+
+    @property
+    def has_labels(self) -> bool:
+        return self.y is not None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels.
+
+        Raises:
+            DataError: the dataset has none (training then distils from the fp32 model).
+        """
+        if self.y is None:
+            raise DataError(f"dataset {self.name!r} has no labels ('y'); this step needs labelled data")
+        return self.y
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one sample, without the batch dimension."""
-        return tuple(self.x.shape[1:])
+        """Shape of one sample of the first input, without the batch dimension."""
+        return tuple(next(iter(self.inputs.values())).shape[1:])
 
     def subset(self, index: np.ndarray, name: str | None = None) -> Dataset:
         """The samples at ``index`` (a copy)."""
         return Dataset(
-            x=self.x[index],
-            y=self.y[index],
+            inputs={k: v[index] for k, v in self.inputs.items()},
+            y=None if self.y is None else self.y[index],
             name=name or self.name,
             num_classes=self.num_classes,
             preprocessing=self.preprocessing,
@@ -82,17 +128,52 @@ class Dataset:
             domain_names=self.domain_names,
         )
 
+    def head(self, n: int, name: str | None = None) -> Dataset:
+        """The first ``n`` samples (all when there are fewer)."""
+        return self if n >= len(self) else self.subset(np.arange(n), name)
+
     def domain(self, index: int) -> Dataset:
         """The samples of one domain (Rotated-MNIST)."""
         if self.domains is None:
             raise DataError(f"dataset {self.name!r} has no domains")
         return self.subset(np.flatnonzero(self.domains == index), f"{self.name}[{self.domain_names[index]}]")
 
+    def feeds(self, spec: Any) -> dict[str, np.ndarray]:
+        """The arrays as feeds for a model with ``spec`` (a ``ModelSpec`` or an artifact's inputs),
+        checked against its input names, dims and dtypes.
+
+        Raises:
+            DataError: the arrays do not fit the model (named: which array, which dim, which dtype).
+        """
+        from export.errors import SpecError
+        from export.spec import ModelSpec
+
+        if not isinstance(spec, ModelSpec):
+            spec = ModelSpec(list(spec))
+        try:
+            return spec.match(self.inputs, source=f"dataset {self.name!r}")
+        except SpecError as exc:
+            raise DataError(str(exc)) from None
+
+    def for_model(self, spec: Any) -> Dataset:
+        """This dataset with its arrays named and ordered as the model's inputs (forward order),
+        cast to their dtypes: what training loops and calibration feed the model.
+
+        Raises:
+            DataError: the arrays do not fit the model (see :meth:`feeds`).
+        """
+        from dataclasses import replace
+
+        return replace(self, inputs=self.feeds(spec))
+
     def fingerprint(self) -> str:
         """sha256 of the samples and labels: identifies the data in caches and manifests."""
         h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.x).tobytes())
-        h.update(np.ascontiguousarray(self.y).tobytes())
+        for k in sorted(self.inputs):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(self.inputs[k]).tobytes())
+        if self.y is not None:
+            h.update(np.ascontiguousarray(self.y).tobytes())
         return h.hexdigest()
 
 
@@ -110,9 +191,26 @@ class Splits:
             raise DataError(f"unknown split {name!r}; valid: {', '.join(SPLIT_FRACTIONS)}")
         return getattr(self, name)
 
+    def for_model(self, spec: Any) -> Splits:
+        """Every split named and ordered as the model's inputs (:meth:`Dataset.for_model`)."""
+        done: dict[int, Dataset] = {}  # --calib-data/--eval-data fill several roles with one object
+        roles = {}
+        for role in SPLIT_FRACTIONS:
+            ds = getattr(self, role)
+            if id(ds) not in done:
+                done[id(ds)] = ds.for_model(spec)
+            roles[role] = done[id(ds)]
+        return Splits(**roles)
+
+    def usage(self) -> dict[str, dict[str, Any]]:
+        """Where each role's samples come from and how many there are (reported by every step)."""
+        return {role: {"source": getattr(self, role).name, "samples": len(getattr(self, role))} for role in SPLIT_FRACTIONS}
+
 
 def split_dataset(ds: Dataset, *, seed: int = 0, fractions: dict[str, float] | None = None) -> Splits:
     """Split ``ds`` into train / calib / val / test, stratified by class (and domain), seeded.
+
+    Unlabelled data is split by a seeded shuffle alone.
 
     Each class (per domain, when there are domains) is shuffled with ``seed`` and cut by
     ``fractions``; every split gets at least one sample of a class when the class has enough.
@@ -125,7 +223,8 @@ def split_dataset(ds: Dataset, *, seed: int = 0, fractions: dict[str, float] | N
         raise DataError(f"dataset {ds.name!r} has {len(ds)} samples; at least {len(fr)} are needed to split it")
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in fr}
-    strata = ds.y if ds.domains is None else ds.domains.astype(np.int64) * 100_000 + ds.y
+    labels = ds.y if ds.y is not None else np.zeros(len(ds), dtype=np.int64)  # unlabelled: one stratum
+    strata = labels if ds.domains is None else ds.domains.astype(np.int64) * 100_000 + labels
     for s in np.unique(strata):
         idx = np.flatnonzero(strata == s)
         rng.shuffle(idx)
@@ -163,10 +262,25 @@ def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 1, 28, 28).astype(np.float32), y.astype(np.int64)
 
 
-def _builtin(name: str) -> Dataset:
+def _builtin(name: str, preprocessing: dict[str, Any] | None = None, input_shape: tuple[int, ...] | None = None) -> Dataset:
+    if name == "photos":
+        from compress.realdata import photo_crops
+
+        size = int(input_shape[-1]) if input_shape else 224
+        if input_shape and (len(input_shape) != 3 or input_shape[0] != 3 or input_shape[1] != input_shape[2]):
+            raise DataError(f"'photos' are square RGB crops; the model's input {list(input_shape)} is not 3xSxS")
+        pre = dict(preprocessing or {"scale": 1.0 / 255.0})
+        pre["source"] = f"{PHOTO_CROPS} random crops of scikit-image's photographs at {size}x{size}"
+        return Dataset({"x": _normalize(photo_crops(size, PHOTO_CROPS, seed=0), pre)}, None, "photos", None, pre)
+    if name == "text":
+        from compress.realdata import text_tokens
+
+        tokens = text_tokens(TEXT_SNIPPETS, 64, seed=0, split="eval")
+        pre = {"tokenizer": "bytes+4 (0 PAD, 1 CLS, 2 SEP, 3 MASK)", "source": "Python standard library, held-out files"}
+        return Dataset(tokens, None, "text", None, pre)
     if name == "mnist":
         x, y = _mnist_raw()
-        return Dataset(_normalize(x, MNIST_PREPROCESSING), y, "mnist", 10, dict(MNIST_PREPROCESSING))
+        return Dataset({"x": _normalize(x, MNIST_PREPROCESSING)}, y, "mnist", 10, dict(MNIST_PREPROCESSING))
     if name == "digits":
         import torch
         from sklearn.datasets import load_digits
@@ -175,7 +289,7 @@ def _builtin(name: str) -> Dataset:
         x8 = torch.from_numpy((d.data.reshape(-1, 1, 8, 8) * (255.0 / 16.0)).astype(np.float32))
         x = torch.nn.functional.interpolate(x8, size=(28, 28), mode="bilinear", align_corners=False).numpy()
         pre = {**MNIST_PREPROCESSING, "source": "sklearn digits 8x8 (0..16) upsampled bilinearly to 28x28"}
-        return Dataset(_normalize(x, pre), d.target.astype(np.int64), "digits", 10, pre)
+        return Dataset({"x": _normalize(x, pre)}, d.target.astype(np.int64), "digits", 10, pre)
     if name == "rotated-mnist":
         from scipy.ndimage import rotate
 
@@ -190,39 +304,47 @@ def _builtin(name: str) -> Dataset:
                 x[chunk] = rotate(x[chunk], angle, axes=(2, 3), reshape=False, order=1, mode="constant", cval=0.0)
         pre = {**MNIST_PREPROCESSING, "domains": [f"{a}deg" for a in ROTATED_MNIST_ANGLES]}
         return Dataset(
-            _normalize(x, MNIST_PREPROCESSING), y, "rotated-mnist", 10, pre,
+            {"x": _normalize(x, MNIST_PREPROCESSING)}, y, "rotated-mnist", 10, pre,
             domains=domains, domain_names=tuple(f"{a}deg" for a in ROTATED_MNIST_ANGLES),
         )  # fmt: skip
     raise DataError(f"unknown built-in dataset {name!r}; built-in: {', '.join(BUILTIN_DATASETS)}")
 
 
 def _load_npz(path: Path, preprocessing: dict[str, Any] | None) -> Dataset:
+    """An ``.npz`` file: one array per model input (a single-input model's is ``x``), optional ``y``.
+
+    A single ``x`` of integer images (``(N, H, W)`` or ``(N, C, H, W)``) is preprocessed with
+    ``preprocessing`` (default: scale 1/255); float arrays and every array of a multi-input file
+    are used as given (integers stay integers: token ids, masks).
+    """
     try:
         with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-            if not {"x", "y"} <= keys:
-                raise DataError(f"{path}: an .npz dataset needs arrays 'x' and 'y'; it has {sorted(keys)}")
-            x, y = z["x"], z["y"]
+            arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError) as exc:
-        if isinstance(exc, DataError):
-            raise
         raise DataError(f"{path} is not a readable .npz file: {exc}") from None
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4:
-        raise DataError(f"{path}: 'x' must have shape (N, C, H, W) or (N, H, W), got {x.shape}")
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+    y = arrays.pop("y", None)
+    if not arrays:
+        raise DataError(f"{path}: an .npz dataset needs one array per model input ('x' for one input); it has only 'y'")
+    if y is not None and (y.ndim != 1 or not np.issubdtype(y.dtype, np.integer)):
         raise DataError(f"{path}: 'y' must be a 1-d integer array of class labels, got {y.dtype} {y.shape}")
-    _check_finite(x.astype(np.float64, copy=False), str(path))
+    for k, a in arrays.items():
+        if a.ndim == 0:
+            raise DataError(f"{path}: array {k!r} is a scalar; every input array has the samples on its first dim")
+        if a.dtype.kind not in "biuf":
+            raise DataError(f"{path}: array {k!r} has dtype {a.dtype}; inputs are numbers (float, int or bool)")
+        if a.dtype.kind == "f":
+            _check_finite(a.astype(np.float64, copy=False), f"{path}[{k}]")
     pre = dict(preprocessing or {})
-    if np.issubdtype(x.dtype, np.integer):
+    x = arrays.get("x")
+    if set(arrays) == {"x"} and x is not None and x.ndim in (3, 4) and np.issubdtype(x.dtype, np.integer):
+        x = x[:, None] if x.ndim == 3 else x
         pre.setdefault("scale", 1.0 / 255.0)
-        xf = _normalize(x, pre)
+        inputs = {"x": _normalize(x, pre)}
     else:
-        pre = {"note": "float arrays are used as given (already preprocessed)"}
-        xf = x.astype(np.float32)
-    n_classes = int(y.max()) + 1 if len(y) else 0
-    return Dataset(xf, y.astype(np.int64), str(path), n_classes, pre)
+        pre = {"note": "arrays are used as given (already preprocessed)"}
+        inputs = {k: a.astype(np.float32) if a.dtype.kind == "f" else a for k, a in arrays.items()}
+    n_classes = int(y.max()) + 1 if y is not None and len(y) else None
+    return Dataset(inputs, None if y is None else y.astype(np.int64), str(path), n_classes, pre)
 
 
 def _load_folder(path: Path, preprocessing: dict[str, Any] | None, input_shape: tuple[int, ...] | None) -> Dataset:
@@ -257,7 +379,7 @@ def _load_folder(path: Path, preprocessing: dict[str, Any] | None, input_shape: 
         raise DataError(f"images in {str(path)!r} have different sizes {sorted(shapes)}; pass --input-shape to resize")
     pre = dict(preprocessing or {"scale": 1.0 / 255.0})
     pre["classes"] = classes
-    return Dataset(_normalize(np.stack(xs), pre), np.asarray(ys, dtype=np.int64), str(path), len(classes), pre)
+    return Dataset({"x": _normalize(np.stack(xs), pre)}, np.asarray(ys, dtype=np.int64), str(path), len(classes), pre)
 
 
 def load_dataset(
@@ -283,7 +405,7 @@ def load_dataset(
     """
     text = str(spec)
     if text in BUILTIN_DATASETS:
-        ds = _builtin(text)
+        ds = _builtin(text, preprocessing, input_shape)
     else:
         path = Path(text)
         if not path.exists():
@@ -296,11 +418,62 @@ def load_dataset(
             ds = _load_npz(path, preprocessing)
         else:
             raise DataError(f"dataset file {text!r} has an unsupported format; use .npz (x, y) or a folder of images")
-    _check_finite(ds.x, ds.name)
-    log.debug("loaded dataset %s: %s samples of shape %s", ds.name, len(ds), ds.input_shape)
+    for k, a in ds.inputs.items():
+        if a.dtype.kind == "f":
+            _check_finite(a, f"{ds.name}[{k}]" if len(ds.inputs) > 1 else ds.name)
+    log.debug("loaded dataset %s: %s samples, inputs %s", ds.name, len(ds),
+              {k: list(v.shape[1:]) for k, v in ds.inputs.items()})  # fmt: skip
     return ds
 
 
 def load_splits(spec: str | Path, *, seed: int = 0, **kwargs: Any) -> Splits:
     """:func:`load_dataset` then :func:`split_dataset` (the usual entry point)."""
     return split_dataset(load_dataset(spec, **kwargs), seed=seed)
+
+
+def load_data(
+    data: str | Path | None = None,
+    *,
+    calib_data: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> Splits:
+    """The data of one command, by role.
+
+    ``data`` is split into train / calib / val / test (:func:`split_dataset`); ``calib_data`` is
+    used whole for calibration (and for training when no ``data`` is given); ``eval_data`` is used
+    whole for validation and for the reported test numbers. Calibration and evaluation never share
+    a file.
+
+    Args:
+        data: a dataset to split (built-in name, ``.npz`` or image folder), or None.
+        calib_data: a dataset used whole for calibration.
+        eval_data: a dataset used whole for evaluation (validation and test).
+        kwargs: passed to :func:`load_dataset` (preprocessing, input_shape).
+
+    Raises:
+        DataError: no data at all, the same file for calibration and evaluation, or a bad file.
+    """
+    if data is None and calib_data is None and eval_data is None:
+        raise DataError("no data given: pass --data (split into train/calib/val/test), or --calib-data and --eval-data")
+    base = load_splits(data, seed=seed, **kwargs) if data is not None else None
+    calib = load_dataset(calib_data, **kwargs) if calib_data is not None else None
+    evald = load_dataset(eval_data, **kwargs) if eval_data is not None else None
+    if calib is not None and evald is not None and calib.fingerprint() == evald.fingerprint():
+        raise DataError(
+            f"--calib-data and --eval-data hold the same samples ({calib.name}); evaluation on calibration data "
+            "overstates accuracy: give two different files"
+        )
+    if base is None:
+        if evald is None:
+            raise DataError("--calib-data alone gives nothing to evaluate on: add --eval-data (or --data)")
+        if calib is None:
+            raise DataError("--eval-data alone gives nothing to calibrate or train on: add --calib-data (or --data)")
+        return Splits(train=calib, calib=calib, val=evald, test=evald)
+    return Splits(
+        train=base.train,
+        calib=calib if calib is not None else base.calib,
+        val=evald if evald is not None else base.val,
+        test=evald if evald is not None else base.test,
+    )

@@ -10,8 +10,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from compress.checkpoint import ModelBundle, load_checkpoint
 from compress.data import Dataset
 from compress.errors import CheckpointError
@@ -54,6 +52,22 @@ def reference_model(
         return None
 
 
+def reference_session(artifact: Artifact, reference: ModelBundle | None) -> Any:
+    """The fp32 model to compare with: the torch model when there is one, else the fp32 ONNX file the
+    artifact was made from (an ONNX input to ``compress quantize``), on onnxruntime; None when neither."""
+    if reference is not None:
+        return TorchSession(reference.module, spec=reference.spec)
+    extra = artifact.manifest.extra
+    src = extra.get("source_onnx")
+    if src and Path(src).is_file() and sha256_file(Path(src)) == extra.get("source_sha256"):
+        from runtimes.ort_runtime import OrtSession
+
+        sess = OrtSession(str(src), ["CPUExecutionProvider"], 0)
+        sess.runtime = "onnxruntime fp32 source"
+        return sess
+    return None
+
+
 def check_artifact(
     artifact: Artifact,
     data: Dataset,
@@ -62,23 +76,49 @@ def check_artifact(
     reference: ModelBundle | None = None,
     sessions: list[Any] | None = None,
     threads: int | None = None,
+    metric: str | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of the artifact on its runtime, next to the torch reference.
+    """Score the artifact on its runtime with the model's metric, next to the fp32 reference.
 
     Args:
         artifact: the artifact to check.
-        data: a labelled split (usually ``test``).
+        data: the evaluation data (used whole); its arrays must fit the artifact's inputs.
         target: the device target (execution providers, threads).
-        reference: the fp32 torch model for agreement/SQNR and the accuracy drop.
+        reference: the fp32 torch model (default: the artifact's fp32 ONNX source, when recorded).
         sessions: more sessions of the same model to compare (e.g. TVM, remote devices).
+        metric: ``top1``, ``agreement``, ``cosine`` or ``sqnr`` (default: from the data and outputs).
 
     Returns:
-        ``{"rows": [{"runtime", "accuracy", "top1_agreement", "sqnr_db", ...}], "accuracy_drop": ...}``
+        ``{"metric", "accuracy" (the metric's value on the artifact's runtime), "reference_accuracy",
+        "accuracy_drop" (points), "samples", "rows": [{"runtime", "score", "accuracy" (top-1),
+        "top1_agreement", "cosine", "sqnr_db", "max_abs_error", ...}], ...}``
+
+    Raises:
+        DataError: the data does not fit the artifact's inputs, or there is nothing to score against.
+        RuntimeUnavailableError: no session can run the artifact here.
     """
-    ref_session = TorchSession(reference.module) if reference is not None else None
+    from dataclasses import replace
+
+    from compress.errors import DataError
+    from runtimes.measure import check_metric
+
+    feeds = data.feeds(artifact.manifest.inputs)
+    data = replace(data, inputs=feeds)
+    ref_session = reference_session(artifact, reference)
+    try:
+        check_metric(metric, has_labels=data.has_labels, has_reference=ref_session is not None)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    if ref_session is None and not data.has_labels:
+        raise DataError(
+            f"{data.name} has no labels and the artifact has no fp32 reference: pass --reference CKPT "
+            "(the fp32 checkpoint) or data with 'y' labels"
+        )
     rows: list[dict[str, Any]] = []
     if ref_session is not None:
-        rows.append({"runtime": "torch (reference)", "where": "local", **evaluate(ref_session, data)})
+        own = evaluate(ref_session, data, reference=ref_session, metric=metric, task=artifact.manifest.extra.get("task"))
+        rows.append({"runtime": f"{ref_session.runtime} (reference)", "where": "local", **own})
+        metric = own["metric"]
     runtime = runtime_for(artifact)
     local = [runtime.prepare(artifact, target, threads=threads)] if runtime.supports(artifact, target) else []
     all_sessions = [*local, *(sessions or [])]
@@ -90,29 +130,31 @@ def check_artifact(
             "check it on the device with --rpc HOST:PORT --key K"
         )
     for sess in all_sessions:
-        r = evaluate(sess, data, reference=ref_session)
+        r = evaluate(sess, data, reference=ref_session, metric=metric)
         r.pop("reference_accuracy", None)
         rows.append({"runtime": sess.runtime, "where": getattr(sess, "where", "local"), **r})
+        metric = r["metric"]
     main = rows[1] if ref_session is not None else rows[0]
     result: dict[str, Any] = {
         "artifact": str(artifact.path),
         "format": artifact.manifest.format,
         "data": data.name,
         "samples": len(data),
+        "metric": metric,
         "rows": rows,
-        "accuracy": main["accuracy"],
+        "accuracy": main["score"],
     }
-    if ref_session is not None:
-        result["reference_accuracy"] = rows[0]["accuracy"]
-        result["accuracy_drop"] = float(rows[0]["accuracy"]) - float(main["accuracy"])
+    if ref_session is not None and metric != "sqnr":  # SQNR has no "drop": the reference's is infinite
+        result["reference_accuracy"] = rows[0]["score"]
+        result["accuracy_drop"] = float(rows[0]["score"]) - float(main["score"])
     # Pairwise agreement across artifact runtimes (e.g. onnxruntime vs TVM), without a torch model too.
     if len(all_sessions) > 1:
-        from export.verify import compare_outputs
-        from runtimes import run_batched
+        from export.verify import compare_all_outputs
+        from runtimes.measure import run_all_batched
 
-        base = run_batched(all_sessions[0], data.x)
+        base = run_all_batched(all_sessions[0], feeds)
         result["cross_runtime"] = [
-            {"a": all_sessions[0].runtime, "b": s.runtime, **compare_outputs(base, run_batched(s, data.x))}
+            {"a": all_sessions[0].runtime, "b": s.runtime, **compare_all_outputs(base, run_all_batched(s, feeds))}
             for s in all_sessions[1:]
         ]
     return result
@@ -128,10 +170,15 @@ def profile_artifact(
     min_seconds: float = 2.0,
     session: Any = None,
 ) -> LatencyStats:
-    """Latency of the artifact on its runtime on this machine (remote profiling: runtimes.tvm_rpc)."""
-    shape = artifact.manifest.inputs[0].shape[1:] if artifact.manifest.inputs else None
-    if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise CheckpointError(f"artifact {artifact.path} does not record a static input shape; re-export it")
-    x = np.random.default_rng(0).standard_normal((batch, *[int(s) for s in shape])).astype(np.float32)
+    """Latency of the artifact on its runtime on this machine (remote profiling: runtimes.tvm_rpc).
+
+    Raises:
+        SpecError: an input has a dynamic non-batch dim (the message names it; re-export with it fixed).
+    """
+    from export.spec import ModelSpec
+
+    if not artifact.manifest.inputs:
+        raise CheckpointError(f"artifact {artifact.path} does not record its inputs; re-export it")
+    feeds = ModelSpec(list(artifact.manifest.inputs)).example_feeds(batch)
     sess = session or runtime_for(artifact).prepare(artifact, target, threads=threads)
-    return measure_latency(sess, x, min_runs=min_runs, min_seconds=min_seconds)
+    return measure_latency(sess, feeds, min_runs=min_runs, min_seconds=min_seconds)

@@ -45,11 +45,18 @@ def _export_onnx_format(source: ModelBundle | Artifact, target: Any, out: Path, 
     return export_bundle_onnx(source, out, target=target, opset=options.get("opset"))
 
 
-def import_onnx_file(path: str | Path, out: str | Path, *, target: Any = None) -> Artifact:
+def import_onnx_file(
+    path: str | Path, out: str | Path, *, target: Any = None, inputs: list[TensorSpec] | None = None
+) -> Artifact:
     """Make an artifact from a user's ``.onnx`` file (checked, shapes inferred).
+
+    The file brings its own named inputs and outputs; ``inputs`` (``--input NAME:SHAPE``) fixes
+    dynamic non-batch dims (e.g. H and W) for what needs static shapes (TVM, calibration) and is
+    recorded in the manifest; the graph itself is unchanged.
 
     Raises:
         ConfigError: the file is not a valid ONNX model.
+        SpecError: an ``--input`` names no input of the model or has the wrong number of dims.
     """
     import onnx
 
@@ -60,24 +67,19 @@ def import_onnx_file(path: str | Path, out: str | Path, *, target: Any = None) -
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as exc:  # protobuf DecodeError, ValidationError, OSError: all mean a bad file
         raise ConfigError(f"{p} is not a valid ONNX model: {str(exc).splitlines()[0][:200]}") from None
-    graph_inputs = {i.name for i in model.graph.initializer}
-    inputs = [
-        TensorSpec(
-            name=i.name,
-            shape=[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim],
-        )
-        for i in model.graph.input
-        if i.name not in graph_inputs
-    ]
+    from export.spec import ModelSpec
+
+    spec = ModelSpec.from_onnx(model).with_overrides(inputs or [])
     return write_onnx_artifact(
-        model, out, fmt="onnx", model_name=p.stem, target=target, inputs=inputs,
+        model, out, fmt="onnx", model_name=p.stem, target=target, inputs=spec.inputs,
         stages=[StageRecord(stage="import-onnx", config={"source": str(p.resolve())})],
         extra={"source_onnx": str(p.resolve()), "source_sha256": sha256_file(p)},
     )  # fmt: skip
 
 
 def onnx_file_or_checkpoint(
-    model: str | Path, out: str | Path, *, target: Any = None, load: Callable[[], ModelBundle] | None = None
+    model: str | Path, out: str | Path, *, target: Any = None, load: Callable[[], ModelBundle] | None = None,
+    inputs: list[TensorSpec] | None = None,
 ) -> Artifact:
     """An fp32 ONNX artifact at ``out`` for ``model``: an ``.onnx`` file imported as is, or a checkpoint
     (loaded by ``load``) exported. Used by the commands that work on ONNX (quantize, export).
@@ -93,7 +95,7 @@ def onnx_file_or_checkpoint(
             from export import ArtifactError
 
             raise ArtifactError(f"ONNX file {str(p)!r} does not exist")
-        return import_onnx_file(p, out, target=target)
+        return import_onnx_file(p, out, target=target, inputs=inputs)
     bundle = load() if load is not None else load_checkpoint(p)
     return export_model(bundle, "onnx", target, out)
 

@@ -74,6 +74,10 @@ class TrainingHooks:
     :meth:`state_dict` must be loadable with ``torch.load(weights_only=True)``.
     """
 
+    #: The model's task when distilling (set by the trainer): 2-d outputs of ``classification``
+    #: models are logits (KL), of ``embedding``/``other`` models features (MSE + cosine).
+    task: str | None = None
+
     def make_optimizer(self, model: Any, config: TrainConfig) -> Any:
         import torch
 
@@ -84,9 +88,14 @@ class TrainingHooks:
         return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
     def loss(self, model: Any, x: Any, y: Any) -> Any:
+        """Cross-entropy on labels; with teacher outputs instead of labels (unlabelled data),
+        distillation from the fp32 model (:func:`distillation_loss`)."""
         import torch.nn.functional as F
 
-        return F.cross_entropy(model(x), y)
+        out = forward(model, x)
+        if isinstance(y, list):
+            return distillation_loss(out, y, logits=self.task not in ("embedding", "other"))
+        return F.cross_entropy(out, y)
 
     def training_step(self, model: Any, optimizer: Any, x: Any, y: Any, step: int) -> float:
         """One optimisation step; returns the loss before the update."""
@@ -110,6 +119,56 @@ class TrainingHooks:
         pass
 
 
+def forward(model: Any, x: Any) -> Any:
+    """``model(x)``, or ``model(*x)`` for a tuple of inputs (several named inputs, in forward order)."""
+    return model(*x) if isinstance(x, tuple) else model(x)
+
+
+DISTILL_TEMPERATURE = 2.0
+
+
+def distillation_loss(student: Any, teacher: list[Any], temperature: float = DISTILL_TEMPERATURE, *,
+                      logits: bool = True) -> Any:  # fmt: skip
+    """Knowledge distillation from the fp32 model's outputs (training without labels).
+
+    Logits (``(N, classes)``) use the KL divergence of the softened distributions (Hinton et al.,
+    scaled by ``T**2``); any other output (embeddings, maps) the mean squared error normalised by
+    the teacher's mean square plus ``1 - cosine`` per sample. Several outputs add up. With
+    ``logits=False`` (an embedding model) 2-d outputs are features too.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from export.torch_io import flatten_outputs
+
+    outs = [t for _, t in flatten_outputs(student)]
+    if len(outs) != len(teacher):
+        raise ValueError(f"student has {len(outs)} outputs, the teacher {len(teacher)}")
+    total = torch.zeros((), dtype=torch.float32)
+    for s, t in zip(outs, teacher, strict=True):
+        s, t = s.float(), t.float()
+        if logits and s.ndim == 2 and s.shape[1] > 1:
+            kl = F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), log_target=True,
+                          reduction="batchmean")  # fmt: skip
+            total = total + kl * temperature**2
+        else:
+            flat_s, flat_t = s.reshape(len(s), -1), t.reshape(len(t), -1)
+            mse = F.mse_loss(flat_s, flat_t) / (flat_t.pow(2).mean() + 1e-8)
+            cos = 1.0 - F.cosine_similarity(flat_s, flat_t, dim=1, eps=1e-8).mean()
+            total = total + mse + cos
+    return total
+
+
+def teacher_outputs(teacher: Any, x: Any) -> list[Any]:
+    """The fp32 teacher's outputs for a batch (no gradients), flattened."""
+    import torch
+
+    from export.torch_io import flatten_outputs
+
+    with torch.no_grad():
+        return [t.detach() for _, t in flatten_outputs(forward(teacher, x))]
+
+
 @dataclass
 class TrainResult:
     """What a training run produced."""
@@ -123,19 +182,51 @@ class TrainResult:
     log_path: Path | None
 
 
-def evaluate_accuracy(model: Any, ds: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy (in %) of a torch model on a dataset, in eval mode."""
+def batch_inputs(ds: Dataset, index: Any) -> Any:
+    """The samples at ``index`` as torch tensors: one tensor for a single-input dataset, else a
+    tuple in the dataset's input order (``Dataset.for_model`` puts it in forward order)."""
     import torch
 
+    arrays = [torch.from_numpy(np.ascontiguousarray(a[index])) for a in ds.inputs.values()]
+    return arrays[0] if len(arrays) == 1 else tuple(arrays)
+
+
+def evaluate_accuracy(model: Any, ds: Dataset, batch_size: int = 256, teacher: Any = None,
+                      task: str | None = None) -> float:  # fmt: skip
+    """Top-1 accuracy (in %) of a torch model on a labelled dataset, in eval mode.
+
+    Without labels, the score against ``teacher`` (the fp32 model): top-1 agreement % for logits
+    (``task`` not ``embedding``/``other``), else 100 x the mean cosine similarity of the outputs.
+
+    Raises:
+        DataError: no labels and no teacher.
+    """
+    import torch
+
+    from compress.errors import DataError
+    from export.torch_io import flatten_outputs
+    from export.verify import cosine_similarity
+
+    if ds.y is None and teacher is None:
+        raise DataError(f"dataset {ds.name!r} has no labels; scoring it needs the fp32 model to compare with")
     was_training = model.training
     model.eval()
-    correct = 0
+    outs: list[list[np.ndarray]] = []
+    refs: list[list[np.ndarray]] = []
     with torch.no_grad():
         for i in range(0, len(ds), batch_size):
-            out = model(torch.from_numpy(ds.x[i : i + batch_size]))
-            correct += int((out.argmax(1).numpy() == ds.y[i : i + batch_size]).sum())
+            xb = batch_inputs(ds, slice(i, i + batch_size))
+            outs.append([t.numpy() for _, t in flatten_outputs(forward(model, xb))])
+            if ds.y is None:
+                refs.append([t.numpy() for t in teacher_outputs(teacher, xb)])
     model.train(was_training)
-    return 100.0 * correct / len(ds)
+    out = [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+    if ds.y is not None:
+        return float(100.0 * np.mean(out[0].argmax(1) == ds.y))
+    ref = [np.concatenate([r[k] for r in refs]) for k in range(len(refs[0]))]
+    if task not in ("embedding", "other") and ref[0].ndim == 2 and ref[0].shape[1] > 1:
+        return float(100.0 * np.mean(ref[0].argmax(1) == out[0].argmax(1)))
+    return 100.0 * cosine_similarity(ref, out)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -157,6 +248,9 @@ class Trainer:
         config: the hyper-parameters.
         out_dir: where checkpoints and the log go (None: keep nothing on disk).
         hooks: technique-specific behaviour.
+        teacher: the fp32 model; with unlabelled data (``train.y is None``) training distils from it
+            (:func:`distillation_loss`) and validation scores agreement or similarity with it.
+        task: the model's task (``classification``, ``embedding``, ``other``) for distillation.
 
     Example:
         >>> result = Trainer(model, splits.train, splits.val, TrainConfig(max_steps=200), "run/").fit()
@@ -170,13 +264,25 @@ class Trainer:
         config: TrainConfig,
         out_dir: str | Path | None = None,
         hooks: TrainingHooks | None = None,
+        teacher: Any = None,
+        task: str | None = None,
     ):
+        from compress.errors import DataError
+
+        if train.y is None and teacher is None:
+            raise DataError(
+                f"training data {train.name!r} has no labels ('y'); training without labels distils from the fp32 "
+                "model, and none was given"
+            )
+        self.teacher = teacher.eval() if teacher is not None else None
+        self.task = task
         self.model = model
         self.train_ds = train
         self.val_ds = val
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.hooks = hooks or TrainingHooks()
+        self.hooks.task = task
         self.rank, self.world = dist_info()
 
     # --- batching: deterministic from (seed, epoch), so a resume sees the same batches ---
@@ -242,8 +348,9 @@ class Trainer:
             bar.advance(start)
             while step < cfg.max_steps:
                 idx = self._batch_indices(step)
-                x = torch.from_numpy(self.train_ds.x[idx])
-                y = torch.from_numpy(self.train_ds.y[idx])
+                x = batch_inputs(self.train_ds, idx)
+                y = (torch.from_numpy(self.train_ds.y[idx]) if self.train_ds.y is not None
+                     else teacher_outputs(self.teacher, x))  # fmt: skip
                 for group in optimizer.param_groups:
                     group["lr"] = self._lr_at(step) * group.get("lr_scale", 1.0)
                 loss = self.hooks.training_step(train_model, optimizer, x, y, step)
@@ -253,7 +360,7 @@ class Trainer:
                 record: dict[str, Any] = {"step": step, "loss": loss, "lr": self._lr_at(step - 1)}
                 record.update(self.hooks.on_step_end(train_model, step))
                 if self.val_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                    last_acc = evaluate_accuracy(self.model, self.val_ds)
+                    last_acc = evaluate_accuracy(self.model, self.val_ds, teacher=self.teacher, task=self.task)
                     record["val_accuracy"] = last_acc
                     if best_acc is None or last_acc > best_acc:
                         best_acc, patience = last_acc, 0

@@ -40,11 +40,15 @@ def producer_version() -> str:
 
 
 class TensorSpec(BaseModel):
+    """One named model input or output: shape (ints, or names for dynamic dims), dtype, and for
+    integer inputs the value range example inputs are drawn from (e.g. token ids ``[0, vocab)``)."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str
     shape: list[int | str]
     dtype: str = "float32"
+    range: list[float] | None = None
 
 
 class StageRecord(BaseModel):

@@ -13,3 +13,7 @@ class ArtifactError(ValueError):
 
 class UnsupportedExportError(NotImplementedError):
     """The model cannot be exported in this format for this target: an operator or a precision (exit 3)."""
+
+
+class SpecError(ValueError):
+    """Model inputs/outputs, or data that must fit them, are malformed or do not match (exit code 2)."""

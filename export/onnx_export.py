@@ -28,13 +28,13 @@ from export.artifact import (
     write_manifest,
 )
 from export.errors import ExportError, UnsupportedExportError
-from export.verify import compare_outputs
+from export.spec import Feeds, ModelSpec, as_feeds
+from export.torch_io import ExportIO
+from export.verify import compare_all_outputs
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-INPUT_NAME = "input"
-OUTPUT_NAME = "output"
 MODEL_FILE = "model.onnx"
 
 
@@ -42,13 +42,15 @@ MODEL_FILE = "model.onnx"
 class OnnxExporter:
     """A custom torch -> ONNX path for modules that ``predicate`` recognises.
 
-    ``export(module, example_input, path, opset)`` writes the ONNX file. ``format`` names the
-    artifact format (``onnx-qdq``, ``onnx-codebook``), ``min_sqnr_db`` the verification threshold.
+    ``export(module, io, path, opset)`` writes the ONNX file; ``io`` is an
+    :class:`~export.torch_io.ExportIO` (example args, input/output names, dynamic axes) to hand to
+    :func:`torch_onnx_export`. ``format`` names the artifact format (``onnx-qdq``,
+    ``onnx-codebook``), ``min_sqnr_db`` the verification threshold.
     """
 
     name: str
     predicate: Callable[[Any], bool]
-    export: Callable[[Any, Any, Path, int], None]
+    export: Callable[[Any, ExportIO, Path, int], None]
     format: str = "onnx"
     min_sqnr_db: float = 40.0
 
@@ -61,38 +63,41 @@ def register_onnx_exporter(exporter: OnnxExporter) -> None:
     _EXPORTERS.insert(0, exporter)
 
 
-def torch_onnx_export(module: Any, example: Any, path: Path, opset: int, **kwargs: Any) -> None:
-    """``torch.onnx.export`` as every exporter here calls it: the TorchScript path, our input/output
-    names, a dynamic batch and constant folding (``kwargs`` adds e.g. ``custom_opsets``)."""
+def torch_onnx_export(module: Any, io: ExportIO, path: Path, opset: int, **kwargs: Any) -> None:
+    """``torch.onnx.export`` as every exporter here calls it: the TorchScript path, the model's
+    input/output names, a dynamic batch (and the spec's named dims) and constant folding
+    (``kwargs`` adds e.g. ``custom_opsets``). Dict and tuple outputs are flattened in order."""
     import warnings
 
     import torch
 
+    from export.torch_io import flat_outputs_module
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module,
-            (example,),
+            flat_outputs_module(module),
+            io.args,
             str(path),
             dynamo=False,  # the TorchScript exporter: 10x faster here and stable for these models
             opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            input_names=io.input_names,
+            output_names=io.output_names,
+            dynamic_axes=io.dynamic_axes,
             do_constant_folding=True,
             **kwargs,
         )
 
 
-def _exported_program_export(program: Any, example: Any, path: Path, opset: int) -> None:
+def _exported_program_export(program: Any, io: ExportIO, path: Path, opset: int) -> None:
     import warnings
 
     import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(program, (example,), str(path), dynamo=True, opset_version=max(opset, 18),
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)  # fmt: skip
+        torch.onnx.export(program, io.args, str(path), dynamo=True, opset_version=max(opset, 18),
+                          input_names=io.input_names, output_names=io.output_names, verbose=False)  # fmt: skip
 
 
 def _program_batch(program: Any) -> int | None:
@@ -115,23 +120,44 @@ def _pick_exporter(module: Any) -> OnnxExporter:
     return OnnxExporter("torch.onnx", lambda m: True, torch_onnx_export, "onnx", 40.0)
 
 
-def verify_onnx_against_torch(module: Any, onnx_path: Path, inputs: np.ndarray) -> dict[str, float]:
-    """Run ``inputs`` through torch and onnxruntime and compare the outputs."""
-    import onnxruntime as ort
-    import torch
+def onnx_outputs(onnx_path: Path | str, inputs: Feeds | np.ndarray, *, batch_size: int = 256) -> list[np.ndarray]:
+    """Every output of the ONNX model at ``onnx_path`` on onnxruntime's CPU provider (the reference
+    the export checks compare with; runtimes.ort_runtime runs artifacts with the target's settings).
 
-    with torch.no_grad():
-        ref = module(torch.from_numpy(inputs)).detach().numpy()
+    Inputs are cast to the graph's input dtypes and run in batches of ``batch_size``.
+    """
+    import onnxruntime as ort
+
+    from export.spec import batch_size as feeds_batch
+    from export.spec import dtype_name, numpy_dtype, slice_feeds
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: inputs})[0]
-    return compare_outputs(ref, out)
+    graph_inputs = sess.get_inputs()
+    feeds = as_feeds(inputs, [i.name for i in graph_inputs])
+    casts = {i.name: numpy_dtype(dtype_name(i.type)) for i in graph_inputs}
+    n = feeds_batch(feeds)
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, max(n, 1), batch_size):
+        chunk = {k: np.ascontiguousarray(v, dtype=casts[k]) for k, v in slice_feeds(feeds, start, start + batch_size).items()}
+        parts.append(sess.run(None, chunk))
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def verify_onnx_against_torch(module: Any, onnx_path: Path, inputs: Feeds | np.ndarray,
+                              spec: ModelSpec | None = None) -> dict[str, float]:  # fmt: skip
+    """Run ``inputs`` through torch and onnxruntime and compare every output."""
+    from export.torch_io import run_module
+
+    spec = spec or ModelSpec.single(np.asarray(inputs).shape[1:])
+    feeds = as_feeds(inputs, spec.input_names)
+    return compare_all_outputs(run_module(module, feeds, spec), onnx_outputs(onnx_path, feeds))
 
 
 def export_onnx(
     module: Any,
-    input_shape: tuple[int, ...],
+    spec: ModelSpec | tuple[int, ...],
     dest: str | Path,
     *,
     target: Any = None,
@@ -140,34 +166,39 @@ def export_onnx(
     stages: list[StageRecord] | None = None,
     parent_hash: str | None = None,
     opset: int = DEFAULT_OPSET,
-    verify_inputs: np.ndarray | None = None,
+    verify_inputs: Feeds | np.ndarray | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Artifact:
     """Export a torch module to an ONNX artifact folder and verify it on onnxruntime.
 
     Args:
         module: the model (put in eval mode; not modified).
-        input_shape: one sample's shape without the batch dimension.
+        spec: the model's inputs (and outputs, probed from the module when not given); a tuple is
+            one float input of that shape without the batch dimension.
         dest: the artifact folder to create (replaced atomically if it exists).
         target: a :class:`targets.Target` recorded in the manifest.
         model_name, preprocessing, stages, parent_hash, extra: recorded in the manifest.
         opset: ONNX opset (at least 17).
-        verify_inputs: inputs for the torch-vs-onnxruntime check (default: 8 fixed random samples).
+        verify_inputs: feeds for the torch-vs-onnxruntime check (default: 8 fixed random samples).
 
     Returns:
         The loaded, hash-verified artifact.
 
     Raises:
         UnsupportedExportError: an operator cannot be exported (the message names it).
+        SpecError: the inputs do not fit the model, or a non-batch dim is dynamic without a size.
         ExportError: the exported graph is invalid or disagrees with torch beyond the threshold.
     """
     import onnx
     import torch
 
+    from export.torch_io import ExportIO, model_spec_for
+
     if opset < 17:
         raise ExportError(f"opset {opset} is too old; use 17 or newer")
+    if not isinstance(spec, ModelSpec):
+        spec = ModelSpec.single(spec)
     exporter = _pick_exporter(module)
-    gen = torch.Generator().manual_seed(0)
     batch, check_batch = 1, 8
     if isinstance(module, torch.export.ExportedProgram):
         # A program keeps the shapes it was exported with: a static batch stays static in ONNX.
@@ -176,13 +207,17 @@ def export_onnx(
     else:
         program = module
         module.eval()
-    example = torch.randn((batch, *input_shape), generator=gen)
-    check_inputs = verify_inputs if verify_inputs is not None else torch.randn((check_batch, *input_shape), generator=gen).numpy()
+    spec = model_spec_for(module, spec)
+    # Named (dynamic) non-batch dims are traced at a size: 8 unless the spec fixes them.
+    traced = _traceable(spec)
+    example = traced.example_feeds(batch, seed=0)
+    check_feeds = as_feeds(verify_inputs, spec.input_names) if verify_inputs is not None else traced.example_feeds(check_batch, seed=1)
+    io = ExportIO.build(spec, example, dynamic_batch=program is module)
     t0 = time.perf_counter()
     with artifact_writer(dest) as tmp:
         onnx_path = tmp / MODEL_FILE
         try:
-            exporter.export(program, example, onnx_path, opset)
+            exporter.export(program, io, onnx_path, opset)
         except (torch.onnx.errors.UnsupportedOperatorError, torch.onnx.errors.SymbolicValueError) as exc:
             raise UnsupportedExportError(f"ONNX export of {model_name or type(module).__name__} failed: {exc}") from None
         except UnsupportedExportError:
@@ -196,29 +231,23 @@ def export_onnx(
             raise ExportError(f"exported ONNX graph is invalid: {exc}") from None
         model = onnx.shape_inference.infer_shapes(model)
         onnx.save(model, str(onnx_path))
-        check = verify_onnx_against_torch(module, onnx_path, check_inputs.astype(np.float32))
+        check = verify_onnx_against_torch(module, onnx_path, check_feeds, spec)
         if check["sqnr_db"] < exporter.min_sqnr_db:
             raise ExportError(
                 f"onnxruntime output differs from torch: SQNR {check['sqnr_db']:.1f} dB < {exporter.min_sqnr_db} dB "
                 f"(max abs error {check['max_abs_error']:.3g}); the export is wrong for this model"
             )
-        outputs = [o for o in model.graph.output]
+        graph = ModelSpec.from_onnx(model)
+        inputs = [i if program is module else TensorSpec(name=i.name, shape=[batch, *i.shape[1:]], dtype=i.dtype,
+                                                         range=i.range) for i in spec.inputs]  # fmt: skip
         manifest = Manifest(
             format=exporter.format,
             format_version=f"onnx-ir{model.ir_version}-opset{opset}",
             model_name=model_name,
             target=target.to_dict() if target is not None else {},
             model_file=MODEL_FILE,
-            inputs=[TensorSpec(name=INPUT_NAME, shape=["batch" if program is module else batch, *input_shape],
-                               dtype="float32")],
-            outputs=[
-                TensorSpec(
-                    name=o.name,
-                    shape=[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim],
-                    dtype="float32",
-                )
-                for o in outputs
-            ],
+            inputs=inputs,
+            outputs=graph.outputs,
             preprocessing=preprocessing or {},
             stages=[*(stages or []), StageRecord(stage="export-onnx", config={"opset": opset, "exporter": exporter.name},
                                                  seconds=round(time.perf_counter() - t0, 3))],
@@ -229,6 +258,16 @@ def export_onnx(
         write_manifest(tmp, manifest)
     log.info("exported %s to %s (SQNR %.1f dB vs torch)", model_name, dest, check["sqnr_db"])
     return load_artifact(dest)
+
+
+TRACE_DIM = 8
+
+
+def _traceable(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with named non-batch dims set to :data:`TRACE_DIM` (they stay dynamic in the graph)."""
+    return ModelSpec([TensorSpec(name=i.name, shape=[i.shape[0], *[d if isinstance(d, int) else TRACE_DIM
+                                                                    for d in i.shape[1:]]],
+                                 dtype=i.dtype, range=i.range) for i in spec.inputs], list(spec.outputs))  # fmt: skip
 
 
 def write_onnx_artifact(
@@ -260,9 +299,8 @@ def write_onnx_artifact(
             model_name=model_name,
             target=target.to_dict() if target is not None else {},
             model_file=MODEL_FILE,
-            inputs=inputs or [],
-            outputs=[TensorSpec(name=o.name, shape=[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim])
-                     for o in onnx_model.graph.output],
+            inputs=inputs or ModelSpec.from_onnx(onnx_model).inputs,
+            outputs=ModelSpec.from_onnx(onnx_model).outputs,
             preprocessing=preprocessing or {},
             stages=stages or [],
             parent_hash=parent_hash,
@@ -278,7 +316,9 @@ def bundle_source_info(bundle: Any) -> dict[str, Any]:
     ``compress check`` can rebuild the fp32 torch reference."""
     from export.artifact import sha256_file
 
-    info: dict[str, Any] = {"model_name": bundle.model_name, "input_shape": list(bundle.input_shape)}
+    info: dict[str, Any] = {"model_name": bundle.model_name, "model_spec": bundle.spec.to_json()}
+    if getattr(bundle, "task", None):
+        info["task"] = bundle.task  # picks the default metric on unlabelled data
     src = getattr(bundle, "source", None)
     if src and Path(src).is_file():
         info["source_checkpoint"] = str(Path(src).resolve())
@@ -287,13 +327,13 @@ def bundle_source_info(bundle: Any) -> dict[str, Any]:
 
 
 def export_bundle_onnx(bundle: Any, dest: str | Path, *, target: Any = None, opset: int | None = None) -> Artifact:
-    """Export a loaded checkpoint (duck-typed ``ModelBundle``: ``module``, ``input_shape``, ``model_name``,
+    """Export a loaded checkpoint (duck-typed ``ModelBundle``: ``module``, ``spec``, ``model_name``,
     ``preprocessing``, ``metadata``, optional ``exported_program``) to a verified ONNX artifact, with
     its stage lineage and source recorded. Every format that starts from ONNX (tvm, ort) uses this."""
     program = getattr(bundle, "exported_program", None)
     return export_onnx(
         program if program is not None else bundle.module,
-        tuple(bundle.input_shape),
+        bundle.spec,
         dest,
         target=target,
         model_name=bundle.model_name,

@@ -1,13 +1,14 @@
 """The Runtime and Session interfaces, and the registry of runtimes.
 
 A runtime runs artifacts: ``is_available()``, ``supports(artifact, target)`` and
-``prepare(artifact, target) -> Session``; a session runs a batch: ``run(x) -> y``. Timing and
+``prepare(artifact, target) -> Session``; a session runs a batch of feeds (``{input name: array}``,
+or one array for a one-input model): ``run_all(feeds) -> [outputs]``, ``run(feeds) -> first output``. Timing and
 accuracy are measured for every runtime alike by :mod:`runtimes.measure`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -21,9 +22,14 @@ class Session(Protocol):
 
     runtime: str
     threads: int
+    input_names: list[str]
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Run one batch (NCHW float32) and return the first output."""
+    def run_all(self, x: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one batch (feeds by input name, or one array for a one-input model): every output."""
+        ...
+
+    def run(self, x: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+        """Run one batch and return the first output."""
         ...
 
     def close(self) -> None: ...

@@ -2,18 +2,22 @@
 
 Latency: warm-up runs excluded, then at least ``min_runs`` timed runs and at least
 ``min_seconds`` of timing; reported as p50/p90/p99 with the runtime, threads and batch size.
-Accuracy: top-1 on a labelled split; agreement and SQNR against a reference session.
+Accuracy: one metric per model (:data:`METRICS`): top-1 on labels, or top-1 agreement, cosine
+similarity or SQNR of the outputs against the fp32 reference session.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from export.verify import compare_outputs
+from export.spec import Feeds, as_feeds, slice_feeds
+from export.spec import batch_size as batch_size_of
+from export.verify import compare_all_outputs, cosine_similarity, sqnr_db
 
 
 @dataclass
@@ -56,7 +60,7 @@ class LatencyStats:
 
 def measure_latency(
     session: Any,
-    x: np.ndarray,
+    x: np.ndarray | Mapping[str, np.ndarray],
     *,
     warmup: int = 10,
     min_runs: int = 30,
@@ -67,27 +71,43 @@ def measure_latency(
 
     Args:
         session: any :class:`runtimes.base.Session`.
-        x: the input batch (its first dimension is the batch size).
+        x: the input batch, one array or feeds ``{input name: array}`` (the first dim is the batch).
         warmup: untimed runs first (allocations, lazy initialisation, caches).
         min_runs: at least this many timed runs...
         min_seconds: ...and at least this much timing in total.
         max_runs: a hard cap for very fast models.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    feeds = session_feeds(session, x)
     for _ in range(warmup):
-        session.run(x)
+        session.run(feeds)
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() - start < min_seconds):
         t = time.perf_counter()
-        session.run(x)
+        session.run(feeds)
         samples.append((time.perf_counter() - t) * 1e3)
-    return LatencyStats.from_samples(samples, runtime=session.runtime, threads=session.threads, batch=len(x))
+    return LatencyStats.from_samples(samples, runtime=session.runtime, threads=session.threads, batch=batch_size_of(feeds))
 
 
-def run_batched(session: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Outputs for all of ``x``, run in batches."""
-    return np.concatenate([session.run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+def session_feeds(session: Any, x: np.ndarray | Mapping[str, np.ndarray]) -> Feeds:
+    """``x`` as feeds for ``session`` (its ``input_names``; a single array feeds a one-input model)."""
+    names = list(getattr(session, "input_names", None) or (list(x) if isinstance(x, Mapping) else ["input"]))
+    return as_feeds(x, names)
+
+
+def run_all_batched(session: Any, x: np.ndarray | Mapping[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
+    """Every output for all samples of ``x`` (one array or feeds), run in batches."""
+    feeds = session_feeds(session, x)
+    n = batch_size_of(feeds)
+    parts = [session.run_all(slice_feeds(feeds, i, i + batch_size)) for i in range(0, n, batch_size)]
+    if not parts:
+        raise ValueError("no samples to run")
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
+def run_batched(session: Any, x: np.ndarray | Mapping[str, np.ndarray], batch_size: int = 256) -> np.ndarray:
+    """The first output for all samples of ``x``, run in batches."""
+    return run_all_batched(session, x, batch_size)[0]
 
 
 def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -95,12 +115,94 @@ def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(100.0 * np.mean(np.asarray(logits).argmax(1) == labels))
 
 
-def evaluate(session: Any, dataset: Any, *, batch_size: int = 256, reference: Any = None) -> dict[str, float]:
-    """Top-1 accuracy of ``session`` on ``dataset``; with ``reference``, agreement and SQNR too."""
-    out = run_batched(session, dataset.x, batch_size)
-    result = {"accuracy": top1_accuracy(out, dataset.y), "samples": float(len(dataset))}
+METRICS = ("top1", "agreement", "cosine", "sqnr")
+METRIC_UNITS = {"top1": "%", "agreement": "%", "cosine": "% (100 x mean cosine)", "sqnr": "dB"}
+
+
+def is_logits(output: np.ndarray) -> bool:
+    """A classifier's output: ``(N, classes)`` with more than one class."""
+    return output.ndim == 2 and output.shape[1] > 1
+
+
+def default_metric(has_labels: bool, outputs: list[np.ndarray], task: str | None = None) -> str:
+    """Labels -> top1; a 2-d logits output -> agreement with fp32; anything else -> cosine.
+
+    ``task`` (recorded with the model) settles a 2-d output that is not logits: ``embedding`` or
+    ``other`` -> cosine.
+    """
+    if task in ("embedding", "other"):
+        return "cosine"
+    if has_labels and outputs and is_logits(outputs[0]):
+        return "top1"
+    if outputs and is_logits(outputs[0]):
+        return "agreement"
+    return "cosine"
+
+
+def check_metric(metric: str | None, *, has_labels: bool, has_reference: bool) -> None:
+    """Raise ValueError when ``metric`` cannot be computed from what is there."""
+    if metric is None:
+        return
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    if metric == "top1" and not has_labels:
+        raise ValueError("metric 'top1' needs labels ('y' in the data); without them use agreement, cosine or sqnr")
+    if metric != "top1" and not has_reference:
+        raise ValueError(f"metric {metric!r} compares with the fp32 reference, and there is none here")
+
+
+def score(metric: str, outputs: list[np.ndarray], *, labels: np.ndarray | None = None,
+          reference: list[np.ndarray] | None = None) -> float:  # fmt: skip
+    """The value of ``metric`` (top-1 %, agreement %, 100 x mean cosine, or SQNR dB)."""
+    if metric == "top1":
+        if labels is None:
+            raise ValueError("metric 'top1' needs labels")
+        return top1_accuracy(outputs[0], labels)
+    if reference is None:
+        raise ValueError(f"metric {metric!r} needs the fp32 reference outputs")
+    if metric == "agreement":
+        if not is_logits(reference[0]):
+            raise ValueError(f"metric 'agreement' needs logits (N, classes); the first output has shape {reference[0].shape}")
+        return float(100.0 * np.mean(reference[0].argmax(1) == outputs[0].argmax(1)))
+    if metric == "cosine":
+        return 100.0 * cosine_similarity(reference, outputs)
+    if metric == "sqnr":
+        return sqnr_db(_flat(reference), _flat(outputs))
+    raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+
+
+def _flat(outputs: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(o, dtype=np.float64).ravel() for o in outputs])
+
+
+def evaluate(session: Any, dataset: Any, *, batch_size: int = 256, reference: Any = None,
+             metric: str | None = None, task: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Score ``session`` on ``dataset`` (``inputs`` feeds, optional ``y`` labels).
+
+    With labels, top-1 accuracy; with a ``reference`` session (the fp32 model), agreement, cosine
+    similarity and SQNR of every output against it. ``metric`` (default: :func:`default_metric`)
+    names the one that gates: its value is ``score``; ``task`` informs the default.
+    """
+    labels = getattr(dataset, "y", None)
+    out = run_all_batched(session, dataset.inputs, batch_size)
+    result: dict[str, Any] = {"samples": len(dataset)}
+    if labels is not None and is_logits(out[0]):
+        result["accuracy"] = top1_accuracy(out[0], labels)
+    ref = None
     if reference is not None:
-        ref = run_batched(reference, dataset.x, batch_size)
-        result["reference_accuracy"] = top1_accuracy(ref, dataset.y)
-        result.update(compare_outputs(ref, out))
+        ref = run_all_batched(reference, dataset.inputs, batch_size)
+        if labels is not None and is_logits(ref[0]):
+            result["reference_accuracy"] = top1_accuracy(ref[0], labels)
+        result.update(compare_all_outputs(ref, out))
+    chosen = metric or default_metric(labels is not None, ref or out, task)
+    if chosen == "top1" and "accuracy" not in result:
+        raise ValueError("metric 'top1' needs labels and a logits output (N, classes)")
+    if chosen != "top1" and ref is None:
+        # Without a reference only top-1 can be computed; fall back to it when it can.
+        if "accuracy" in result and metric is None:
+            chosen = "top1"
+        else:
+            raise ValueError(f"metric {chosen!r} compares with the fp32 model, and there is no reference here")
+    result["metric"] = chosen
+    result["score"] = score(chosen, out, labels=labels, reference=ref)
     return result

@@ -5,10 +5,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from export.artifact import TensorSpec
+from export.errors import SpecError
+from export.spec import as_feeds, numpy_dtype
 from runtimes.errors import RuntimeExecutionError, RuntimeUnavailableError
 
 log = logging.getLogger(__name__)
@@ -59,21 +63,38 @@ class OrtSession:
     runtime = "onnxruntime"
 
     def __init__(self, model_path: str, providers: list[str], threads: int, settings: dict[str, Any] | None = None):
+        from export.spec import dtype_name
+
         self._sess = build_session(model_path, providers, threads, settings)
         self.providers = self._sess.get_providers()
         opts = self._sess.get_session_options()
         self.threads = int(opts.intra_op_num_threads or threads)
-        self.input_name = self._sess.get_inputs()[0].name
-        shape = self._sess.get_inputs()[0].shape
-        self.input_shape = tuple(shape[1:])
+        graph_inputs = self._sess.get_inputs()
+        self.inputs = [TensorSpec(name=i.name, shape=[d if isinstance(d, int) else str(d) for d in i.shape],
+                                  dtype=dtype_name(i.type)) for i in graph_inputs]  # fmt: skip
+        self.input_names = [i.name for i in self.inputs]
+        self.output_names = [o.name for o in self._sess.get_outputs()]
+        self._dtypes = {i.name: numpy_dtype(i.dtype) for i in self.inputs}
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        expected = self.input_shape
-        if len(x.shape) != len(expected) + 1 or any(
-            isinstance(e, int) and e != s for e, s in zip(expected, x.shape[1:], strict=True)
-        ):
-            raise ValueError(f"input shape {list(x.shape)} does not fit the model's [batch, {', '.join(map(str, expected))}]")
-        return self._sess.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    def run_all(self, x: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output for one batch (one array for a single-input model, or feeds by input name).
+
+        Raises:
+            SpecError: an input is missing or its shape does not fit the model (named).
+        """
+        feeds = as_feeds(x, self.input_names)
+        for spec in self.inputs:
+            a = feeds[spec.name]
+            want = spec.shape[1:]
+            if a.ndim != len(want) + 1 or any(isinstance(e, int) and e != s for e, s in zip(want, a.shape[1:], strict=True)):
+                raise SpecError(
+                    f"input {spec.name!r} shape {list(a.shape)} does not fit the model's [batch, {', '.join(map(str, want))}]"
+                )
+        return list(self._sess.run(None, {k: np.ascontiguousarray(v, dtype=self._dtypes[k]) for k, v in feeds.items()}))
+
+    def run(self, x: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+        """The first output for one batch."""
+        return self.run_all(x)[0]
 
     def close(self) -> None:
         self._sess = None

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 
 class TorchSession:
-    """Runs an ``nn.Module`` in eval mode without gradients."""
+    """Runs an ``nn.Module`` in eval mode without gradients, fed by name as its ``spec`` says."""
 
     runtime = "torch"
 
-    def __init__(self, module: Any, threads: int = 0):
+    def __init__(self, module: Any, threads: int = 0, spec: Any = None):
         import torch
+
+        from export.spec import ModelSpec
 
         self.module = module
         with contextlib.suppress(NotImplementedError):  # torch.export program modules are already in eval mode
@@ -22,12 +25,17 @@ class TorchSession:
         self.threads = threads or torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
+        self.spec = spec if spec is not None else ModelSpec.single(())
+        self.inputs = list(self.spec.inputs)
+        self.input_names = self.spec.input_names
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        import torch
+    def run_all(self, x: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        from export.torch_io import run_module
 
-        with torch.inference_mode():
-            return self.module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+        return run_module(self.module, x, self.spec)
+
+    def run(self, x: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+        return self.run_all(x)[0]
 
     def close(self) -> None:
         pass

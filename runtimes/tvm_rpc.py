@@ -185,7 +185,8 @@ def remote_session(
 
     vm, dev, params = with_deadline(load, timeout + 10 * lib_file.stat().st_size / 1e6, f"loading the model on {where}")
     threads = int(getattr(target, "num_threads", 0) or 0) if target is not None else 0
-    session = TvmSession(vm, dev, params, batch=int(extra.get("batch", 1)), threads=threads, where=where, keepalive=sess)
+    session = TvmSession(vm, dev, params, batch=int(extra.get("batch", 1)), threads=threads, where=where, keepalive=sess,
+                         inputs=list(artifact.manifest.inputs))
     return _GuardedSession(session, timeout)
 
 
@@ -200,11 +201,16 @@ class _GuardedSession:
         self.where = inner.where
         self.threads = inner.threads
         self.batch = inner.batch
+        self.inputs = inner.inputs
+        self.input_names = inner.input_names
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return with_deadline(lambda: self._inner.run(x), self.timeout, f"running on {self.where}")
+    def run_all(self, x: Any) -> list[np.ndarray]:
+        return with_deadline(lambda: self._inner.run_all(x), self.timeout, f"running on {self.where}")
 
-    def time_evaluator(self, x: np.ndarray, *, number: int, repeat: int, deadline: float) -> list[float]:
+    def run(self, x: Any) -> np.ndarray:
+        return self.run_all(x)[0]
+
+    def time_evaluator(self, x: Any, *, number: int, repeat: int, deadline: float) -> list[float]:
         return with_deadline(
             lambda: self._inner.time_evaluator(x, number=number, repeat=repeat), deadline, f"timing on {self.where}"
         )
@@ -350,8 +356,9 @@ def profile_remote(
         raise RuntimeUnavailableError(f"{artifact.path} was compiled for batch {compiled}; profile it with --batch {compiled}")
     session = remote_session(artifact, rpc, key=key, target=target, tracker=tracker, timeout=timeout)
     try:
-        shape = [int(s) for s in artifact.manifest.inputs[0].shape[1:]]
-        x = np.random.default_rng(0).standard_normal((compiled, *shape)).astype(np.float32)
+        from export.spec import ModelSpec
+
+        x = ModelSpec(list(artifact.manifest.inputs)).example_feeds(compiled)
         # Warm-up and calibration: three untimed-for-the-result calls give the per-call cost.
         first = session.time_evaluator(x, number=1, repeat=3, deadline=timeout)
         per_call = max(min(first), 1e-7)

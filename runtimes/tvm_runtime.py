@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,58 +22,79 @@ log = logging.getLogger(__name__)
 
 
 class TvmSession:
-    """A loaded TVM library and its parameters on a device (local or remote), run by the Relax VM."""
+    """A loaded TVM library and its parameters on a device (local or remote), run by the Relax VM.
+
+    The library takes ``main(*inputs, *params)`` with a static batch; ``inputs`` are the
+    manifest's input specs (names and dtypes, in the library's argument order).
+    """
 
     runtime = "tvm"
 
     def __init__(self, vm: Any, dev: Any, params: list[Any], *, batch: int, threads: int, where: str = "local",
-                 keepalive: Any = None):  # fmt: skip
+                 keepalive: Any = None, inputs: list[Any] | None = None):  # fmt: skip
+        from export.artifact import TensorSpec
+
         self._vm = vm
         self._dev = dev
         self._params = params
         self._keepalive = keepalive  # an RPC session must outlive the objects it holds
-        self._input: Any = None  # the input tensor on the device, reused run to run
+        self._inputs: list[Any] | None = None  # the input tensors on the device, reused run to run
         self._main: Any = None
-        self._host_view: np.ndarray | None = None  # a numpy view of ``_input`` (local CPU only)
+        self._host_views: list[np.ndarray | None] = []  # numpy views of ``_inputs`` (local CPU only)
         self.batch = batch
         self.threads = threads
         self.where = where
+        self.inputs = list(inputs or [TensorSpec(name="input", shape=[batch])])
+        self.input_names = [i.name for i in self.inputs]
+        self._dtypes = [np.dtype(np.bool_ if i.dtype == "bool" else i.dtype) for i in self.inputs]
 
-    def _tensor(self, x: np.ndarray) -> Any:
+    def _tensor(self, x: np.ndarray, dtype: np.dtype) -> Any:
         import tvm
 
-        return tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self._dev)
+        return tvm.runtime.tensor(np.ascontiguousarray(x, dtype=dtype), self._dev)
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Outputs for a batch ``x`` of any size (chunks of the compiled batch)."""
-        x = np.asarray(x, dtype=np.float32)
-        if len(x) == self.batch:  # the common case: no chunking, no copies
-            return self._call(x)
-        outs = []
-        for i in range(0, len(x), self.batch):
-            chunk = x[i : i + self.batch]
-            n = len(chunk)
-            if n < self.batch:  # pad the last chunk: the library has a static batch
-                chunk = np.concatenate([chunk, np.zeros((self.batch - n, *chunk.shape[1:]), np.float32)])
-            outs.append(self._call(chunk)[:n])
-        return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+    def run_all(self, x: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output for a batch of any size (chunks of the compiled batch, the last one padded)."""
+        from export.spec import as_feeds
 
-    def _call(self, chunk: np.ndarray) -> np.ndarray:
-        if self._input is None:
-            self._input = self._tensor(chunk)
+        feeds = as_feeds(x, self.input_names)
+        arrays = [np.asarray(feeds[n]) for n in self.input_names]
+        n = len(arrays[0])
+        if n == self.batch:  # the common case: no chunking, no copies
+            return self._call(arrays)
+        parts: list[list[np.ndarray]] = []
+        for i in range(0, n, self.batch):
+            chunk = [a[i : i + self.batch] for a in arrays]
+            m = len(chunk[0])
+            if m < self.batch:  # pad the last chunk: the library has a static batch
+                chunk = [np.concatenate([c, np.zeros((self.batch - m, *c.shape[1:]), c.dtype)]) for c in chunk]
+            parts.append([o[:m] for o in self._call(chunk)])
+        if not parts:
+            return [np.zeros((0,), np.float32)]
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+    def run(self, x: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+        """The first output for a batch of any size."""
+        return self.run_all(x)[0]
+
+    def _call(self, chunk: list[np.ndarray]) -> list[np.ndarray]:
+        if self._inputs is None:
+            self._inputs = [self._tensor(c, d) for c, d in zip(chunk, self._dtypes, strict=True)]
             self._main = self._vm["main"]
-            self._host_view = self._numpy_view(self._input)
-        elif self._host_view is not None:
-            self._host_view[...] = chunk  # writes into the VM's input tensor: no FFI copy call
+            self._host_views = [self._numpy_view(t) for t in self._inputs]
         else:
-            self._input.copyfrom(np.ascontiguousarray(chunk, dtype=np.float32))
-        out = self._main(self._input, *self._params)
-        out = out if hasattr(out, "numpy") else out[0]
-        if self._host_view is not None:
+            for tensor, view, c, d in zip(self._inputs, self._host_views, chunk, self._dtypes, strict=True):
+                if view is not None:
+                    view[...] = c  # writes into the VM's input tensor: no FFI copy call
+                else:
+                    tensor.copyfrom(np.ascontiguousarray(c, dtype=d))
+        out = self._main(*self._inputs, *self._params)
+        outs = [out] if hasattr(out, "numpy") else list(out)
+        if self._host_views and self._host_views[0] is not None:
             # DLPack: ~1.5 us instead of ~15 us for .numpy() on a small output (the copy is needed:
             # the VM reuses the output's memory on the next call).
-            return np.array(np.from_dlpack(out), copy=True)
-        return out.numpy()
+            return [np.array(np.from_dlpack(o), copy=True) for o in outs]
+        return [o.numpy() for o in outs]
 
     def _numpy_view(self, tensor: Any) -> np.ndarray | None:
         """A writable numpy view of a tensor in this process's CPU memory (None for remote/GPU)."""
@@ -84,16 +106,21 @@ class TvmSession:
             return None
         return view if view.flags.writeable else None
 
-    def time_evaluator(self, x: np.ndarray, *, number: int, repeat: int, min_repeat_ms: int = 0) -> list[float]:
+    def time_evaluator(self, x: np.ndarray | Mapping[str, np.ndarray], *, number: int, repeat: int,
+                       min_repeat_ms: int = 0) -> list[float]:  # fmt: skip
         """TVM's ``time_evaluator`` on the device itself: seconds per call for each repeat."""
+        from export.spec import as_feeds
+
+        feeds = as_feeds(x, self.input_names)
+        args = [self._tensor(np.asarray(feeds[n])[: self.batch], d) for n, d in zip(self.input_names, self._dtypes, strict=True)]
         f = self._vm.time_evaluator("main", self._dev, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
-        return [float(r) for r in f(self._tensor(x[: self.batch]), *self._params).results]
+        return [float(r) for r in f(*args, *self._params).results]
 
     def close(self) -> None:
         self._vm = None
         self._main = None
-        self._input = None
-        self._host_view = None
+        self._inputs = None
+        self._host_views = []
         self._params = []
         self._keepalive = None
 
@@ -181,4 +208,5 @@ class TvmRuntime:
         except RuntimeError as exc:  # TVM errors (tvm.error.*) derive from RuntimeError
             raise RuntimeExecutionError(f"TVM cannot load {artifact.model_path}: {exc}") from None
         used = n or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-        return TvmSession(vm, dev, params, batch=int(extra.get("batch", 1)), threads=used)
+        return TvmSession(vm, dev, params, batch=int(extra.get("batch", 1)), threads=used,
+                          inputs=list(artifact.manifest.inputs))

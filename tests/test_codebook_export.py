@@ -94,4 +94,4 @@ def test_session_memory_is_measured(tmp_path: Path) -> None:
     mem = art.manifest.metrics["memory"]
     assert mem["fp32_file_bytes"] > art.manifest.metrics["size_check"]["file_bytes"] * 6
     assert mem["codebook_none"]["peak_bytes"] > 0 and mem["fp32_all"]["peak_bytes"] > 0
-    assert session_memory(art.model_path, (1, 8, 8))["rss_after_load"] > 0
+    assert session_memory(art.model_path)["rss_after_load"] > 0

@@ -63,7 +63,7 @@ def test_cuda_kernels_get_valid_argument_names() -> None:
     from targets import get_target
 
     target = get_target("cuda-sm90")
-    mod, _ = tc.import_onnx(_slashed_graph(), "input", [1, 4], target.name)
+    mod, _ = tc.import_onnx(_slashed_graph(), {"input": [1, 4]}, target.name)
     source = tc.build(mod, tc.tvm_target(target)).mod.imports[0].imports[0].inspect_source("cuda")
     signatures = re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?\w+\(([^)]*)\)", source)
     assert signatures and not any("/" in s or "." in s.replace("float* __restrict__", "") for s in signatures)

@@ -57,9 +57,12 @@ def test_npz_with_nan_rejected(tmp_path):
 
 
 def test_npz_missing_arrays(tmp_path):
-    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 4, 4)))
-    with pytest.raises(DataError, match="'x' and 'y'"):
+    np.savez(tmp_path / "bad.npz", y=np.zeros(2, np.int64))
+    with pytest.raises(DataError, match="one array per model input"):
         load_dataset(tmp_path / "bad.npz")
+    np.savez(tmp_path / "text.npz", x=np.array(["a", "b"]))
+    with pytest.raises(DataError, match="dtype <U1"):
+        load_dataset(tmp_path / "text.npz")
 
 
 def test_empty_folder_rejected(tmp_path):

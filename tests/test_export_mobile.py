@@ -112,7 +112,7 @@ def test_pt2_program_compiles_to_tvm(cnn, tmp_path: Path) -> None:
     assert not any(s.stage == "export-onnx" for s in m.stages)
     assert m.metrics["export_check"]["reference"].startswith("torch")
     x = np.random.default_rng(4).standard_normal((3, 1, 28, 28)).astype(np.float32)
-    out = run_local(art.model_path, art.path / m.extra["params_file"], x, m.extra["batch"])
+    out = run_local(art.model_path, art.path / m.extra["params_file"], x, m.extra["batch"])[0]
     with torch.no_grad():
         ref = torch.cat([bundle.exported_program.module()(torch.from_numpy(x[i : i + 1])) for i in range(3)]).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)

@@ -161,15 +161,18 @@ def test_mixed_precision_keeps_first_and_last_layers_in_float(evaluator) -> None
     assert producers.get(mid.input[1]) == "DequantizeLinear"  # int8 weight
 
 
-def evaluator_calib(evaluator) -> np.ndarray:
-    return np.load(evaluator.arrays / "calib_x.npy")
+def evaluator_calib(evaluator) -> dict[str, np.ndarray]:
+    from compress.ptq.evaluator import load_feeds
+
+    return load_feeds(evaluator.arrays / "calib.npz")
 
 
 def test_empty_calibration_set_is_a_clear_error(evaluator, tmp_path: Path) -> None:
     from compress.ptq.evaluator import Evaluator
 
     with pytest.raises(DataError, match="calibration set is empty"):
-        Evaluator(evaluator.prepared, np.zeros((0, 1, 28, 28), np.float32), evaluator_calib(evaluator)[:4],
+        calib = evaluator_calib(evaluator)
+        Evaluator(evaluator.prepared, {k: v[:0] for k, v in calib.items()}, {k: v[:4] for k, v in calib.items()},
                   np.zeros(4, np.int64), database=None, workdir=tmp_path)  # fmt: skip
 
 

@@ -255,7 +255,7 @@ def test_gpu_records_are_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     untuned = export_tvm_from_onnx(src, gpu, tmp_path / "before", database_dir=db)
     assert untuned.manifest.extra["tuned"] is False and "tasks" not in untuned.manifest.extra
     monkeypatch.setattr(tuning, "_in_process_workers", lambda: (tuning.in_process_builder(), StandInRunner()))
-    mod, _ = tc.import_onnx(onnx.load(str(src.model_path)), "input", [1, 8], gpu.name)
+    mod, _ = tc.import_onnx(onnx.load(str(src.model_path)), {"input": [1, 8]}, gpu.name)
     tgt = tc.tvm_target(gpu)
     report = tuning.tune(tc.fuse_for_cpu(mod, tgt), tgt, dict(gpu.tvm), tuning.TuneBudget(trials=2, trials_per_task=2),
                          root=db)  # fmt: skip

@@ -7,7 +7,14 @@ from pathlib import Path
 import typer
 
 from compress.cli.common import JsonOption, cli_progress, emit_json, print_table
-from compress.cli.inputs import InputShapeOption, ModelFactoryOption, TrustPickleOption, load_model_from_cli
+from compress.cli.inputs import (
+    InputOption,
+    InputShapeOption,
+    ModelFactoryOption,
+    TrustPickleOption,
+    load_model_from_cli,
+    parse_inputs,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +35,7 @@ def register(app: typer.Typer) -> None:
         model_factory: str | None = ModelFactoryOption,
         trust_pickle: bool = TrustPickleOption,
         input_shape: str | None = InputShapeOption,
+        inputs: list[str] | None = InputOption,
         json_out: bool = JsonOption,
     ) -> None:
         """Export MODEL for a target and verify the artifact against torch.
@@ -46,14 +54,18 @@ def register(app: typer.Typer) -> None:
 
                 work = out.with_name(f".{out.name}.onnx-src")
                 try:
-                    art = export_model(onnx_file_or_checkpoint(model, work, target=tgt), fmt, tgt, out, opset=opset,
-                                       tune=tune, **device)  # fmt: skip
+                    if input_shape:
+                        from compress.errors import ConfigError
+
+                        raise ConfigError("an ONNX file brings its own inputs: fix dynamic dims with --input NAME:SHAPE")
+                    src = onnx_file_or_checkpoint(model, work, target=tgt, inputs=parse_inputs(inputs))
+                    art = export_model(src, fmt, tgt, out, opset=opset, tune=tune, **device)
                 finally:
                     import shutil
 
                     shutil.rmtree(work, ignore_errors=True)
             else:
-                bundle = load_model_from_cli(model, model_factory, trust_pickle, input_shape)
+                bundle = load_model_from_cli(model, model_factory, trust_pickle, input_shape, inputs)
                 art = export_model(bundle, fmt, tgt, out, opset=opset, tune=tune, **device)
         m = art.manifest
         result = {"artifact": str(art.path), "format": m.format, "target": tgt.name, "size_bytes": art.size_bytes,

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from compress.checkpoint import ModelBundle, load_checkpoint
 from compress.cli.common import parse_shape
+from compress.data import Splits, load_data
+from export.artifact import TensorSpec
+from export.spec import parse_input_option
 
 ModelFactoryOption = typer.Option(
     None,
@@ -18,11 +22,34 @@ ModelFactoryOption = typer.Option(
 TrustPickleOption = typer.Option(
     False, "--trust-pickle", help="Allow checkpoints that unpickle arbitrary objects (can run code: trusted files only)."
 )
-InputShapeOption = typer.Option(None, "--input-shape", help="One sample's shape without batch, e.g. 1,28,28.")
+InputShapeOption = typer.Option(
+    None, "--input-shape", help="Shorthand for one float input: one sample's shape without batch, e.g. 3,224,224."
+)
+InputOption = typer.Option(
+    None,
+    "--input",
+    help="A model input NAME:SHAPE[:DTYPE], shape without batch with x between dims (repeatable, in forward "
+    "order): --input input_ids:32:int64 --input attention_mask:32:int64. Fixes dynamic dims of ONNX inputs.",
+)
+DataOption = typer.Option(
+    None, "--data", "-d", help="Built-in dataset name, .npz file (one array per input, optional y) or image folder; "
+    "split into train/calib/val/test."
+)
+CalibDataOption = typer.Option(None, "--calib-data", help="Data used whole for calibration (and training without --data).")
+EvalDataOption = typer.Option(None, "--eval-data", help="Data used whole for evaluation (validation and test numbers).")
+MetricOption = typer.Option(
+    None, "--metric", help="top1 (labels), agreement (top-1 agreement with fp32), cosine or sqnr (vs fp32 outputs); "
+    "default: top1 with labels, else agreement for logits, else cosine."
+)
+
+
+def parse_inputs(values: list[str] | None) -> list[TensorSpec] | None:
+    """``--input`` values -> input specs (None when none were given)."""
+    return [parse_input_option(v) for v in values] if values else None
 
 
 def load_model_from_cli(
-    path: Path, model_factory: str | None, trust_pickle: bool, input_shape: str | None
+    path: Path, model_factory: str | None, trust_pickle: bool, input_shape: str | None, inputs: list[str] | None = None
 ) -> ModelBundle:
     """Load a checkpoint as the CLI options say (a factory given on the command line may be imported)."""
     return load_checkpoint(
@@ -31,4 +58,19 @@ def load_model_from_cli(
         allow_code=model_factory is not None,
         trust_pickle=trust_pickle,
         input_shape=parse_shape(input_shape),
+        inputs=parse_inputs(inputs),
     )
+
+
+def load_data_from_cli(
+    data: str | None, calib_data: str | None, eval_data: str | None, *, seed: int = 0, **kwargs: Any
+) -> Splits:
+    """The command's data by role (``--data`` split, ``--calib-data``/``--eval-data`` used whole)."""
+    return load_data(data, calib_data=calib_data, eval_data=eval_data, seed=seed, **kwargs)
+
+
+def data_usage_line(splits: Splits, roles: tuple[str, ...]) -> str:
+    """``calibration: 80 samples of photos.npz; evaluation: 112 of eval.npz`` for the summary."""
+    names = {"train": "training", "calib": "calibration", "val": "validation", "test": "evaluation"}
+    u = splits.usage()
+    return "; ".join(f"{names[r]}: {u[r]['samples']} samples of {u[r]['source']}" for r in roles)

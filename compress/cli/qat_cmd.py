@@ -106,7 +106,7 @@ def run_qat_command(bundle, splits, config, out: Path, target_name: str, resume:
         return None
     metrics = {k: v for k, v in result.metrics.items() if k != "plot"}
     art = export_onnx(
-        result.model, bundle.input_shape, out / "onnx", target=tgt, model_name=bundle.model_name,
+        result.model, bundle.spec, out / "onnx", target=tgt, model_name=bundle.model_name,
         preprocessing=bundle.preprocessing,
         stages=[StageRecord(stage="qat", config=config.model_dump(mode="json"),
                             metrics={k: v for k, v in metrics.items() if k not in ("layers", "conflict")},

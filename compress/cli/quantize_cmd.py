@@ -8,7 +8,19 @@ from typing import Any
 import typer
 
 from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say
-from compress.cli.inputs import InputShapeOption, ModelFactoryOption, TrustPickleOption, load_model_from_cli
+from compress.cli.inputs import (
+    CalibDataOption,
+    DataOption,
+    EvalDataOption,
+    InputOption,
+    InputShapeOption,
+    MetricOption,
+    ModelFactoryOption,
+    TrustPickleOption,
+    load_data_from_cli,
+    load_model_from_cli,
+    parse_inputs,
+)
 
 
 def _load_config_file(path: Path) -> dict[str, Any]:
@@ -56,7 +68,10 @@ def register(app: typer.Typer) -> None:
     @app.command("quantize")
     def quantize_cmd(
         model: Path = typer.Argument(..., help="Checkpoint (.pt/.pth/.safetensors/.pt2) or fp32 .onnx file."),
-        data: str = typer.Option(..., "--data", "-d", help="Built-in dataset, .npz file or image folder (calib + val splits)."),
+        data: str | None = DataOption,
+        calib_data: str | None = CalibDataOption,
+        eval_data: str | None = EvalDataOption,
+        metric: str | None = MetricOption,
         out: Path = typer.Option(..., "-o", "--out", help="Artifact folder to write (onnx-qdq, with trials.json and sensitivity.md)."),
         config_file: Path | None = typer.Option(None, "--config", help="YAML: a PTQConfig (applied as is) or search options."),
         search: str | None = typer.Option(None, "--search", help="quantune, random, grid, genetic or none (default: quantune)."),
@@ -74,12 +89,12 @@ def register(app: typer.Typer) -> None:
         model_factory: str | None = ModelFactoryOption,
         trust_pickle: bool = TrustPickleOption,
         input_shape: str | None = InputShapeOption,
+        inputs: list[str] | None = InputOption,
         json_out: bool = JsonOption,
     ) -> None:
         """Find the best int8 onnxruntime quantization of MODEL (Quantune) and write it to OUT."""
         import shutil
 
-        from compress.data import load_splits
         from compress.ptq.config import parse_duration
         from compress.ptq.search import quantize_artifact
         from targets import get_target
@@ -91,6 +106,7 @@ def register(app: typer.Typer) -> None:
             "target_accuracy": target_accuracy, "workers": workers, "seed": seed,
             "database": str(database) if database else None, "val_samples": val_samples,
             "use_seed_database": False if no_seed_database else None, "sensitivity": False if no_sensitivity else None,
+            "metric": metric,
         })  # fmt: skip
         work = out.with_name(f".{out.name}.fp32-src")
         with cli_progress(not json_out):
@@ -98,17 +114,22 @@ def register(app: typer.Typer) -> None:
                 from compress.exporting import onnx_file_or_checkpoint
 
                 source = onnx_file_or_checkpoint(
-                    model, work, target=tgt,
-                    load=lambda: load_model_from_cli(model, model_factory, trust_pickle, input_shape),
+                    model, work, target=tgt, inputs=parse_inputs(inputs),
+                    load=lambda: load_model_from_cli(model, model_factory, trust_pickle, input_shape, inputs),
                 )  # fmt: skip
-                shape = tuple(int(s) for s in source.manifest.inputs[0].shape[1:]) if source.manifest.inputs else None
-                splits = load_splits(data, preprocessing=source.manifest.preprocessing or None, input_shape=shape)
+                first = source.manifest.inputs[0].shape[1:] if len(source.manifest.inputs) == 1 else []
+                shape = tuple(int(d) for d in first) if first and all(isinstance(d, int) for d in first) else None
+                splits = load_data_from_cli(data, calib_data, eval_data, preprocessing=source.manifest.preprocessing or None,
+                                            input_shape=shape)  # fmt: skip
+                if eval_data is not None and val_samples is None:  # a file given as eval data is used whole
+                    cfg = cfg.model_copy(update={"val_samples": len(splits.val)})
                 result = quantize_artifact(source, splits, cfg, out, target=tgt)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         m = result.metrics
         summary = {"artifact": str(result.artifact.path), "format": "onnx-qdq", "config": m["config"],
-                   "val_accuracy": m["val_accuracy"], "fp32_val_accuracy": m["fp32_val_accuracy"],
+                   "metric": m["metric"], "val_accuracy": m["val_accuracy"], "fp32_val_accuracy": m["fp32_val_accuracy"],
+                   "calib_samples": m["calib_samples"], "val_samples": m["val_samples"],
                    "trials": m["trials"], "measured_now": m["measured_now"], "stopped_by": m["stopped_by"],
                    "search_seconds": m["search_seconds"], "size_bytes": result.artifact.size_bytes,
                    "trial_log": str(result.artifact.path / "trials.json"),
@@ -118,11 +139,13 @@ def register(app: typer.Typer) -> None:
             return
         print_table(
             f"quantized {result.artifact.manifest.model_name} -> {result.artifact.path}",
-            ["search", "trials", "stopped by", "best config", "val acc %", "fp32 val acc %", "seconds"],
+            ["search", "trials", "stopped by", "best config", f"val {m['metric']}", f"fp32 val {m['metric']}", "seconds"],
             [[cfg.search, m["trials"], m["stopped_by"], m["config"], m["val_accuracy"], m["fp32_val_accuracy"],
               m["search_seconds"]]],
         )  # fmt: skip
         if result.sensitivity:
             print_table("most sensitive layers (quantized alone)", ["layer", "op", "drop (pt)", "SQNR dB"],
                         [[r["node"], r["op_type"], r["accuracy_drop"], r["sqnr_db"]] for r in result.sensitivity[:5]])  # fmt: skip
+        say(f"data: calibration {m['calib_samples']} samples of {m['calib_source']}; trials scored on "
+            f"{m['val_samples']} samples of {m['val_source']} ({m['metric']})")
         say(f"trial log: {result.artifact.path / 'trials.json'}; sensitivity: {result.artifact.path / 'sensitivity.md'}")

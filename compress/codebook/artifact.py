@@ -22,8 +22,7 @@ _MEMORY_PROBE = r"""
 import json, sys
 import numpy as np, onnxruntime as ort, psutil
 proc = psutil.Process()
-path, level, shape = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3].split(",")]
-x = np.zeros([1, *shape], dtype=np.float32)
+path, level = sys.argv[1], sys.argv[2]
 before = proc.memory_info().rss
 opts = ort.SessionOptions()
 opts.log_severity_level = 3
@@ -31,7 +30,11 @@ opts.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_AL
                                  "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
 sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 loaded = proc.memory_info().rss
-sess.run(None, {sess.get_inputs()[0].name: x})
+types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+         "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+# every graph input at batch 1 (dynamic dims at 1), zeros of its dtype
+sess.run(None, {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], dtype=types.get(i.type, np.float32))
+                for i in sess.get_inputs()})
 ran = proc.memory_info().rss
 # VmHWM (peak RSS of this process image); ru_maxrss would carry the parent's peak across exec
 peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
@@ -39,14 +42,14 @@ print(json.dumps({"rss_before": before, "rss_after_load": loaded, "rss_after_run
 """
 
 
-def session_memory(onnx_path: str | Path, input_shape: tuple[int, ...], *, optimization: str = "all") -> dict[str, int]:
+def session_memory(onnx_path: str | Path, *, optimization: str = "all") -> dict[str, int]:
     """RSS of a fresh process before/after creating an onnxruntime session and running it once.
 
     ``load_bytes`` = RSS after load minus RSS before (what the session holds), ``peak_bytes`` =
     peak RSS minus RSS before. ``optimization="all"`` lets onnxruntime constant-fold the in-graph
     weight reconstruction (dense weights then live in memory); ``"none"`` keeps the packed form.
     """
-    cmd = [sys.executable, "-c", _MEMORY_PROBE, str(onnx_path), optimization, ",".join(map(str, input_shape))]
+    cmd = [sys.executable, "-c", _MEMORY_PROBE, str(onnx_path), optimization]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
     m = json.loads(res.stdout.strip().splitlines()[-1])
     return {**m, "load_bytes": m["rss_after_load"] - m["rss_before"], "peak_bytes": m["peak_rss"] - m["rss_before"]}
@@ -67,7 +70,7 @@ def export_codebook_artifact(bundle: Any, dest: str | Path, report: dict[str, An
     acct = model_accounting(bundle.module)
     stage = StageRecord(stage="codebook", config=report.get("config", {}),
                         metrics={"bits_per_weight": acct["bits_per_weight"]})  # fmt: skip
-    art = export_onnx(bundle.module, tuple(bundle.input_shape), dest, target=target, model_name=bundle.model_name,
+    art = export_onnx(bundle.module, bundle.spec, dest, target=target, model_name=bundle.model_name,
                       preprocessing=bundle.preprocessing, stages=[stage], verify_inputs=verify_inputs,
                       extra={"codebook_layers": [{k: v for k, v in layer.items() if k != "layer"} | {"layer": layer["layer"]}
                                                  for layer in acct["layers"]]})  # fmt: skip
@@ -103,13 +106,14 @@ def size_check(onnx_path: str | Path, accounting: dict[str, Any]) -> dict[str, A
             "fp32_payload_bytes": accounting["fp32_bytes"]}  # fmt: skip
 
 
-def fp32_onnx(module: Any, input_shape: tuple[int, ...], path: Path) -> Path:
-    """Export a float model with torch's exporter (for size and memory comparisons)."""
-    import torch
-
+def fp32_onnx(module: Any, spec: Any, path: Path) -> Path:
+    """Export a float model with torch's exporter (for size and memory comparisons); ``spec`` is the
+    bundle's ``ModelSpec``."""
     from export.onnx_export import torch_onnx_export
+    from export.torch_io import ExportIO, model_spec_for
 
-    torch_onnx_export(module.eval(), torch.zeros((1, *input_shape)), path, 17)
+    spec = model_spec_for(module.eval(), spec)
+    torch_onnx_export(module, ExportIO.build(spec, spec.example_feeds(1)), path, 17)
     return path
 
 
@@ -123,11 +127,11 @@ def compare_memory(codebook_path: Path, bundle: Any, report: dict[str, Any]) -> 
     _densify(dense, CODEBOOK_LAYERS)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        fp_path = fp32_onnx(dense, tuple(bundle.input_shape), Path(tmp) / "fp32.onnx")
+        fp_path = fp32_onnx(dense, bundle.spec, Path(tmp) / "fp32.onnx")
         out["fp32_file_bytes"] = fp_path.stat().st_size
         for level in ("all", "none"):
-            out[f"fp32_{level}"] = session_memory(fp_path, tuple(bundle.input_shape), optimization=level)
-            out[f"codebook_{level}"] = session_memory(codebook_path, tuple(bundle.input_shape), optimization=level)
+            out[f"fp32_{level}"] = session_memory(fp_path, optimization=level)
+            out[f"codebook_{level}"] = session_memory(codebook_path, optimization=level)
     return out
 
 

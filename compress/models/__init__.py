@@ -1,5 +1,12 @@
 """Built-in example models (no downloads): ``create_model("cnn")``, ``list_models()``."""
 
-from compress.models.registry import create_model, describe_model, list_models, register_model
+from compress.models.registry import (
+    builtin_model_spec,
+    builtin_model_task,
+    create_model,
+    describe_model,
+    list_models,
+    register_model,
+)
 
-__all__ = ["create_model", "describe_model", "list_models", "register_model"]
+__all__ = ["builtin_model_spec", "builtin_model_task", "create_model", "describe_model", "list_models", "register_model"]

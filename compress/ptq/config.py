@@ -196,6 +196,9 @@ class QuantuneSearchConfig(BaseModel):
         use_seed_database: add the shipped seed trials to the transfer prior.
         sensitivity: write the per-layer sensitivity table of the chosen config.
         val_samples: validation samples per trial (capped by the val split).
+        metric: what a trial scores: ``top1`` (labels), ``agreement`` (top-1 agreement with fp32),
+            ``cosine`` (100 x mean cosine similarity of the outputs with fp32) or ``sqnr`` (dB);
+            default: top1 with labels, else agreement for logits, else cosine.
         xgb_rounds, xgb_eta, xgb_gamma: the cost model's hyper-parameters (the paper's 200, 0.15, 3).
     """
 
@@ -213,6 +216,7 @@ class QuantuneSearchConfig(BaseModel):
     use_seed_database: bool = True
     sensitivity: bool = True
     val_samples: int = Field(500, ge=1)
+    metric: Literal["top1", "agreement", "cosine", "sqnr"] | None = None
     xgb_rounds: int = Field(200, ge=1)
     xgb_eta: float = Field(0.15, gt=0)
     xgb_gamma: float = Field(3.0, ge=0)

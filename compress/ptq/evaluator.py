@@ -1,4 +1,5 @@
-"""The trial evaluator: quantize -> run on onnxruntime -> top-1 accuracy on the validation split.
+"""The trial evaluator: quantize -> run on onnxruntime -> the model's metric on the validation split
+(top-1 on labels, or agreement, cosine similarity or SQNR against the fp32 model's outputs).
 
 Quantune (Lee et al., 2022) measures each configuration on the real runtime; every strategy here
 shares this evaluator, so strategies differ only in the order they ask. Results are cached in the
@@ -34,8 +35,9 @@ class TrialResult:
 
     Attributes:
         config: the configuration.
-        accuracy: top-1 % on the validation samples (None when the trial failed).
-        sqnr_db: logits SQNR vs the fp32 model.
+        accuracy: the metric's score on the validation samples (top-1 %, agreement %, 100 x cosine, or
+            SQNR dB; None when the trial failed).
+        sqnr_db: SQNR of every output vs the fp32 model.
         error: why the trial failed (None when it worked).
         seconds: wall time of the trial when it was measured (calibration included when it ran).
         calibration_seconds: what this configuration's calibration pass costs (shared by configs with
@@ -72,40 +74,63 @@ class TrialTask:
     prepared: Any  # PreparedModel
     config: PTQConfig
     exclude: tuple[str, ...]
-    arrays: Path  # folder with calib_x.npy, val_x.npy, val_y.npy, fp32_logits.npy
+    arrays: Path  # folder with calib.npz, val.npz, val_y.npy (labelled data), fp32_outputs.npz
     calib_cache: Path
     threads: int = 1
+    metric: str = "top1"
+
+
+def save_feeds(path: Path, feeds: dict[str, np.ndarray]) -> None:
+    np.savez(path, names=np.array(list(feeds)), **{f"i{k}": feeds[n] for k, n in enumerate(feeds)})  # type: ignore[arg-type]
+
+
+def load_feeds(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        names = [str(n) for n in z["names"]]
+        return {n: z[f"i{k}"] for k, n in enumerate(names)}
+
+
+def load_outputs(path: Path) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return [z[f"o{k}"] for k in range(len(z.files))]
+
+
+def trial_score(metric: str, outputs: list[np.ndarray], labels: np.ndarray | None, fp32: list[np.ndarray]) -> float:
+    """The metric's score of a quantized model's outputs (shared by trials and the sensitivity table)."""
+    from runtimes.measure import score
+
+    return score(metric, outputs, labels=labels, reference=fp32)
 
 
 def run_trial(task: TrialTask) -> TrialResult:
     """Measure one configuration (runs in the calling process or in a pool worker)."""
-    from compress.ptq.ort_backend import make_session, quantize_to_file, run_logits, trial_failure_types
-    from export.verify import sqnr_db
+    from compress.ptq.ort_backend import make_session, quantize_to_file, run_outputs, trial_failure_types
+    from export.verify import compare_all_outputs
 
-    calib_x = np.load(task.arrays / "calib_x.npy", mmap_mode="r")
-    val_x = np.load(task.arrays / "val_x.npy")
-    val_y = np.load(task.arrays / "val_y.npy")
-    ref = np.load(task.arrays / "fp32_logits.npy")
+    calib = load_feeds(task.arrays / "calib.npz")
+    val = load_feeds(task.arrays / "val.npz")
+    val_y = np.load(task.arrays / "val_y.npy") if (task.arrays / "val_y.npy").is_file() else None
+    ref = load_outputs(task.arrays / "fp32_outputs.npz")
     t0 = time.perf_counter()
     info: dict[str, Any] = {"calibration_seconds": 0.0, "calibrated": False}
     with tempfile.TemporaryDirectory(prefix="quantune-") as tmp:
         out = Path(tmp) / "q.onnx"
         try:
-            info = quantize_to_file(task.prepared, task.config, np.asarray(calib_x), out, task.calib_cache,
+            info = quantize_to_file(task.prepared, task.config, calib, out, task.calib_cache,
                                     nodes_to_exclude=list(task.exclude))  # fmt: skip
-            logits = run_logits(make_session(out, task.threads), val_x)
+            outputs = run_outputs(make_session(out, task.threads), val)
         except trial_failure_types() as exc:
             msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             log.info("trial %s failed: %s", task.config.label(), msg)
             return TrialResult(task.config, None, error=msg, seconds=time.perf_counter() - t0,
                                calibration_seconds=info["calibration_seconds"], calibrated=info["calibrated"])  # fmt: skip
     seconds = time.perf_counter() - t0
-    if not np.all(np.isfinite(logits)):
+    if not all(np.all(np.isfinite(o)) for o in outputs):
         return TrialResult(task.config, None, error="non-finite outputs (NaN/inf) from the quantized model",
                            seconds=seconds, calibration_seconds=info["calibration_seconds"],
                            calibrated=info["calibrated"])  # fmt: skip
-    acc = float(100.0 * np.mean(logits.argmax(1) == val_y))
-    return TrialResult(task.config, acc, sqnr_db=float(sqnr_db(ref, logits)), seconds=seconds,
+    acc = trial_score(task.metric, outputs, val_y, ref)
+    return TrialResult(task.config, acc, sqnr_db=float(compare_all_outputs(ref, outputs)["sqnr_db"]), seconds=seconds,
                        calibration_seconds=info["calibration_seconds"], calibrated=info["calibrated"])  # fmt: skip
 
 
@@ -156,8 +181,9 @@ class Evaluator:
 
     Args:
         prepared: the pre-processed model (:func:`compress.ptq.ort_backend.prepare_model`).
-        calib_x: calibration samples (preprocessed, NCHW float32).
-        val_x, val_y: validation samples and labels.
+        calib: calibration feeds ``{input name: array}`` (preprocessed).
+        val, val_y: validation feeds and labels (None for unlabelled data).
+        metric: what trials score (``top1`` needs labels; the others compare with fp32's outputs).
         database: the tuning database (cache and transfer memory); None keeps results in memory only.
         workdir: where arrays and calibration caches live.
         sensitive_order: weighted nodes, most sensitive first (for ``keep_float='sensitive'``); a
@@ -167,18 +193,30 @@ class Evaluator:
     def __init__(
         self,
         prepared: Any,
-        calib_x: np.ndarray,
-        val_x: np.ndarray,
-        val_y: np.ndarray,
+        calib: dict[str, np.ndarray] | np.ndarray,
+        val: dict[str, np.ndarray] | np.ndarray,
+        val_y: np.ndarray | None,
         *,
+        metric: str = "top1",
         database: TuningDatabase | None,
         workdir: Path,
         sensitive_order: list[str] | Callable[[], list[str]] | None = None,
         threads: int = 1,
     ):
-        from compress.ptq.ort_backend import calibration_samples, make_session, run_logits
+        from compress.ptq.ort_backend import calibration_samples, feeds_hash, make_session, run_outputs
+        from export.spec import as_feeds
+        from runtimes.measure import check_metric
 
-        calibration_samples(calib_x, 1)  # raises DataError on an empty calibration set
+        calib = as_feeds(calib, prepared.input_names)  # one array is accepted for a one-input model
+        val = as_feeds(val, prepared.input_names)
+        calibration_samples(calib, 1)  # raises DataError on an empty calibration set
+        try:
+            check_metric(metric, has_labels=val_y is not None, has_reference=True)
+        except ValueError as exc:
+            from compress.errors import DataError
+
+            raise DataError(str(exc)) from None
+        self.metric = metric
         self.prepared = prepared
         self.database = database
         self.workdir = Path(workdir)
@@ -187,20 +225,26 @@ class Evaluator:
         self.calib_cache = self.workdir / "calibration"
         self.threads = threads
         self._sensitive = sensitive_order
-        np.save(self.arrays / "calib_x.npy", np.ascontiguousarray(calib_x, dtype=np.float32))
-        np.save(self.arrays / "val_x.npy", np.ascontiguousarray(val_x, dtype=np.float32))
-        np.save(self.arrays / "val_y.npy", np.asarray(val_y, dtype=np.int64))
+        save_feeds(self.arrays / "calib.npz", calib)
+        save_feeds(self.arrays / "val.npz", val)
+        (self.arrays / "val_y.npy").unlink(missing_ok=True)
+        if val_y is not None:
+            np.save(self.arrays / "val_y.npy", np.asarray(val_y, dtype=np.int64))
         import onnxruntime
 
         # The cache key's data part also names the onnxruntime version: a quantizer upgrade may change
         # results (or fix a failure), so trials measured with another version are not reused.
-        h = hashlib.sha256(f"onnxruntime=={onnxruntime.__version__}".encode())
-        for a in (calib_x, val_x, val_y):
-            h.update(np.ascontiguousarray(a).tobytes())
+        # The metric is part of it too: a trial's stored "accuracy" is the metric's score.
+        h = hashlib.sha256(f"onnxruntime=={onnxruntime.__version__}|metric={metric}".encode())
+        for part in (feeds_hash(calib), feeds_hash(val)):
+            h.update(part.encode())
+        if val_y is not None:
+            h.update(np.ascontiguousarray(val_y).tobytes())
         self.data_hash = h.hexdigest()
-        self.fp32_logits = run_logits(make_session(prepared.path, threads), np.ascontiguousarray(val_x, dtype=np.float32))
-        np.save(self.arrays / "fp32_logits.npy", self.fp32_logits)
-        self.fp32_accuracy = float(100.0 * np.mean(self.fp32_logits.argmax(1) == val_y))
+        self.val_y = val_y
+        self.fp32_outputs = run_outputs(make_session(prepared.path, threads), val)
+        np.savez(self.arrays / "fp32_outputs.npz", **{f"o{k}": o for k, o in enumerate(self.fp32_outputs)})  # type: ignore[arg-type]
+        self.fp32_accuracy = trial_score(metric, self.fp32_outputs, val_y, self.fp32_outputs)
         self._memory: dict[str, TrialResult] = {}
         self.measured = 0
 
@@ -222,7 +266,7 @@ class Evaluator:
 
         order = self.sensitive_order() if config.keep_float == "sensitive" else None
         exclude = tuple(excluded_nodes(self.prepared, config, order))
-        return TrialTask(self.prepared, config, exclude, self.arrays, self.calib_cache, self.threads)
+        return TrialTask(self.prepared, config, exclude, self.arrays, self.calib_cache, self.threads, self.metric)
 
     def lookup(self, config: PTQConfig) -> TrialResult | None:
         key = config.key()

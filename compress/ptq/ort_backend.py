@@ -24,6 +24,8 @@ import numpy as np
 
 from compress.errors import ConfigError, DataError
 from compress.ptq.config import PTQConfig
+from export.spec import Feeds, slice_feeds
+from export.spec import batch_size as batch_size_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class PreparedModel:
     Attributes:
         path: the pre-processed model file.
         model_hash: sha256 of the original ONNX file (the cache and database key).
-        input_name: the graph input.
+        input_names: the graph inputs, in order.
         weighted_nodes: names of Conv/Gemm/MatMul nodes in graph order (the layers of mixed precision
             and of the sensitivity report).
         node_types: op type of each weighted node.
@@ -69,7 +71,7 @@ class PreparedModel:
 
     path: Path
     model_hash: str
-    input_name: str
+    input_names: tuple[str, ...]
     weighted_nodes: tuple[str, ...]
     node_types: tuple[str, ...]
 
@@ -127,10 +129,10 @@ def prepare_model(onnx_path: str | Path, cache_folder: Path) -> PreparedModel:
     model = onnx.load(str(dst), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise ConfigError(f"{src}: Quantune handles models with one input; this one has {inputs}")
+    if not inputs:
+        raise ConfigError(f"{src} has no graph inputs to calibrate")
     weighted = [(n.name, n.op_type) for n in model.graph.node if n.op_type in WEIGHTED_OPS]
-    return PreparedModel(dst, digest, inputs[0], tuple(n for n, _ in weighted), tuple(t for _, t in weighted))
+    return PreparedModel(dst, digest, tuple(inputs), tuple(n for n, _ in weighted), tuple(t for _, t in weighted))
 
 
 def calibration_batch_size(n: int, most: int = 64) -> int:
@@ -143,39 +145,50 @@ def calibration_batch_size(n: int, most: int = 64) -> int:
     return max(b for b in range(1, min(n, most) + 1) if n % b == 0)
 
 
-def _reader(input_name: str, x: np.ndarray) -> Any:
+def _reader(feeds: Feeds) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
-    batch_size = calibration_batch_size(len(x))
+    n = batch_size_of(feeds)
+    batch_size = calibration_batch_size(n)
 
-    class _ArrayReader(CalibrationDataReader):
-        """Feeds calibration batches of a preprocessed NCHW float32 array."""
+    class _FeedsReader(CalibrationDataReader):
+        """Feeds calibration batches of every model input (preprocessed, cast to the inputs' dtypes)."""
 
         def __init__(self) -> None:
             self._i = 0
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            if self._i >= len(x):
+            if self._i >= n:
                 return None
-            batch = np.ascontiguousarray(x[self._i : self._i + batch_size], dtype=np.float32)
+            batch = {k: np.ascontiguousarray(v) for k, v in slice_feeds(feeds, self._i, self._i + batch_size).items()}
             self._i += batch_size
-            return {input_name: batch}
+            return batch
 
         def __len__(self) -> int:
-            return len(x)
+            return n
 
-    return _ArrayReader()
+    return _FeedsReader()
 
 
-def calibration_samples(calib_x: np.ndarray, size: int) -> np.ndarray:
-    """The first ``size`` calibration samples (the split is already shuffled); capped by what it holds.
+def calibration_samples(calib: Feeds, size: int) -> Feeds:
+    """The first ``size`` calibration samples of every input (the split is already shuffled); capped
+    by what it holds.
 
     Raises:
         DataError: the calibration set is empty.
     """
-    if len(calib_x) == 0:
+    n = batch_size_of(calib)
+    if n == 0:
         raise DataError("the calibration set is empty; PTQ needs at least one calibration sample")
-    return calib_x[: min(size, len(calib_x))]
+    return slice_feeds(calib, 0, min(size, n))
+
+
+def feeds_hash(feeds: Feeds) -> str:
+    h = hashlib.sha256()
+    for k in sorted(feeds):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(feeds[k]).tobytes())
+    return h.hexdigest()
 
 
 def excluded_nodes(prepared: PreparedModel, config: PTQConfig, sensitive_order: list[str] | None) -> list[str]:
@@ -193,7 +206,7 @@ def excluded_nodes(prepared: PreparedModel, config: PTQConfig, sensitive_order: 
 def quantize_to_file(
     prepared: PreparedModel,
     config: PTQConfig,
-    calib_x: np.ndarray,
+    calib: Feeds,
     out_path: Path,
     calib_cache: Path,
     *,
@@ -213,14 +226,14 @@ def quantize_to_file(
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    samples = calibration_samples(calib_x, config.calib_size)
+    samples = calibration_samples(calib, config.calib_size)
     method = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
         "distribution": CalibrationMethod.Distribution,
     }[config.calibration]
-    data_hash = hashlib.sha256(np.ascontiguousarray(samples).tobytes()).hexdigest()
+    data_hash = feeds_hash(samples)
     ckey = hashlib.sha256(f"{prepared.model_hash}|{config.calibration_key()}|{data_hash}".encode()).hexdigest()[:24]
     calib_cache.mkdir(parents=True, exist_ok=True)
     final = calib_cache / f"{ckey}.json"
@@ -239,7 +252,7 @@ def quantize_to_file(
         quantize_static(
             str(prepared.path),
             str(out_path),
-            None if cached else _reader(prepared.input_name, samples),
+            None if cached else _reader(samples),
             quant_format=QuantFormat.QDQ,
             per_channel=config.per_channel,
             reduce_range=config.reduce_range,
@@ -256,7 +269,7 @@ def quantize_to_file(
         calib_seconds = float(json.loads(meta.read_text())["seconds"]) if meta.is_file() else 0.0
         return {"calibration_seconds": calib_seconds, "calibrated": False, "quantize_seconds": seconds}
     # The first pass paid for calibration: remember what it cost so replayed searches can be timed honestly.
-    meta.write_text(json.dumps({"seconds": seconds, "samples": len(samples), "key": config.calibration_key()}))
+    meta.write_text(json.dumps({"seconds": seconds, "samples": batch_size_of(samples), "key": config.calibration_key()}))
     os.replace(cache_arg, final)
     return {"calibration_seconds": seconds, "calibrated": True, "quantize_seconds": seconds}
 
@@ -272,7 +285,15 @@ def make_session(model_path: Path, threads: int = 1) -> Any:
     return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
 
 
-def run_logits(session: Any, x: np.ndarray, batch_size: int = 250) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: np.ascontiguousarray(x[i : i + batch_size])})[0] for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs)
+def run_outputs(session: Any, feeds: Feeds, batch_size: int = 250) -> list[np.ndarray]:
+    """Every output of an onnxruntime session for all samples of ``feeds``, in batches."""
+    n = batch_size_of(feeds)
+    parts = [session.run(None, {k: np.ascontiguousarray(v) for k, v in slice_feeds(feeds, i, i + batch_size).items()})
+             for i in range(0, n, batch_size)]  # fmt: skip
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
+def run_logits(session: Any, x: np.ndarray | Feeds, batch_size: int = 250) -> np.ndarray:
+    """The first output for ``x`` (one array for a one-input model, or feeds)."""
+    feeds = x if isinstance(x, dict) else {session.get_inputs()[0].name: x}
+    return run_outputs(session, feeds, batch_size)[0]

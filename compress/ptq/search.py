@@ -102,6 +102,15 @@ def run_search(
     return SearchResult(strategy.name, trials, best, stopped, clock() - start, strategy.overhead_seconds)
 
 
+def _default_metric(prepared: Any, val: dict[str, Any], has_labels: bool, task: str | None) -> str:
+    """top1 with labels, else agreement for a logits output, else cosine (from the fp32 outputs)."""
+    from compress.ptq.ort_backend import make_session, run_outputs
+    from runtimes.measure import default_metric
+
+    head = {k: v[:2] for k, v in val.items()}
+    return default_metric(has_labels, run_outputs(make_session(prepared.path), head), task)
+
+
 @dataclass
 class QuantuneResult:
     """The outcome of :func:`quantize_artifact`."""
@@ -113,14 +122,14 @@ class QuantuneResult:
     metrics: dict[str, Any]
 
 
-def _sensitivity_ranking(evaluator: Evaluator, calib_x: Any, val_x: Any, val_y: Any) -> list[str]:
+def _sensitivity_ranking(evaluator: Evaluator, calib: Any, val: Any, val_y: Any) -> list[str]:
     from compress.ptq.sensitivity import layer_sensitivity
 
     cache = evaluator.workdir / f"sensitivity-{evaluator.data_hash[:16]}.json"
     if cache.is_file():
         return list(json.loads(cache.read_text()))
-    rows = layer_sensitivity(evaluator.prepared, SENSITIVITY_REFERENCE, calib_x, val_x, val_y, evaluator.fp32_logits,
-                             evaluator.calib_cache, threads=evaluator.threads)  # fmt: skip
+    rows = layer_sensitivity(evaluator.prepared, SENSITIVITY_REFERENCE, calib, val, val_y, evaluator.fp32_outputs,
+                             evaluator.calib_cache, threads=evaluator.threads, metric=evaluator.metric)  # fmt: skip
     order = [r["node"] for r in rows]
     cache.write_text(json.dumps(order))
     return order
@@ -139,7 +148,8 @@ def quantize_artifact(
 
     Args:
         source: an fp32 ONNX :class:`export.Artifact`.
-        splits: data splits; ``calib`` calibrates, ``val`` (first ``config.val_samples``) scores trials.
+        splits: data splits; ``calib`` calibrates, ``val`` (first ``config.val_samples``) scores trials
+            with ``config.metric`` (default from the data: top1 with labels, else agreement/cosine).
         config: strategy, space, budgets, executor, database.
         dest: the ``onnx-qdq`` artifact folder to write; it also holds ``trials.json``,
             ``sensitivity.json`` and ``sensitivity.md``.
@@ -167,10 +177,13 @@ def quantize_artifact(
     name = source.manifest.model_name or Path(source.model_path).stem
     descriptors = model_descriptors(source.model_path)
     db.put_model(prepared.model_hash, name, descriptors)
-    val = splits.val
-    nval = min(config.val_samples, len(val))
-    calib_x, val_x, val_y = splits.calib.x, val.x[:nval], val.y[:nval]
-    evaluator = Evaluator(prepared, calib_x, val_x, val_y, database=db,
+    inputs = list(source.manifest.inputs)
+    val_ds = splits.val.head(config.val_samples)
+    nval = len(val_ds)
+    calib_x, val_x = splits.calib.feeds(inputs), val_ds.feeds(inputs)
+    val_y = val_ds.y
+    metric = config.metric or _default_metric(prepared, val_x, val_y is not None, source.manifest.extra.get("task"))
+    evaluator = Evaluator(prepared, calib_x, val_x, val_y, database=db, metric=metric,
                           workdir=cache_dir("quantune", "work", prepared.model_hash[:24]))  # fmt: skip
     evaluator.set_sensitivity_source(lambda: _sensitivity_ranking(evaluator, calib_x, val_x, val_y))
     executor = make_executor(config.workers)
@@ -200,15 +213,17 @@ def quantize_artifact(
         raise UnsupportedError(f"all {len(result.trials)} PTQ trials failed on {name}; errors: {'; '.join(errors)[:500]}")
     sens: list[dict[str, Any]] = []
     if config.sensitivity:
-        sens = layer_sensitivity(prepared, best.config, calib_x, val_x, val_y, evaluator.fp32_logits,
-                                 evaluator.calib_cache)  # fmt: skip
+        sens = layer_sensitivity(prepared, best.config, calib_x, val_x, val_y, evaluator.fp32_outputs,
+                                 evaluator.calib_cache, metric=metric)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="quantune-final-") as tmp:
         qpath = Path(tmp) / "model.onnx"
         task = evaluator.task(best.config)
         quantize_to_file(prepared, best.config, calib_x, qpath, evaluator.calib_cache, nodes_to_exclude=list(task.exclude))
         qmodel = onnx.load(str(qpath))
     metrics = {
-        "val_accuracy": best.accuracy, "fp32_val_accuracy": evaluator.fp32_accuracy, "val_samples": nval,
+        "metric": metric, "val_accuracy": best.accuracy, "fp32_val_accuracy": evaluator.fp32_accuracy,
+        "val_samples": nval, "calib_samples": len(splits.calib), "val_source": splits.val.name,
+        "calib_source": splits.calib.name,
         "sqnr_db_vs_fp32": best.sqnr_db, "trials": len(result.trials), "measured_now": evaluator.measured,
         "stopped_by": result.stopped_by, "search_seconds": round(result.wall_seconds, 2), "config": best.config.label(),
         "float_nodes": list(task.exclude),

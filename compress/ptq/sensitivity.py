@@ -24,25 +24,28 @@ log = logging.getLogger(__name__)
 def layer_sensitivity(
     prepared: Any,
     config: PTQConfig,
-    calib_x: np.ndarray,
-    val_x: np.ndarray,
-    val_y: np.ndarray,
-    fp32_logits: np.ndarray,
+    calib: dict[str, np.ndarray],
+    val: dict[str, np.ndarray],
+    val_y: np.ndarray | None,
+    fp32_outputs: list[np.ndarray],
     calib_cache: Path,
     *,
     threads: int = 1,
+    metric: str = "top1",
 ) -> list[dict[str, Any]]:
     """One row per weighted layer, most harmful first.
 
     Returns:
-        ``[{"node", "op_type", "accuracy", "accuracy_drop", "sqnr_db", "error"}]``; ``error`` is set (and
-        the numbers None) when onnxruntime cannot quantize that layer alone with ``config``.
+        ``[{"node", "op_type", "accuracy", "accuracy_drop", "sqnr_db", "error"}]`` (``accuracy`` is the
+        ``metric``'s score); ``error`` is set (and the numbers None) when onnxruntime cannot quantize
+        that layer alone with ``config``.
     """
-    from compress.ptq.ort_backend import make_session, quantize_to_file, run_logits, trial_failure_types
-    from export.verify import sqnr_db
+    from compress.ptq.evaluator import trial_score
+    from compress.ptq.ort_backend import make_session, quantize_to_file, run_outputs, trial_failure_types
+    from export.verify import compare_all_outputs
 
     base = config.model_copy(update={"keep_float": "none", "keep_float_k": 0, "exclude_nodes": ()})
-    fp32_acc = float(100.0 * np.mean(fp32_logits.argmax(1) == val_y))
+    fp32_acc = trial_score(metric, fp32_outputs, val_y, fp32_outputs)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="quantune-sens-") as tmp, progress(
         "layer sensitivity", len(prepared.weighted_nodes)
@@ -52,15 +55,17 @@ def layer_sensitivity(
             row: dict[str, Any] = {"node": name, "op_type": op, "accuracy": None, "accuracy_drop": None,
                                    "sqnr_db": None, "error": None}  # fmt: skip
             try:
-                quantize_to_file(prepared, base, calib_x, out, calib_cache, nodes_to_quantize=[name])
-                logits = run_logits(make_session(out, threads), val_x)
+                quantize_to_file(prepared, base, calib, out, calib_cache, nodes_to_quantize=[name])
+                outputs = run_outputs(make_session(out, threads), val)
             except trial_failure_types() as exc:
                 row["error"] = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
                 rows.append(row)
                 bar.advance()
                 continue
-            acc = float(100.0 * np.mean(logits.argmax(1) == val_y))
-            row.update(accuracy=acc, accuracy_drop=round(fp32_acc - acc, 4), sqnr_db=float(sqnr_db(fp32_logits, logits)))
+            acc = trial_score(metric, outputs, val_y, fp32_outputs)
+            drop = fp32_acc - acc if np.isfinite(fp32_acc) else -acc  # SQNR: a lower dB is the larger "drop"
+            row.update(accuracy=acc, accuracy_drop=round(float(drop), 4),
+                       sqnr_db=float(compare_all_outputs(fp32_outputs, outputs)["sqnr_db"]))  # fmt: skip
             rows.append(row)
             bar.advance()
     # Most harmful first: larger accuracy drop, then lower SQNR; failed layers last.

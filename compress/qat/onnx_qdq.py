@@ -12,7 +12,6 @@ measured as 5x slower than fp32 on CPU convolutions.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,28 +115,24 @@ def _constants_to_initializers(model: Any) -> None:
 
 def _prune_unused_initializers(model: Any) -> None:
     used = {i for node in model.graph.node for i in node.input} | {o.name for o in model.graph.output}
+    init_names = {init.name for init in model.graph.initializer}
     keep = [init for init in model.graph.initializer if init.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-    graph_inputs = [i for i in model.graph.input if i.name in used or i.name == "input"]
+    graph_inputs = [i for i in model.graph.input if i.name in used or i.name not in init_names]
     del model.graph.input[:]
     model.graph.input.extend(graph_inputs)
 
 
-def export_qdq_onnx(module: Any, example: torch.Tensor, path: Path, opset: int) -> None:
-    """Write ``module`` (holding LSQ quantizers) as a QDQ ONNX file at ``path``."""
+def export_qdq_onnx(module: Any, io: Any, path: Path, opset: int) -> None:
+    """Write ``module`` (holding LSQ quantizers) as a QDQ ONNX file at ``path`` (``io``: the model's
+    example inputs and names, an ``export.torch_io.ExportIO``)."""
     import onnx
 
-    from export.onnx_export import INPUT_NAME, OUTPUT_NAME
+    from export.onnx_export import torch_onnx_export
 
     module.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, do_constant_folding=True,
-        )  # fmt: skip
+    torch_onnx_export(module, io, path, opset)
     model = onnx.load(str(path))
     _constants_to_initializers(model)
     _prune_unused_initializers(model)

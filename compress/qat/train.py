@@ -43,11 +43,12 @@ def quantize_model(module: nn.Module, config: GAQATConfig, calibration: np.ndarr
 
 def train_quantized(
     model: nn.Module, train: Dataset, val: Dataset | None, config: GAQATConfig, out_dir: str | Path | None,
-    *, resume: bool = False, hooks: QATHooks | None = None,
+    *, resume: bool = False, hooks: QATHooks | None = None, teacher: nn.Module | None = None,
 ) -> TrainResult:  # fmt: skip
-    """Train an already prepared model with the shared trainer and :class:`QATHooks`."""
+    """Train an already prepared model with the shared trainer and :class:`QATHooks` (unlabelled data:
+    distillation from ``teacher``, the float model)."""
     hooks = hooks or QATHooks(config)
-    return Trainer(model, train, val, config.train_config(), out_dir, hooks).fit(resume=resume)
+    return Trainer(model, train, val, config.train_config(), out_dir, hooks, teacher=teacher).fit(resume=resume)
 
 
 def run_qat(
@@ -60,12 +61,15 @@ def run_qat(
     """
     out = Path(out_dir)
     model = quantize_model(module, config, splits.train.x)
-    result = train_quantized(model, splits.train, splits.val, config, out / "train", resume=resume)
+    # Unlabelled data: distil from the float model (KL on logits, MSE + cosine on other outputs).
+    teacher = module if splits.train.y is None else None
+    result = train_quantized(model, splits.train, splits.val, config, out / "train", resume=resume, teacher=teacher)
     metrics: dict[str, Any] = {
         "method": config.method, "bits": config.bits, "act_bits": config.activation_bits,
         "steps": result.steps, "wall_seconds": round(result.wall_seconds, 1),
         "val_accuracy": result.final_val_accuracy,
-        "fake_quant_test_accuracy": evaluate_accuracy(model, splits.test),
+        "fake_quant_test_accuracy": evaluate_accuracy(model, splits.test, teacher=teacher),
+        "objective": "distillation from the float model" if teacher is not None else "labels",
         "layers": describe_quantization(model),
     }  # fmt: skip
     if dist_info()[0] == 0:
@@ -101,8 +105,7 @@ def quantized_bundle(
         "config": config.model_dump(mode="json"),
         "metrics": {k: v for k, v in metrics.items() if k != "layers"},
     }
-    return ModelBundle(model, source.model_name, source.input_shape, dict(source.preprocessing), source.num_classes,
-                       meta, source.source)  # fmt: skip
+    return source.derive(model, metadata=meta, preprocessing=dict(source.preprocessing))
 
 
 def onnx_agreement(
@@ -127,8 +130,9 @@ def onnx_agreement(
             outs.append(sess.run(None, {name: xb})[0])
     ref, got = np.concatenate(refs), np.concatenate(outs)
     cmp = compare_outputs(ref, got)
-    cmp["torch_accuracy"] = float(100.0 * np.mean(ref.argmax(1) == ds.y))
-    cmp["onnxruntime_accuracy"] = float(100.0 * np.mean(got.argmax(1) == ds.y))
+    if ds.y is not None:
+        cmp["torch_accuracy"] = float(100.0 * np.mean(ref.argmax(1) == ds.y))
+        cmp["onnxruntime_accuracy"] = float(100.0 * np.mean(got.argmax(1) == ds.y))
     return cmp
 
 

@@ -56,8 +56,12 @@ def apply_nm_sparsity(
     sparsifier = NMSparsifier(model, config)
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {"method": config.method, "pattern": config.pattern}
+    # Unlabelled data: train by distillation from the dense model and score agreement/similarity with it.
+    teacher = bundle.module if splits is not None and splits.train.y is None else None
     if splits is not None:
-        metrics["dense_val_accuracy"] = evaluate_accuracy(bundle.module, splits.val)
+        splits = splits.for_model(bundle.spec)
+        metrics["dense_val_accuracy"] = evaluate_accuracy(bundle.module, splits.val, teacher=teacher, task=bundle.task)
+        metrics["objective"] = "distillation from the dense model" if teacher is not None else "labels"
     if config.method == "oneshot":
         sparsifier.prune_oneshot()
     else:
@@ -72,7 +76,8 @@ def apply_nm_sparsity(
             checkpoint_every=config.checkpoint_every, early_stop_patience=None, lr_schedule="cosine", log_every=10,
         )  # fmt: skip
         hooks = NMSparsityHooks(sparsifier, schedule)
-        result = Trainer(model, splits.train, splits.val, train_cfg, out_dir, hooks).fit(resume=resume)
+        result = Trainer(model, splits.train, splits.val, train_cfg, out_dir, hooks, teacher=teacher,
+                         task=bundle.task).fit(resume=resume)
         metrics.update(train_steps=result.steps, resumed_from=result.resumed_from, kappa=schedule.kappa,
                        dense_steps=schedule.dense_end, finetune_start=min(schedule.finetune_start, config.max_steps))  # fmt: skip
     record = sparsifier.finalize()
@@ -83,16 +88,15 @@ def apply_nm_sparsity(
     metrics["sparsity_in_scope"] = round(zeros / max(1, total), 6)
     metrics["sparse_layers"] = len(record["layers"])
     if splits is not None:
-        metrics["val_accuracy"] = evaluate_accuracy(model, splits.val)
-        metrics["test_accuracy"] = evaluate_accuracy(model, splits.test)
+        metrics["val_accuracy"] = evaluate_accuracy(model, splits.val, teacher=teacher, task=bundle.task)
+        metrics["test_accuracy"] = evaluate_accuracy(model, splits.test, teacher=teacher, task=bundle.task)
     record["config"] = config.resolved()
     from compress.sparsity.export import mark_sparse_module
 
     mark_sparse_module(model, record)
     metadata = dict(bundle.metadata)
     metadata[METADATA_KEY] = record
-    sparse = ModelBundle(model, bundle.model_name, bundle.input_shape, dict(bundle.preprocessing), bundle.num_classes,
-                         metadata, bundle.source)  # fmt: skip
+    sparse = bundle.derive(model, metadata=metadata, preprocessing=dict(bundle.preprocessing))
     log.info("N:M %s (%s): %d layers, %.1f%% zeros in scope", config.pattern, config.method, len(record["layers"]),
              100 * metrics["sparsity_in_scope"])  # fmt: skip
     return sparse, metrics

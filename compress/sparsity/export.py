@@ -219,7 +219,7 @@ def export_sparse_onnx(
     mods = dict(bundle.module.named_modules())
     weights = {layer: mods[layer].weight.detach().cpu().numpy() for layer in record["layers"]}
     recorded = stages if stages is not None else [StageRecord(**s) for s in bundle.metadata.get("stages", [])]
-    art = export_onnx(bundle.module, bundle.input_shape, dest, target=target, model_name=bundle.model_name,
+    art = export_onnx(bundle.module, bundle.spec, dest, target=target, model_name=bundle.model_name,
                       preprocessing=bundle.preprocessing, stages=recorded,
                       extra={**source_info(bundle), "nm_pattern": record["pattern"]})  # fmt: skip
     check = verify_onnx_nm(art.model_path, record, weights=weights)
@@ -272,18 +272,10 @@ def _is_marked_plain(module: Any) -> bool:
 
 def _export_and_verify(module: Any, example: Any, path: Path, opset: int) -> None:
     """``torch.onnx.export`` as the standard exporter does, then the N:M check on the written file."""
-    import warnings
-
-    import torch
-
     from export.errors import ExportError
-    from export.onnx_export import INPUT_NAME, OUTPUT_NAME
+    from export.onnx_export import torch_onnx_export
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          do_constant_folding=True)  # fmt: skip
+    torch_onnx_export(module, example, path, opset)
     record = getattr(module, MARKER)
     mods = dict(module.named_modules())
     weights = {k: mods[k].weight.detach().cpu().numpy() for k in record["layers"]}

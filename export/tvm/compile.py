@@ -98,8 +98,11 @@ def library_plan(target: Any) -> LibraryPlan:
     )
 
 
-def import_onnx(onnx_model: Any, input_name: str, input_shape: list[int], target_name: str) -> tuple[Any, list[Any]]:
-    """Import an ONNX model into Relax with a static input shape; returns (module, params).
+def import_onnx(
+    onnx_model: Any, shapes: dict[str, list[int]], target_name: str, dtypes: dict[str, str] | None = None
+) -> tuple[Any, list[Any]]:
+    """Import an ONNX model into Relax with static input shapes (``{input: [batch, ...]}``) and
+    dtypes (default float32); returns (module, params).
 
     Raises:
         UnsupportedExportError: the frontend has no converter for an operator (named in the message).
@@ -115,7 +118,7 @@ def import_onnx(onnx_model: Any, input_name: str, input_shape: list[int], target
             f"operators {', '.join(custom)} are not supported by TVM's ONNX frontend for target {target_name!r}"
         )
     try:
-        mod = _from_onnx_or_folded(onnx_model, input_name, input_shape)
+        mod = _from_onnx_or_folded(onnx_model, shapes, dtypes or {n: "float32" for n in shapes})
     except tvm.error.OpNotImplemented as exc:
         ops = str(exc).split(":", 1)[-1].strip().splitlines()[0]
         raise UnsupportedExportError(
@@ -135,7 +138,7 @@ def import_onnx(onnx_model: Any, input_name: str, input_shape: list[int], target
 _captured: dict[str, str] = {}
 
 
-def _from_onnx_or_folded(onnx_model: Any, input_name: str, input_shape: list[int]) -> Any:
+def _from_onnx_or_folded(onnx_model: Any, shapes: dict[str, list[int]], dtypes: dict[str, str]) -> Any:
     """Import with TVM's frontend; if that fails, fold the graph's shape arithmetic first and retry.
 
     Graphs that compute shapes at run time (``Shape -> Gather -> Reshape``, e.g. a channel
@@ -150,17 +153,17 @@ def _from_onnx_or_folded(onnx_model: Any, input_name: str, input_shape: list[int
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf):  # the frontend prints the failing operator
-            return from_onnx(onnx_model, shape_dict={input_name: input_shape}, keep_params_in_input=True)
+            return from_onnx(onnx_model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
     except Exception as first:  # any frontend failure: retry once on the folded graph
         _captured["last"] = buf.getvalue()
-        folded = _fold_shapes(onnx_model, input_name, input_shape)
+        folded = _fold_shapes(onnx_model, shapes)
         if folded is None:
             raise first from None
         log.info("TVM import failed (%s); retrying on the shape-folded graph", str(first).splitlines()[-1][:120])
-        return from_onnx(folded, shape_dict={input_name: input_shape}, keep_params_in_input=True)
+        return from_onnx(folded, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=True)
 
 
-def _fold_shapes(onnx_model: Any, input_name: str, input_shape: list[int]) -> Any:
+def _fold_shapes(onnx_model: Any, shapes: dict[str, list[int]]) -> Any:
     import tempfile
 
     import onnx
@@ -169,8 +172,8 @@ def _fold_shapes(onnx_model: Any, input_name: str, input_shape: list[int]) -> An
     model = onnx.ModelProto()
     model.CopyFrom(onnx_model)
     for inp in model.graph.input:
-        if inp.name == input_name:
-            for dim, size in zip(inp.type.tensor_type.shape.dim, input_shape, strict=False):
+        if inp.name in shapes:
+            for dim, size in zip(inp.type.tensor_type.shape.dim, shapes[inp.name], strict=False):
                 dim.Clear()
                 dim.dim_value = int(size)
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,11 +31,12 @@ from export.artifact import (
 )
 from export.errors import ExportError, UnsupportedExportError
 from export.onnx_export import bundle_source_info
+from export.spec import ModelSpec
 from export.tvm import compile as tc
 from export.tvm.rpc_measure import MeasureDevice, TuningNeedsDeviceError
 from export.tvm.tuning import TuneBudget, has_records, open_databases
 from export.tvm.tuning import tune as run_tuning
-from export.verify import compare_outputs
+from export.verify import compare_all_outputs
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +112,21 @@ def export_tvm_from_onnx(
         raise TuneBudgetError(f"batch must be at least 1, got {batch}")
     budget = TuneBudget.parse(tune, trials_per_task=trials_per_task)
     require_tuning_device(target, budget, device)
-    spec = onnx_artifact.manifest.inputs[0] if onnx_artifact.manifest.inputs else None
-    sample_shape = [int(s) for s in spec.shape[1:]] if spec else []
-    if not spec or not sample_shape or not all(s > 0 for s in sample_shape):
-        raise ExportError(f"artifact {onnx_artifact.path} does not record a static input shape; re-export it")
+    if not onnx_artifact.manifest.inputs:
+        raise ExportError(f"artifact {onnx_artifact.path} does not record its inputs; re-export it")
+    spec = ModelSpec(list(onnx_artifact.manifest.inputs))
+    shapes = spec.shape_dict(batch)  # SpecError naming a dynamic dim and the --input that fixes it
     t0 = time.perf_counter()
     model = onnx.load(str(onnx_artifact.model_path))
     precision = "int8" if _is_quantized(model) else "fp32"
-    mod, params = tc.import_onnx(model, spec.name, [batch, *sample_shape], target.name)
+    mod, params = tc.import_onnx(model, shapes, target.name, {i.name: i.dtype for i in spec.inputs})
+    static = _static_inputs(spec, batch)
 
     def check_fn(folder: Path, lib_path: Path) -> dict[str, Any]:
-        return _verify_against_onnxruntime(folder, lib_path, onnx_artifact, batch, sample_shape, precision)
+        return _verify_against_onnxruntime(folder, lib_path, onnx_artifact, batch, static, precision)
 
     return _compile_and_write(mod, params, onnx_artifact.manifest, onnx_artifact.hash, target, dest, budget=budget,
-                              database_dir=database_dir, batch=batch, sample_shape=sample_shape, precision=precision,
+                              database_dir=database_dir, batch=batch, inputs=static.inputs, precision=precision,
                               verify=verify, use_database=use_database, check_fn=check_fn, t0=t0,
                               measure=device)  # fmt: skip
 
@@ -147,7 +149,7 @@ def require_tuning_device(target: Any, budget: TuneBudget | str | int | None, de
 
 def _compile_and_write(
     mod: Any, params: list[Any], src: Manifest, parent_hash: str | None, target: Any, dest: str | Path, *,
-    budget: TuneBudget | None, database_dir: str | Path | None, batch: int, sample_shape: list[int], precision: str,
+    budget: TuneBudget | None, database_dir: str | Path | None, batch: int, inputs: list[TensorSpec], precision: str,
     verify: bool, use_database: bool, check_fn: Callable[[Path, Path], dict[str, Any]], t0: float,
     measure: MeasureDevice | None = None,
 ) -> Artifact:  # fmt: skip
@@ -194,7 +196,7 @@ def _compile_and_write(
             check = check_fn(tmp, lib_path)
         elif verify:
             notes.append(f"outputs not verified here: the {target.name} code needs the device (compress check --rpc)")
-        manifest = _manifest(src, parent_hash, target, lib_path, plan, device, precision, batch, sample_shape,
+        manifest = _manifest(src, parent_hash, target, lib_path, plan, device, precision, batch, inputs,
                              tuning_info, notes, check, time.perf_counter() - t0)  # fmt: skip
         write_manifest(tmp, manifest)
     log.info("compiled %s for %s (%s, %s)", src.model_name, target.name, precision,
@@ -226,14 +228,12 @@ def export_tvm_from_program(
         UnsupportedExportError: an operator TVM cannot import or compile for the target (exit 3).
         ExportError: the compiled code disagrees with torch, or linking failed.
     """
-    import torch
 
     from export.tvm.tuning import TuneBudgetError
 
     program = bundle.exported_program
     budget = TuneBudget.parse(tune, trials_per_task=trials_per_task)
     require_tuning_device(target, budget, device)
-    sample_shape = [int(s) for s in bundle.input_shape]
     static = _program_static_batch(program)
     if batch is None:
         batch = static or 1
@@ -242,27 +242,26 @@ def export_tvm_from_program(
     t0 = time.perf_counter()
     mod, params = tc.import_exported_program(program, batch, target.name)
     reference = program.module()
-    with torch.no_grad():
-        example = reference(torch.zeros((batch, *sample_shape)))
-    out0 = example[0] if isinstance(example, (tuple, list)) else example
-    user_inputs = [s.arg.name for s in program.graph_signature.input_specs
-                   if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]  # fmt: skip
+    from export.torch_io import probe_outputs
+
+    spec = _static_inputs(bundle.spec, batch)
+    spec = ModelSpec(spec.inputs, probe_outputs(reference, spec, batch))
     src = Manifest(
         format="torch.export",
         model_name=bundle.model_name,
         model_file=Path(getattr(bundle, "source", None) or "program.pt2").name,
-        inputs=[TensorSpec(name=user_inputs[0] if user_inputs else "input", shape=[batch, *sample_shape])],
-        outputs=[TensorSpec(name="output", shape=[int(d) for d in out0.shape])],
+        inputs=spec.inputs,
+        outputs=spec.outputs,
         preprocessing=dict(getattr(bundle, "preprocessing", None) or {}),
         stages=[StageRecord(**s) for s in getattr(bundle, "metadata", {}).get("stages", [])],
         extra={**bundle_source_info(bundle), "importer": "tvm.relax.frontend.torch.from_exported_program"},
     )
 
     def check_fn(folder: Path, lib_path: Path) -> dict[str, Any]:
-        return _verify_against_torch(folder, lib_path, reference, batch, sample_shape)
+        return _verify_against_torch(folder, lib_path, reference, batch, spec)
 
     return _compile_and_write(mod, params, src, None, target, dest, budget=budget, database_dir=database_dir,
-                              batch=batch, sample_shape=sample_shape, precision="fp32", verify=verify,
+                              batch=batch, inputs=spec.inputs, precision="fp32", verify=verify,
                               use_database=use_database, check_fn=check_fn, t0=t0, measure=device)  # fmt: skip
 
 
@@ -279,20 +278,14 @@ def _program_static_batch(program: Any) -> int | None:
     return None
 
 
-def _verify_against_torch(
-    folder: Path, lib_path: Path, reference: Any, batch: int, sample_shape: list[int]
-) -> dict[str, Any]:
-    import torch
+def _verify_against_torch(folder: Path, lib_path: Path, reference: Any, batch: int, spec: ModelSpec) -> dict[str, Any]:
+    from export.torch_io import run_module
 
-    x = np.random.default_rng(0).standard_normal((4 * batch, *sample_shape)).astype(np.float32)
-    with torch.no_grad():
-        refs = []
-        for i in range(0, len(x), batch):
-            r = reference(torch.from_numpy(x[i : i + batch]))
-            refs.append((r[0] if isinstance(r, (tuple, list)) else r).numpy())
-    ref = np.concatenate(refs)
-    out = run_local(lib_path, folder / tc.PARAMS_FILE, x, batch)
-    check: dict[str, Any] = {**compare_outputs(ref, out), "reference": "torch (torch.export program)"}
+    feeds = spec.example_feeds(4 * batch)
+    refs = [run_module(reference, {k: v[i : i + batch] for k, v in feeds.items()}, spec) for i in range(0, 4 * batch, batch)]
+    ref = [np.concatenate([r[k] for r in refs]) for k in range(len(refs[0]))]
+    out = run_local(lib_path, folder / tc.PARAMS_FILE, feeds, batch, spec)
+    check: dict[str, Any] = {**compare_all_outputs(ref, out), "reference": "torch (torch.export program)"}
     if check["sqnr_db"] < MIN_SQNR_DB["fp32"]:
         raise ExportError(
             f"TVM output differs from torch: SQNR {check['sqnr_db']:.1f} dB < {MIN_SQNR_DB['fp32']} dB "
@@ -316,18 +309,21 @@ def _count_applied(before: Any, after: Any, tgt: Any, database: Any) -> dict[str
     return {"tasks": len(tasks), "applied": hits}
 
 
-def _verify_against_onnxruntime(
-    folder: Path, lib_path: Path, onnx_artifact: Artifact, batch: int, sample_shape: list[int], precision: str
-) -> dict[str, Any]:
-    import onnxruntime as ort
+def _static_inputs(spec: ModelSpec, batch: int) -> ModelSpec:
+    """``spec`` with the compiled batch in every input's shape (a TVM library has a static batch)."""
+    return ModelSpec([TensorSpec(name=i.name, shape=[batch, *i.shape[1:]], dtype=i.dtype, range=i.range)
+                      for i in spec.inputs], list(spec.outputs))  # fmt: skip
 
-    x = np.random.default_rng(0).standard_normal((4 * batch, *sample_shape)).astype(np.float32)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_artifact.model_path), opts, providers=["CPUExecutionProvider"])
-    ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    out = run_local(lib_path, folder / tc.PARAMS_FILE, x, batch)
-    check: dict[str, Any] = {**compare_outputs(ref, out), "reference": "onnxruntime"}
+
+def _verify_against_onnxruntime(
+    folder: Path, lib_path: Path, onnx_artifact: Artifact, batch: int, spec: ModelSpec, precision: str
+) -> dict[str, Any]:
+    from export.onnx_export import onnx_outputs
+
+    feeds = spec.example_feeds(4 * batch)
+    ref = onnx_outputs(onnx_artifact.model_path, feeds)
+    out = run_local(lib_path, folder / tc.PARAMS_FILE, feeds, batch, spec)
+    check: dict[str, Any] = {**compare_all_outputs(ref, out), "reference": "onnxruntime"}
     if check["sqnr_db"] < MIN_SQNR_DB[precision]:
         raise ExportError(
             f"TVM output differs from onnxruntime: SQNR {check['sqnr_db']:.1f} dB < {MIN_SQNR_DB[precision]} dB "
@@ -336,23 +332,32 @@ def _verify_against_onnxruntime(
     return check
 
 
-def run_local(lib_path: Path, params_path: Path, x: np.ndarray, batch: int) -> np.ndarray:
-    """Run a host library on ``x`` in chunks of the compiled ``batch`` (for verification)."""
+def run_local(lib_path: Path, params_path: Path, x: np.ndarray | dict[str, np.ndarray], batch: int,
+              spec: ModelSpec | None = None) -> list[np.ndarray]:  # fmt: skip
+    """Every output of a host library on ``x`` (feeds, or one array) in chunks of the compiled ``batch``
+    (for verification)."""
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine
 
+    from export.spec import as_feeds, numpy_dtype
+
+    specs = spec.inputs if spec is not None else [TensorSpec(name="input", shape=[batch])]
+    feeds = as_feeds(x, [i.name for i in specs])
     dev = tvm.cpu()
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), dev)
+    vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), dev)
     params = [tvm.runtime.tensor(p.numpy(), dev) for p in tc.load_params(params_path)]
-    outs = []
-    for i in range(0, len(x), batch):
-        outs.append(vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x[i : i + batch]), dev), *params).numpy())
-    return np.concatenate(outs)
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, len(feeds[specs[0].name]), batch):  # verification feeds are whole batches
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[i.name][start : start + batch], dtype=numpy_dtype(i.dtype)),
+                                   dev) for i in specs]  # fmt: skip
+        out = vm["main"](*args, *params)
+        parts.append([o.numpy() for o in ([out] if hasattr(out, "numpy") else list(out))])
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
 def _manifest(
     m: Manifest, parent_hash: str | None, target: Any, lib_path: Path, plan: tc.LibraryPlan, device: str, precision: str, batch: int,
-    sample_shape: list[int], tuning: dict[str, Any], notes: list[str], check: dict[str, Any], seconds: float,
+    inputs: list[TensorSpec], tuning: dict[str, Any], notes: list[str], check: dict[str, Any], seconds: float,
 ) -> Manifest:  # fmt: skip
     extra = {
         **{k: v for k, v in m.extra.items() if k != "notes"},
@@ -374,7 +379,7 @@ def _manifest(
         model_name=m.model_name,
         target=target.to_dict(),
         model_file=lib_path.name,
-        inputs=[TensorSpec(name=m.inputs[0].name, shape=[batch, *sample_shape], dtype="float32")],
+        inputs=inputs,
         outputs=m.outputs,
         preprocessing=m.preprocessing,
         stages=[*m.stages, StageRecord(stage="export-tvm", config={"target": target.name, "library": plan.suffix,
