@@ -99,11 +99,6 @@ def onnx_dtype_name(elem_type: int) -> str:
     return dtype_name(onnx.helper.tensor_dtype_to_np_dtype(elem_type)) if elem_type else "float32"
 
 
-def is_static(spec: TensorSpec, *, skip_batch: bool = True) -> bool:
-    dims = spec.shape[1:] if skip_batch else spec.shape
-    return all(isinstance(d, int) and d > 0 for d in dims)
-
-
 @dataclass
 class ModelSpec:
     """A model's named inputs and outputs.
@@ -304,7 +299,3 @@ def batch_size(feeds: Mapping[str, np.ndarray]) -> int:
 
 def slice_feeds(feeds: Mapping[str, np.ndarray], start: int, stop: int) -> Feeds:
     return {k: v[start:stop] for k, v in feeds.items()}
-
-
-def take_feeds(feeds: Mapping[str, np.ndarray], index: np.ndarray) -> Feeds:
-    return {k: v[index] for k, v in feeds.items()}

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from compress.checkpoint import ModelBundle, load_checkpoint
 from compress.cli.common import parse_shape
-from compress.data import Splits, load_data
 from export.artifact import TensorSpec
 from export.spec import parse_input_option
 
@@ -60,17 +58,3 @@ def load_model_from_cli(
         input_shape=parse_shape(input_shape),
         inputs=parse_inputs(inputs),
     )
-
-
-def load_data_from_cli(
-    data: str | None, calib_data: str | None, eval_data: str | None, *, seed: int = 0, **kwargs: Any
-) -> Splits:
-    """The command's data by role (``--data`` split, ``--calib-data``/``--eval-data`` used whole)."""
-    return load_data(data, calib_data=calib_data, eval_data=eval_data, seed=seed, **kwargs)
-
-
-def data_usage_line(splits: Splits, roles: tuple[str, ...]) -> str:
-    """``calibration: 80 samples of photos.npz; evaluation: 112 of eval.npz`` for the summary."""
-    names = {"train": "training", "calib": "calibration", "val": "validation", "test": "evaluation"}
-    u = splits.usage()
-    return "; ".join(f"{names[r]}: {u[r]['samples']} samples of {u[r]['source']}" for r in roles)

@@ -17,7 +17,6 @@ from compress.cli.inputs import (
     MetricOption,
     ModelFactoryOption,
     TrustPickleOption,
-    load_data_from_cli,
     load_model_from_cli,
     parse_inputs,
 )
@@ -95,6 +94,7 @@ def register(app: typer.Typer) -> None:
         """Find the best int8 onnxruntime quantization of MODEL (Quantune) and write it to OUT."""
         import shutil
 
+        from compress.data import load_data
         from compress.ptq.config import parse_duration
         from compress.ptq.search import quantize_artifact
         from targets import get_target
@@ -119,8 +119,8 @@ def register(app: typer.Typer) -> None:
                 )  # fmt: skip
                 first = source.manifest.inputs[0].shape[1:] if len(source.manifest.inputs) == 1 else []
                 shape = tuple(int(d) for d in first) if first and all(isinstance(d, int) for d in first) else None
-                splits = load_data_from_cli(data, calib_data, eval_data, preprocessing=source.manifest.preprocessing or None,
-                                            input_shape=shape)  # fmt: skip
+                splits = load_data(data, calib_data=calib_data, eval_data=eval_data,
+                                   preprocessing=source.manifest.preprocessing or None, input_shape=shape)
                 if eval_data is not None and val_samples is None:  # a file given as eval data is used whole
                     cfg = cfg.model_copy(update={"val_samples": len(splits.val)})
                 result = quantize_artifact(source, splits, cfg, out, target=tgt)
