@@ -14,7 +14,8 @@ from compress.checkpoint import ModelBundle, load_checkpoint
 from compress.data import Dataset
 from compress.errors import CheckpointError
 from export import Artifact, sha256_file
-from runtimes import LatencyStats, evaluate, measure_latency, runtime_for
+from runtimes import LatencyStats, measure_latency, run_all_batched, runtime_for
+from runtimes.measure import score_outputs
 from runtimes.torch_runtime import TorchSession
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,13 @@ def check_artifact(
             f"{data.name} has no labels and the artifact has no fp32 reference: pass --reference CKPT "
             "(the fp32 checkpoint) or data with 'y' labels"
         )
+    # Every model runs once on the data: the reference's outputs score each runtime's, and the
+    # first runtime's outputs are the base of the cross-runtime comparison.
+    task = artifact.manifest.extra.get("task")
+    ref_out = run_all_batched(ref_session, feeds) if ref_session is not None else None
     rows: list[dict[str, Any]] = []
-    if ref_session is not None:
-        own = evaluate(ref_session, data, reference=ref_session, metric=metric, task=artifact.manifest.extra.get("task"))
+    if ref_out is not None:
+        own = score_outputs(ref_out, data.y, ref_out, metric=metric, task=task)
         rows.append({"runtime": f"{ref_session.runtime} (reference)", "where": "local", **own})
         metric = own["metric"]
     runtime = runtime_for(artifact)
@@ -129,12 +134,13 @@ def check_artifact(
             f"artifact {artifact.path} ({artifact.manifest.format}) cannot run on this machine; "
             "check it on the device with --rpc HOST:PORT --key K"
         )
-    for sess in all_sessions:
-        r = evaluate(sess, data, reference=ref_session, metric=metric)
+    outputs = [run_all_batched(sess, feeds) for sess in all_sessions]
+    for sess, out in zip(all_sessions, outputs, strict=True):
+        r = score_outputs(out, data.y, ref_out, metric=metric, task=task)
         r.pop("reference_accuracy", None)
         rows.append({"runtime": sess.runtime, "where": getattr(sess, "where", "local"), **r})
         metric = r["metric"]
-    main = rows[1] if ref_session is not None else rows[0]
+    main = rows[1] if ref_out is not None else rows[0]
     result: dict[str, Any] = {
         "artifact": str(artifact.path),
         "format": artifact.manifest.format,
@@ -144,18 +150,16 @@ def check_artifact(
         "rows": rows,
         "accuracy": main["score"],
     }
-    if ref_session is not None and metric != "sqnr":  # SQNR has no "drop": the reference's is infinite
+    if ref_out is not None and metric != "sqnr":  # SQNR has no "drop": the reference's is infinite
         result["reference_accuracy"] = rows[0]["score"]
         result["accuracy_drop"] = float(rows[0]["score"]) - float(main["score"])
     # Pairwise agreement across artifact runtimes (e.g. onnxruntime vs TVM), without a torch model too.
     if len(all_sessions) > 1:
         from export.verify import compare_all_outputs
-        from runtimes.measure import run_all_batched
 
-        base = run_all_batched(all_sessions[0], feeds)
         result["cross_runtime"] = [
-            {"a": all_sessions[0].runtime, "b": s.runtime, **compare_all_outputs(base, run_all_batched(s, feeds))}
-            for s in all_sessions[1:]
+            {"a": all_sessions[0].runtime, "b": s.runtime, **compare_all_outputs(outputs[0], out)}
+            for s, out in zip(all_sessions[1:], outputs[1:], strict=True)
         ]
     return result
 

@@ -5,7 +5,14 @@ Heavy libraries are imported inside the runtime modules, never here.
 
 from runtimes.base import Runtime, Session, get_runtime, list_runtimes, register_runtime, runtime_for
 from runtimes.errors import DeviceConnectionError, RuntimeExecutionError, RuntimeUnavailableError
-from runtimes.measure import LatencyStats, evaluate, measure_latency, run_batched, top1_accuracy
+from runtimes.measure import (
+    LatencyStats,
+    evaluate,
+    measure_latency,
+    run_all_batched,
+    run_batched,
+    top1_accuracy,
+)
 
 __all__ = [
     "DeviceConnectionError",
@@ -19,6 +26,7 @@ __all__ = [
     "list_runtimes",
     "measure_latency",
     "register_runtime",
+    "run_all_batched",
     "run_batched",
     "runtime_for",
     "top1_accuracy",

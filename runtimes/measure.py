@@ -175,34 +175,37 @@ def _flat(outputs: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(o, dtype=np.float64).ravel() for o in outputs])
 
 
-def evaluate(session: Any, dataset: Any, *, batch_size: int = 256, reference: Any = None,
-             metric: str | None = None, task: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Score ``session`` on ``dataset`` (``inputs`` feeds, optional ``y`` labels).
+def score_outputs(outputs: list[np.ndarray], labels: np.ndarray | None, reference: list[np.ndarray] | None = None,
+                  *, metric: str | None = None, task: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Score a model's ``outputs``: top-1 with ``labels``; with the fp32 ``reference`` outputs,
+    agreement, cosine similarity and SQNR of every output against them. ``metric`` (default:
+    :func:`default_metric`; top1 without a reference) names the one that gates: its value is
+    ``score``; ``task`` informs the default.
 
-    With labels, top-1 accuracy; with a ``reference`` session (the fp32 model), agreement, cosine
-    similarity and SQNR of every output against it. ``metric`` (default: :func:`default_metric`)
-    names the one that gates: its value is ``score``; ``task`` informs the default.
+    Raises:
+        ValueError: the metric cannot be computed from what is given.
     """
-    labels = getattr(dataset, "y", None)
-    out = run_all_batched(session, dataset.inputs, batch_size)
-    result: dict[str, Any] = {"samples": len(dataset)}
-    if labels is not None and is_logits(out[0]):
-        result["accuracy"] = top1_accuracy(out[0], labels)
-    ref = None
+    result: dict[str, Any] = {"samples": len(outputs[0])}
+    if labels is not None and is_logits(outputs[0]):
+        result["accuracy"] = top1_accuracy(outputs[0], labels)
     if reference is not None:
-        ref = run_all_batched(reference, dataset.inputs, batch_size)
-        if labels is not None and is_logits(ref[0]):
-            result["reference_accuracy"] = top1_accuracy(ref[0], labels)
-        result.update(compare_all_outputs(ref, out))
-    chosen = metric or default_metric(labels is not None, ref or out, task)
+        if labels is not None and is_logits(reference[0]):
+            result["reference_accuracy"] = top1_accuracy(reference[0], labels)
+        result.update(compare_all_outputs(reference, outputs))
+    chosen = metric or (default_metric(labels is not None, reference, task) if reference is not None else "top1")
     if chosen == "top1" and "accuracy" not in result:
         raise ValueError("metric 'top1' needs labels and a logits output (N, classes)")
-    if chosen != "top1" and ref is None:
-        # Without a reference only top-1 can be computed; fall back to it when it can.
-        if "accuracy" in result and metric is None:
-            chosen = "top1"
-        else:
-            raise ValueError(f"metric {chosen!r} compares with the fp32 model, and there is no reference here")
+    if chosen != "top1" and reference is None:
+        raise ValueError(f"metric {chosen!r} compares with the fp32 model, and there is no reference here")
     result["metric"] = chosen
-    result["score"] = score(chosen, out, labels=labels, reference=ref)
+    result["score"] = score(chosen, outputs, labels=labels, reference=reference)
     return result
+
+
+def evaluate(session: Any, dataset: Any, *, batch_size: int = 256, reference: Any = None,
+             metric: str | None = None, task: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run ``session`` (and the ``reference`` session, the fp32 model) on ``dataset`` (``inputs``
+    feeds, optional ``y`` labels) and :func:`score_outputs` the result."""
+    ref = run_all_batched(reference, dataset.inputs, batch_size) if reference is not None else None
+    out = run_all_batched(session, dataset.inputs, batch_size)
+    return score_outputs(out, getattr(dataset, "y", None), ref, metric=metric, task=task)
