@@ -46,12 +46,21 @@ class TwoHeads(nn.Module):
         return {"logits": self.fc(e), "embedding": e}
 
 
-register_model("test-token-encoder", "test: token ids + mask", task="embedding", inputs=[
-    {"name": "input_ids", "shape": ["batch", SEQ], "dtype": "int64", "range": [0, VOCAB]},
-    {"name": "attention_mask", "shape": ["batch", SEQ], "dtype": "int64", "range": [0, 2]},
-])(TinyTokenEncoder)  # fmt: skip
-register_model("test-two-heads", "test: dict outputs", inputs=[
-    {"name": "x", "shape": ["batch", 1, 8, 8], "dtype": "float32"}])(TwoHeads)  # fmt: skip
+@pytest.fixture(scope="module", autouse=True)
+def _test_models():
+    """The test models are registered while this module runs only: registry-driven tests elsewhere
+    are parametrized over the built-in models."""
+    from compress.models.registry import unregister_model
+
+    register_model("test-token-encoder", "test: token ids + mask", task="embedding", inputs=[
+        {"name": "input_ids", "shape": ["batch", SEQ], "dtype": "int64", "range": [0, VOCAB]},
+        {"name": "attention_mask", "shape": ["batch", SEQ], "dtype": "int64", "range": [0, 2]},
+    ])(TinyTokenEncoder)  # fmt: skip
+    register_model("test-two-heads", "test: dict outputs", inputs=[
+        {"name": "x", "shape": ["batch", 1, 8, 8], "dtype": "float32"}])(TwoHeads)  # fmt: skip
+    yield
+    unregister_model("test-token-encoder")
+    unregister_model("test-two-heads")
 
 
 def _tokens(n: int, seed: int) -> dict[str, np.ndarray]:

@@ -39,6 +39,12 @@ def register_model(
     return deco
 
 
+def unregister_model(name: str) -> None:
+    """Remove a registered model (a user's or a test's registration; unknown names are ignored)."""
+    for table in (_MODELS, _DESCRIPTIONS, _INPUTS, _TASKS):
+        table.pop(name, None)
+
+
 def builtin_model_task(name: str) -> str | None:
     """The task of the built-in model ``name`` (None for other names)."""
     _ensure_loaded()
