@@ -205,7 +205,7 @@ def evaluate_accuracy(model: Any, ds: Dataset, batch_size: int = 256, teacher: A
 
     from compress.errors import DataError
     from export.torch_io import flatten_outputs
-    from export.verify import cosine_similarity
+    from runtimes.measure import default_metric, score
 
     if ds.y is None and teacher is None:
         raise DataError(f"dataset {ds.name!r} has no labels; scoring it needs the fp32 model to compare with")
@@ -222,11 +222,9 @@ def evaluate_accuracy(model: Any, ds: Dataset, batch_size: int = 256, teacher: A
     model.train(was_training)
     out = [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
     if ds.y is not None:
-        return float(100.0 * np.mean(out[0].argmax(1) == ds.y))
+        return score("top1", out, labels=ds.y)
     ref = [np.concatenate([r[k] for r in refs]) for k in range(len(refs[0]))]
-    if task not in ("embedding", "other") and ref[0].ndim == 2 and ref[0].shape[1] > 1:
-        return float(100.0 * np.mean(ref[0].argmax(1) == out[0].argmax(1)))
-    return 100.0 * cosine_similarity(ref, out)
+    return score(default_metric(False, ref, task), out, reference=ref)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
