@@ -33,6 +33,7 @@ class TvmSession:
     def __init__(self, vm: Any, dev: Any, params: list[Any], *, batch: int, threads: int, where: str = "local",
                  keepalive: Any = None, inputs: list[Any] | None = None):  # fmt: skip
         from export.artifact import TensorSpec
+        from export.spec import numpy_dtype
 
         self._vm = vm
         self._dev = dev
@@ -46,7 +47,7 @@ class TvmSession:
         self.where = where
         self.inputs = list(inputs or [TensorSpec(name="input", shape=[batch])])
         self.input_names = [i.name for i in self.inputs]
-        self._dtypes = [np.dtype(np.bool_ if i.dtype == "bool" else i.dtype) for i in self.inputs]
+        self._dtypes = [numpy_dtype(i.dtype) for i in self.inputs]
 
     def _tensor(self, x: np.ndarray, dtype: np.dtype) -> Any:
         import tvm
