@@ -88,7 +88,7 @@ def main() -> None:
     from compress.ptq.database import TuningDatabase, load_prior
     from compress.ptq.descriptors import model_descriptors
     from compress.ptq.evaluator import Evaluator
-    from compress.ptq.ort_backend import make_session, prepare_model, quantize_to_file, run_logits
+    from compress.ptq.ort_backend import model_outputs, prepare_model, quantize_to_file
     from compress.ptq.search import run_search
     from compress.ptq.space import enumerate_space
     from compress.ptq.strategies import GeneticSearch, GridSearch, QuantuneSearch, RandomSearch
@@ -164,7 +164,7 @@ def main() -> None:
             quantize_to_file(m["prepared"], cfg, splits.calib.x, p, ev.calib_cache, nodes_to_exclude=list(ev.task(cfg).exclude))
             paths[label] = p
         for label, p in paths.items():
-            acc[label] = float(100 * np.mean(run_logits(make_session(p), test_x).argmax(1) == test_y))
+            acc[label] = float(100 * np.mean(model_outputs(p, test_x)[0].argmax(1) == test_y))
         lat = {}
         if not args.no_latency:
             x1 = test_x[:1]

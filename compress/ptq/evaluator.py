@@ -104,7 +104,7 @@ def trial_score(metric: str, outputs: list[np.ndarray], labels: np.ndarray | Non
 
 def run_trial(task: TrialTask) -> TrialResult:
     """Measure one configuration (runs in the calling process or in a pool worker)."""
-    from compress.ptq.ort_backend import make_session, quantize_to_file, run_outputs, trial_failure_types
+    from compress.ptq.ort_backend import model_outputs, quantize_to_file, trial_failure_types
     from export.verify import compare_all_outputs
 
     calib = load_feeds(task.arrays / "calib.npz")
@@ -118,7 +118,7 @@ def run_trial(task: TrialTask) -> TrialResult:
         try:
             info = quantize_to_file(task.prepared, task.config, calib, out, task.calib_cache,
                                     nodes_to_exclude=list(task.exclude))  # fmt: skip
-            outputs = run_outputs(make_session(out, task.threads), val)
+            outputs = model_outputs(out, val, task.threads)
         except trial_failure_types() as exc:
             msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             log.info("trial %s failed: %s", task.config.label(), msg)
@@ -203,7 +203,7 @@ class Evaluator:
         sensitive_order: list[str] | Callable[[], list[str]] | None = None,
         threads: int = 1,
     ):
-        from compress.ptq.ort_backend import calibration_samples, feeds_hash, make_session, run_outputs
+        from compress.ptq.ort_backend import calibration_samples, feeds_hash, model_outputs
         from export.spec import as_feeds
         from runtimes.measure import check_metric
 
@@ -242,7 +242,7 @@ class Evaluator:
             h.update(np.ascontiguousarray(val_y).tobytes())
         self.data_hash = h.hexdigest()
         self.val_y = val_y
-        self.fp32_outputs = run_outputs(make_session(prepared.path, threads), val)
+        self.fp32_outputs = model_outputs(prepared.path, val, threads)
         np.savez(self.arrays / "fp32_outputs.npz", **{f"o{k}": o for k, o in enumerate(self.fp32_outputs)})  # type: ignore[arg-type]
         self.fp32_accuracy = trial_score(metric, self.fp32_outputs, val_y, self.fp32_outputs)
         self._memory: dict[str, TrialResult] = {}

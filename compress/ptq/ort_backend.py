@@ -274,26 +274,14 @@ def quantize_to_file(
     return {"calibration_seconds": seconds, "calibrated": True, "quantize_seconds": seconds}
 
 
-def make_session(model_path: Path, threads: int = 1) -> Any:
-    """An onnxruntime CPU session with a fixed thread count (so trials are comparable)."""
-    import onnxruntime as ort
+def model_outputs(model_path: Path | str, feeds: Feeds | np.ndarray, threads: int = 1) -> list[np.ndarray]:
+    """Every output of the ONNX model for all samples of ``feeds`` (or one array, for a one-input
+    model) on onnxruntime's CPU provider with a fixed thread count, so trials are comparable.
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    Raises:
+        RuntimeExecutionError: onnxruntime cannot load the model (a failed trial).
+    """
+    from runtimes.measure import run_all_batched
+    from runtimes.ort_runtime import OrtSession
 
-
-def run_outputs(session: Any, feeds: Feeds, batch_size: int = 250) -> list[np.ndarray]:
-    """Every output of an onnxruntime session for all samples of ``feeds``, in batches."""
-    n = batch_size_of(feeds)
-    parts = [session.run(None, {k: np.ascontiguousarray(v) for k, v in slice_feeds(feeds, i, i + batch_size).items()})
-             for i in range(0, n, batch_size)]  # fmt: skip
-    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
-
-
-def run_logits(session: Any, x: np.ndarray | Feeds, batch_size: int = 250) -> np.ndarray:
-    """The first output for ``x`` (one array for a one-input model, or feeds)."""
-    feeds = x if isinstance(x, dict) else {session.get_inputs()[0].name: x}
-    return run_outputs(session, feeds, batch_size)[0]
+    return run_all_batched(OrtSession(str(model_path), ["CPUExecutionProvider"], threads), feeds, 250)

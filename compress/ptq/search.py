@@ -104,11 +104,11 @@ def run_search(
 
 def _default_metric(prepared: Any, val: dict[str, Any], has_labels: bool, task: str | None) -> str:
     """top1 with labels, else agreement for a logits output, else cosine (from the fp32 outputs)."""
-    from compress.ptq.ort_backend import make_session, run_outputs
+    from compress.ptq.ort_backend import model_outputs
     from runtimes.measure import default_metric
 
     head = {k: v[:2] for k, v in val.items()}
-    return default_metric(has_labels, run_outputs(make_session(prepared.path), head), task)
+    return default_metric(has_labels, model_outputs(prepared.path, head), task)
 
 
 @dataclass

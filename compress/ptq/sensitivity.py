@@ -41,7 +41,7 @@ def layer_sensitivity(
         that layer alone with ``config``.
     """
     from compress.ptq.evaluator import trial_score
-    from compress.ptq.ort_backend import make_session, quantize_to_file, run_outputs, trial_failure_types
+    from compress.ptq.ort_backend import model_outputs, quantize_to_file, trial_failure_types
     from export.verify import compare_all_outputs
 
     base = config.model_copy(update={"keep_float": "none", "keep_float_k": 0, "exclude_nodes": ()})
@@ -56,7 +56,7 @@ def layer_sensitivity(
                                    "sqnr_db": None, "error": None}  # fmt: skip
             try:
                 quantize_to_file(prepared, base, calib, out, calib_cache, nodes_to_quantize=[name])
-                outputs = run_outputs(make_session(out, threads), val)
+                outputs = model_outputs(out, val, threads)
             except trial_failure_types() as exc:
                 row["error"] = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
                 rows.append(row)
