@@ -89,3 +89,29 @@ def test_codes_stay_in_range_for_every_bit_width(bits: int) -> None:
     assert codes.min() >= -q_n and codes.max() <= q_p
     assert torch.allclose(q(w), codes * q.scale)
     assert len(torch.unique(codes)) > min(2 ** (bits - 1), 16)  # the grid is used, not collapsed
+
+
+class _SamePadConv(nn.Conv2d):
+    """A conv that pads in its own forward, TensorFlow "same" style (asymmetric on stride 2), with
+    ``padding=0`` on the module, as EfficientNet-Lite's and timm's Conv2dSame do."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 3, stride=2, padding=0)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, 0)
+
+
+def test_wrapper_keeps_a_subclass_padding_in_its_forward() -> None:
+    """Regression: the wrapper rebuilt the conv from ``layer.padding`` and dropped the padding the
+    subclass applies itself (EfficientNet's 240x240 stem gave 119x119 instead of 120x120)."""
+    torch.manual_seed(0)
+    conv = _SamePadConv(3, 4)
+    wrapped = QuantWrapper(conv, weight_bits=8, act_bits=8, per_channel=True)
+    x = torch.randn(2, 3, 16, 16)
+    ref = conv(x)
+    out = wrapped(x)
+    assert out.shape == ref.shape == (2, 4, 8, 8)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99  # 8-bit noise only
+    assert isinstance(conv.weight, nn.Parameter)  # the float weight is back after the call

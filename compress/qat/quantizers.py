@@ -154,11 +154,21 @@ class QuantWrapper(nn.Module):
         lay: Any = self.layer
         xq = self.act_quant(x)
         wq = self.weight_quant(lay.weight)
-        if isinstance(lay, nn.Conv2d):
-            if lay.padding_mode != "zeros":
-                raise NotImplementedError(f"QAT supports zero padding only, not {lay.padding_mode!r}")
-            return nn.functional.conv2d(xq, wq, lay.bias, lay.stride, lay.padding, lay.dilation, lay.groups)
-        return nn.functional.linear(xq, wq, lay.bias)
+        if isinstance(lay, nn.Conv2d) and lay.padding_mode != "zeros":
+            raise NotImplementedError(f"QAT supports zero padding only, not {lay.padding_mode!r}")
+        if type(lay).forward in (nn.Conv2d.forward, nn.Linear.forward):
+            if isinstance(lay, nn.Conv2d):
+                return nn.functional.conv2d(xq, wq, lay.bias, lay.stride, lay.padding, lay.dilation, lay.groups)
+            return nn.functional.linear(xq, wq, lay.bias)
+        # A subclass with its own forward (TensorFlow "same" padding in EfficientNet-Lite, timm's
+        # Conv2dSame): run that forward with the quantized weight swapped in, so its padding stays.
+        # (torch.func.functional_call does this too, but refuses the ONNX exporter's tracing.)
+        saved = lay._parameters["weight"]
+        lay._parameters["weight"] = wq
+        try:
+            return lay(xq)
+        finally:
+            lay._parameters["weight"] = saved
 
 
 def quant_wrappers(model: nn.Module) -> list[tuple[str, QuantWrapper]]:
