@@ -431,6 +431,15 @@ def load_splits(spec: str | Path, *, seed: int = 0, **kwargs: Any) -> Splits:
     return split_dataset(load_dataset(spec, **kwargs), seed=seed)
 
 
+def image_shape(inputs: Any) -> tuple[int, ...] | None:
+    """The sample shape images are resized (folders) or cropped (``photos``) to: the only input's
+    static shape, or None for a model of several inputs or dynamic dims. ``inputs`` is a list of
+    ``TensorSpec`` (a manifest's, or ``ModelSpec.inputs``)."""
+    inputs = list(inputs)
+    dims = inputs[0].shape[1:] if len(inputs) == 1 else []
+    return tuple(int(d) for d in dims) if dims and all(isinstance(d, int) for d in dims) else None
+
+
 def load_data(
     data: str | Path | None = None,
     *,

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Check ARTIFACT's accuracy on DATA with its runtime, next to torch (agreement, cosine, SQNR)."""
-        from compress.data import load_dataset, load_splits
+        from compress.data import image_shape, load_dataset, load_splits
         from compress.errors import ConfigError, GateFailure
         from compress.evaluation import check_artifact, reference_model
         from export import load_artifact
@@ -41,9 +41,8 @@ def register(app: typer.Typer) -> None:
         tgt = get_target(target) if target else (get_target(art.manifest.target["name"]) if art.manifest.target else None)
         if (data is None) == (eval_data is None):
             raise ConfigError("give the evaluation data as --data D (its --split is scored) or --eval-data F (used whole)")
-        shape = tuple(art.manifest.inputs[0].shape[1:]) if len(art.manifest.inputs) == 1 else None
         pre = art.manifest.preprocessing or None
-        size = tuple(int(d) for d in shape) if shape and all(isinstance(d, int) for d in shape) else None
+        size = image_shape(art.manifest.inputs)
         if eval_data is not None:
             ds = load_dataset(eval_data, preprocessing=pre, input_shape=size)
         else:

@@ -8,14 +8,25 @@ from pathlib import Path
 import typer
 
 from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say
-from compress.cli.inputs import InputShapeOption, ModelFactoryOption, TrustPickleOption, load_model_from_cli
+from compress.cli.inputs import (
+    CalibDataOption,
+    EvalDataOption,
+    InputShapeOption,
+    ModelFactoryOption,
+    TrustPickleOption,
+    load_model_from_cli,
+)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("codebook")
     def codebook_cmd(
         checkpoint: Path = typer.Argument(..., help="Float checkpoint (.pt/.pth/.safetensors/.pt2)."),
-        data: str = typer.Option(..., "--data", "-d", help="Calibration/evaluation data: mnist, digits, a .npz or a folder."),
+        data: str | None = typer.Option(
+            None, "--data", "-d", help="Calibration/evaluation data: mnist, digits, photos, a .npz or a folder (split)."
+        ),
+        calib_data: str | None = CalibDataOption,
+        eval_data: str | None = EvalDataOption,
         bits: int = typer.Option(3, "--bits", help="Bits per codeword index (2, 3, 4; 1-6 accepted)."),
         groups: int = typer.Option(8, "--groups", help="Neuron groups per layer (k-means over neuron statistics)."),
         variant: str = typer.Option("scales", "--variant", help="scales: one codebook + a scale per group; codebooks: one codebook per group."),
@@ -49,7 +60,7 @@ def register(app: typer.Typer) -> None:
             cfg = JLCMConfig.model_validate(base)
         except ValueError as exc:
             raise ConfigError(f"invalid codebook options: {exc}") from None
-        result = run_codebook(checkpoint, data, cfg, out, target=target, measure_memory=measure_memory,
+        result = run_codebook(checkpoint, (data, calib_data, eval_data), cfg, out, target=target, measure_memory=measure_memory,
                               model_factory=model_factory, trust_pickle=trust_pickle, input_shape=input_shape,
                               progress=not json_out)  # fmt: skip
         if json_out:
@@ -57,44 +68,49 @@ def register(app: typer.Typer) -> None:
             return
         print_table(
             f"JLCM codebook -> {out}",
-            ["bits/index", "groups", "variant", "update", "bits/weight", "fp32 acc %", "codebook acc % (torch)",
-             "acc % (onnxruntime)", "ONNX bytes", "fp32 ONNX bytes"],
+            ["bits/index", "groups", "variant", "update", "bits/weight", f"fp32 {result['metric']}",
+             f"codebook {result['metric']} (torch)", f"{result['metric']} (onnxruntime)", "ONNX bytes", "fp32 ONNX bytes"],
             [[cfg.bits, cfg.groups, cfg.variant, cfg.update, result["bits_per_weight"], result["fp32_accuracy"],
               result["accuracy"], result["onnxruntime_accuracy"], result["onnx_bytes"], result["fp32_onnx_bytes"]]],
         )  # fmt: skip
         say(f"artifact: {result['artifact']} (SQNR vs torch {result['sqnr_db']:.1f} dB)")
 
 
-def run_codebook(checkpoint: Path, data: str, cfg: object, out: Path, *, target: str, measure_memory: bool,
+def run_codebook(checkpoint: Path, data: tuple[str | None, str | None, str | None], cfg: object, out: Path, *,
+                 target: str, measure_memory: bool,
                  model_factory: str | None, trust_pickle: bool, input_shape: str | None, progress: bool) -> dict:  # fmt: skip
-    """Load, compress, save, export and evaluate; returns the JSON summary."""
+    """Load, compress, save, export and evaluate; returns the JSON summary.
+
+    ``data`` is ``(--data, --calib-data, --eval-data)``. Unlabelled data is scored against the fp32
+    model (agreement for classifiers, cosine otherwise), on torch and on onnxruntime.
+    """
     import torch
 
-    from compress.checkpoint import ModelBundle
     from compress.codebook.api import apply_jlcm, save_codebook_checkpoint
     from compress.codebook.artifact import export_codebook_artifact
-    from compress.data import load_splits
+    from compress.data import image_shape, load_data
+    from compress.evaluation import check_artifact
     from compress.training import evaluate_accuracy
-    from runtimes import runtime_for
-    from runtimes.measure import evaluate
     from targets import get_target
 
     tgt = get_target(target)
     with cli_progress(progress):
         bundle = load_model_from_cli(checkpoint, model_factory, trust_pickle, input_shape)
-        splits = load_splits(data, preprocessing=bundle.preprocessing or None, input_shape=bundle.input_shape)
+        splits = load_data(data[0], calib_data=data[1], eval_data=data[2], preprocessing=bundle.preprocessing or None,
+                           input_shape=image_shape(bundle.spec.inputs)).for_model(bundle.spec)  # fmt: skip
         calib = torch.from_numpy(splits.calib.x[: cfg.calib_samples])  # type: ignore[attr-defined]
         module, report = apply_jlcm(bundle.module, calib, cfg)  # type: ignore[arg-type]
-        compressed = ModelBundle(module, bundle.model_name, bundle.input_shape, bundle.preprocessing,
-                                 bundle.num_classes, {**bundle.metadata, "parent": str(checkpoint)})  # fmt: skip
+        compressed = bundle.derive(module, metadata={**bundle.metadata, "parent": str(checkpoint)})
         out.mkdir(parents=True, exist_ok=True)
         save_codebook_checkpoint(compressed, out / "model.pt", report["layout"])
         art = export_codebook_artifact(compressed, out / "onnx", report, target=tgt,
                                        verify_inputs=splits.test.x[:16], measure_memory=measure_memory)  # fmt: skip
-        ort_eval = evaluate(runtime_for(art).prepare(art, tgt), splits.test)
-        art.update_metrics(accuracy=ort_eval["accuracy"])
-        fp_acc = evaluate_accuracy(bundle.module, splits.test)
-        acc = evaluate_accuracy(module, splits.test)
+        check = check_artifact(art, splits.test, target=tgt, reference=bundle)
+        ort_eval = check["rows"][1]
+        art.update_metrics(accuracy=ort_eval["score"], metric=check["metric"])
+        teacher = None if splits.test.y is not None else bundle.module
+        fp_acc = check.get("reference_accuracy")
+        acc = evaluate_accuracy(module, splits.test, teacher=teacher, task=bundle.task)
     metrics = art.manifest.metrics
     memory = metrics.get("memory", {})
     result = {
@@ -103,9 +119,11 @@ def run_codebook(checkpoint: Path, data: str, cfg: object, out: Path, *, target:
         "config": report["config"],
         "bits_per_weight": report["accounting"]["bits_per_weight"],
         "file_bits_per_weight": metrics["file_bits_per_weight"],
+        "metric": check["metric"],
+        "samples": check["samples"],
         "fp32_accuracy": fp_acc,
         "accuracy": acc,
-        "onnxruntime_accuracy": ort_eval["accuracy"],
+        "onnxruntime_accuracy": ort_eval["score"],
         "sqnr_db": metrics["export_check"]["sqnr_db"],
         "onnx_bytes": metrics["size_check"]["file_bytes"],
         "fp32_onnx_bytes": memory.get("fp32_file_bytes"),

@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
         """Find the best int8 onnxruntime quantization of MODEL (Quantune) and write it to OUT."""
         import shutil
 
-        from compress.data import load_data
+        from compress.data import image_shape, load_data
         from compress.ptq.config import parse_duration
         from compress.ptq.search import quantize_artifact
         from targets import get_target
@@ -117,10 +117,9 @@ def register(app: typer.Typer) -> None:
                     model, work, target=tgt, inputs=parse_inputs(inputs),
                     load=lambda: load_model_from_cli(model, model_factory, trust_pickle, input_shape, inputs),
                 )  # fmt: skip
-                first = source.manifest.inputs[0].shape[1:] if len(source.manifest.inputs) == 1 else []
-                shape = tuple(int(d) for d in first) if first and all(isinstance(d, int) for d in first) else None
                 splits = load_data(data, calib_data=calib_data, eval_data=eval_data,
-                                   preprocessing=source.manifest.preprocessing or None, input_shape=shape)
+                                   preprocessing=source.manifest.preprocessing or None,
+                                   input_shape=image_shape(source.manifest.inputs))
                 if eval_data is not None and val_samples is None:  # a file given as eval data is used whole
                     cfg = cfg.model_copy(update={"val_samples": len(splits.val)})
                 result = quantize_artifact(source, splits, cfg, out, target=tgt)

@@ -7,7 +7,15 @@ from pathlib import Path
 import typer
 
 from compress.cli.common import JsonOption, cli_progress, emit_json, print_table
-from compress.cli.inputs import InputShapeOption, ModelFactoryOption, TrustPickleOption, load_model_from_cli
+from compress.cli.inputs import (
+    CalibDataOption,
+    EvalDataOption,
+    InputOption,
+    InputShapeOption,
+    ModelFactoryOption,
+    TrustPickleOption,
+    load_model_from_cli,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -15,8 +23,10 @@ def register(app: typer.Typer) -> None:
     def sparsify_cmd(
         checkpoint: Path = typer.Argument(..., help="Dense checkpoint (.pt/.pth/.safetensors/.pt2)."),
         data: str | None = typer.Option(
-            None, "--data", "-d", help="Built-in dataset, .npz or image folder (training methods)."
+            None, "--data", "-d", help="Built-in dataset, .npz or image folder (training methods); split by role."
         ),
+        calib_data: str | None = CalibDataOption,
+        eval_data: str | None = EvalDataOption,
         pattern: str = typer.Option(
             "2:4", "--pattern", "-p", help="N:M, e.g. 2:4, 1:4, 1:8, 1:16 (M <= 32)."
         ),
@@ -43,6 +53,7 @@ def register(app: typer.Typer) -> None:
         model_factory: str | None = ModelFactoryOption,
         trust_pickle: bool = TrustPickleOption,
         input_shape: str | None = InputShapeOption,
+        inputs: list[str] | None = InputOption,
         json_out: bool = JsonOption,
     ) -> None:
         """Make CHECKPOINT N:M sparse (one-shot, SR-STE, MDGF, SDGF) and export a verified ONNX artifact."""
@@ -51,7 +62,7 @@ def register(app: typer.Typer) -> None:
         from pydantic import ValidationError
 
         from compress.checkpoint import save_checkpoint
-        from compress.data import load_splits
+        from compress.data import image_shape, load_data
         from compress.errors import ConfigError
         from compress.evaluation import check_artifact
         from compress.sparsity import NMSparsityConfig
@@ -72,16 +83,15 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"invalid sparsify options: {msgs}") from None
         tgt = get_target(target)
         tgt.require("nm-sparse", "N:M sparse weights")
-        bundle = load_model_from_cli(checkpoint, model_factory, trust_pickle, input_shape)
-        if config.method != "oneshot" and data is None:
+        bundle = load_model_from_cli(checkpoint, model_factory, trust_pickle, input_shape, inputs)
+        if config.method != "oneshot" and data is None and calib_data is None:
             raise ConfigError(
-                f"--method {config.method} trains the model and needs --data (or use --method oneshot)"
+                f"--method {config.method} trains the model and needs --data or --calib-data (or use --method oneshot)"
             )
         splits = None
-        if data is not None:
-            splits = load_splits(
-                data, seed=seed, preprocessing=bundle.preprocessing or None, input_shape=bundle.input_shape
-            )
+        if data is not None or calib_data is not None or eval_data is not None:
+            splits = load_data(data, calib_data=calib_data, eval_data=eval_data, seed=seed,
+                               preprocessing=bundle.preprocessing or None, input_shape=image_shape(bundle.spec.inputs))
         out.mkdir(parents=True, exist_ok=True)
         with cli_progress(not json_out):
             sparse, metrics = apply_nm_sparsity(bundle, config, splits, out_dir=out / "train", resume=resume)
