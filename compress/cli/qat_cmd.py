@@ -7,16 +7,26 @@ from pathlib import Path
 import typer
 
 from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say
-from compress.cli.inputs import InputShapeOption, ModelFactoryOption, TrustPickleOption, load_model_from_cli
+from compress.cli.inputs import (
+    CalibDataOption,
+    EvalDataOption,
+    InputOption,
+    InputShapeOption,
+    ModelFactoryOption,
+    TrustPickleOption,
+    load_model_from_cli,
+)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("qat")
     def qat_cmd(
         checkpoint: Path = typer.Argument(..., help="Float model checkpoint (.pt/.pth/.safetensors/.pt2)."),
-        data: str = typer.Option(
-            ..., "--data", "-d", help="mnist, digits, rotated-mnist, an .npz or an image folder."
+        data: str | None = typer.Option(
+            None, "--data", "-d", help="mnist, digits, rotated-mnist, photos, text, an .npz or an image folder (split)."
         ),
+        calib_data: str | None = CalibDataOption,
+        eval_data: str | None = EvalDataOption,
         bits: int = typer.Option(4, "--bits", help="Weight bit-width, 2-8."),
         act_bits: int | None = typer.Option(
             None, "--act-bits", help="Activation bit-width, 2-8 (default: --bits)."
@@ -49,12 +59,13 @@ def register(app: typer.Typer) -> None:
         model_factory: str | None = ModelFactoryOption,
         trust_pickle: bool = TrustPickleOption,
         input_shape: str | None = InputShapeOption,
+        inputs: list[str] | None = InputOption,
         json_out: bool = JsonOption,
     ) -> None:
         """Quantization-aware training of CHECKPOINT (LSQ, optionally SAM/SAGM/GAQAT) to a QDQ ONNX artifact."""
         from pydantic import ValidationError
 
-        from compress.data import load_splits
+        from compress.data import image_shape, load_data
         from compress.errors import ConfigError
         from compress.qat import GAQATConfig
 
@@ -67,10 +78,10 @@ def register(app: typer.Typer) -> None:
             )  # fmt: skip
         except ValidationError as exc:
             raise ConfigError("; ".join(e["msg"] for e in exc.errors())) from None
-        bundle = load_model_from_cli(checkpoint, model_factory, trust_pickle, input_shape)
-        splits = load_splits(
-            data, seed=seed, preprocessing=bundle.preprocessing or None, input_shape=bundle.input_shape
-        )
+        bundle = load_model_from_cli(checkpoint, model_factory, trust_pickle, input_shape, inputs)
+        splits = load_data(data, calib_data=calib_data, eval_data=eval_data, seed=seed,
+                           preprocessing=bundle.preprocessing or None,
+                           input_shape=image_shape(bundle.spec.inputs)).for_model(bundle.spec)  # fmt: skip
         with cli_progress(not json_out):
             summary = run_qat_command(bundle, splits, config, out, target, resume)
         if summary is None:  # a non-zero rank under torchrun: rank 0 writes the outputs
@@ -82,7 +93,7 @@ def register(app: typer.Typer) -> None:
         print_table(
             f"QAT {config.method} W{config.bits}A{config.activation_bits} -> {summary['artifact']}",
             ["steps", "torch fake-quant acc (%)", "onnxruntime acc (%)", "top-1 agreement (%)", "SQNR (dB)", "conflict rate"],
-            [[m["steps"], m["onnx_check"]["torch_accuracy"], m["onnx_check"]["onnxruntime_accuracy"],
+            [[m["steps"], m["onnx_check"].get("torch_accuracy"), m["onnx_check"].get("onnxruntime_accuracy"),
               m["onnx_check"]["top1_agreement"], m["onnx_check"]["sqnr_db"],
               (m.get("conflict") or {}).get("overall_conflict_rate")]],
         )  # fmt: skip
@@ -101,7 +112,7 @@ def run_qat_command(bundle, splits, config, out: Path, target_name: str, resume:
 
     tgt = get_target(target_name)
     out.mkdir(parents=True, exist_ok=True)
-    result = run_qat(bundle.module, splits, config, out, resume=resume)
+    result = run_qat(bundle.module, splits, config, out, resume=resume, task=bundle.task)
     if dist_info()[0] != 0:
         return None
     metrics = {k: v for k, v in result.metrics.items() if k != "plot"}
@@ -114,8 +125,10 @@ def run_qat_command(bundle, splits, config, out: Path, target_name: str, resume:
         extra={**source_info(bundle), "bits_weights": config.bits, "bits_activations": config.activation_bits,
                "quantized_layers": metrics["layers"]},
     )  # fmt: skip
-    check = onnx_agreement(result.model, art.model_path, splits.test)
-    art.update_metrics(accuracy=check["onnxruntime_accuracy"], onnx_check=check)
+    check = onnx_agreement(result.model, art.model_path, splits.test, bundle.spec)
+    if "onnxruntime_accuracy" in check:
+        art.update_metrics(accuracy=check["onnxruntime_accuracy"])
+    art.update_metrics(onnx_check=check)
     metrics["onnx_check"] = check
     summary = {"artifact": str(art.path), "train_log": str(out / "train" / "train_log.jsonl"),
                "plot": result.metrics.get("plot"), "metrics": metrics}  # fmt: skip

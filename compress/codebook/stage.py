@@ -45,7 +45,6 @@ def run_codebook_stage(bundle: Any, config: JLCMConfig, ctx: StageContext) -> St
     """Compress ``bundle`` with JLCM on the calibration split; writes the checkpoint and a report."""
     import torch
 
-    from compress.checkpoint import ModelBundle
     from compress.codebook.api import apply_jlcm, save_codebook_checkpoint
     from compress.training import evaluate_accuracy
 
@@ -60,9 +59,10 @@ def run_codebook_stage(bundle: Any, config: JLCMConfig, ctx: StageContext) -> St
             from compress.errors import CompressError
 
             raise CompressError(f"codebook stage broke the N:M pattern: {report['nm_violations']}")
-    acc = evaluate_accuracy(module, ctx.splits.val)
-    out = ModelBundle(module, bundle.model_name, bundle.input_shape, bundle.preprocessing, bundle.num_classes,
-                      {**bundle.metadata, "codebook": {"bits_per_weight": report["accounting"]["bits_per_weight"]}})  # fmt: skip
+    val = ctx.splits.val.for_model(bundle.spec)
+    acc = evaluate_accuracy(module, val, teacher=bundle.module if val.y is None else None, task=bundle.task)
+    out = bundle.derive(module, metadata={**bundle.metadata,
+                                          "codebook": {"bits_per_weight": report["accounting"]["bits_per_weight"]}})  # fmt: skip
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     save_codebook_checkpoint(out, ctx.out_dir / MODEL_FILE, report["layout"])
     (ctx.out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))

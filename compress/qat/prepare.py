@@ -62,14 +62,16 @@ def prepare(model: nn.Module, config: GAQATConfig, scope: Scope | None = None) -
 
 
 @torch.no_grad()
-def initialize_activation_scales(model: nn.Module, x: torch.Tensor) -> None:
+def initialize_activation_scales(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
     """Run one batch so every activation quantizer takes its LSQ init (and signedness) from it.
 
     The model's BatchNorm running statistics are left unchanged.
     """
+    from compress.training import forward
+
     was_training = model.training
     model.eval()
-    model(x)
+    forward(model, x)
     model.train(was_training)
 
 

@@ -28,7 +28,8 @@ def _run(bundle: Any, config: GAQATConfig, ctx: StageContext) -> StageOutput:
     from compress.qat.train import quantized_bundle, run_qat
 
     _keep_nm_pattern(bundle)
-    result = run_qat(bundle.module, ctx.splits, config, ctx.out_dir, resume=ctx.resume)
+    result = run_qat(bundle.module, ctx.splits.for_model(bundle.spec), config, ctx.out_dir, resume=ctx.resume,
+                     task=bundle.task)
     metrics = {k: v for k, v in result.metrics.items() if k not in ("layers", "plot")}
     files = {"train_log": str(Path(ctx.out_dir) / "train" / "train_log.jsonl")}
     if "plot" in result.metrics:

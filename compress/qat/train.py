@@ -18,7 +18,7 @@ from compress.data import Dataset, Splits
 from compress.qat.config import GAQATConfig
 from compress.qat.gaqat import QATHooks
 from compress.qat.prepare import describe_quantization, initialize_activation_scales, prepare
-from compress.training import Trainer, TrainResult, dist_info, evaluate_accuracy
+from compress.training import Trainer, TrainResult, batch_inputs, dist_info, evaluate_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -34,41 +34,50 @@ class QATResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def quantize_model(module: nn.Module, config: GAQATConfig, calibration: np.ndarray) -> nn.Module:
-    """A quantized copy of ``module`` with LSQ scales initialised from ``calibration`` (one batch)."""
+def quantize_model(module: nn.Module, config: GAQATConfig, calibration: np.ndarray | Dataset) -> nn.Module:
+    """A quantized copy of ``module`` with LSQ scales initialised from one batch of ``calibration``
+    (an array of samples, or a dataset of any inputs in forward order)."""
     model = prepare(copy.deepcopy(module), config)
-    initialize_activation_scales(model, torch.from_numpy(calibration[: config.batch_size]))
+    if isinstance(calibration, Dataset):
+        batch = batch_inputs(calibration, slice(0, config.batch_size))
+    else:
+        batch = torch.from_numpy(calibration[: config.batch_size])
+    initialize_activation_scales(model, batch)
     return model
 
 
 def train_quantized(
     model: nn.Module, train: Dataset, val: Dataset | None, config: GAQATConfig, out_dir: str | Path | None,
-    *, resume: bool = False, hooks: QATHooks | None = None, teacher: nn.Module | None = None,
+    *, resume: bool = False, hooks: QATHooks | None = None, teacher: nn.Module | None = None, task: str | None = None,
 ) -> TrainResult:  # fmt: skip
     """Train an already prepared model with the shared trainer and :class:`QATHooks` (unlabelled data:
     distillation from ``teacher``, the float model)."""
     hooks = hooks or QATHooks(config)
-    return Trainer(model, train, val, config.train_config(), out_dir, hooks, teacher=teacher).fit(resume=resume)
+    return Trainer(model, train, val, config.train_config(), out_dir, hooks, teacher=teacher, task=task).fit(resume=resume)
 
 
 def run_qat(
-    module: nn.Module, splits: Splits, config: GAQATConfig, out_dir: str | Path, *, resume: bool = False
+    module: nn.Module, splits: Splits, config: GAQATConfig, out_dir: str | Path, *, resume: bool = False,
+    task: str | None = None,
 ) -> QATResult:
     """Quantize ``module`` (a copy), train it, save its state and measure it on the test split.
 
     Writes ``out_dir/train/`` (checkpoints, ``train_log.jsonl``), ``out_dir/qat_model.pt`` (the
-    quantized state dict with the config) and, on rank 0, ``out_dir/gaqat_conflict.png``.
+    quantized state dict with the config) and, on rank 0, ``out_dir/gaqat_conflict.png``. Unlabelled
+    data trains by distillation from ``module``; ``task`` (the model's) says whether a 2-d output is
+    logits (KL, agreement) or features (MSE + cosine).
     """
     out = Path(out_dir)
-    model = quantize_model(module, config, splits.train.x)
+    model = quantize_model(module, config, splits.train)
     # Unlabelled data: distil from the float model (KL on logits, MSE + cosine on other outputs).
     teacher = module if splits.train.y is None else None
-    result = train_quantized(model, splits.train, splits.val, config, out / "train", resume=resume, teacher=teacher)
+    result = train_quantized(model, splits.train, splits.val, config, out / "train", resume=resume, teacher=teacher,
+                             task=task)  # fmt: skip
     metrics: dict[str, Any] = {
         "method": config.method, "bits": config.bits, "act_bits": config.activation_bits,
         "steps": result.steps, "wall_seconds": round(result.wall_seconds, 1),
         "val_accuracy": result.final_val_accuracy,
-        "fake_quant_test_accuracy": evaluate_accuracy(model, splits.test, teacher=teacher),
+        "fake_quant_test_accuracy": evaluate_accuracy(model, splits.test, teacher=teacher, task=task),
         "objective": "distillation from the float model" if teacher is not None else "labels",
         "layers": describe_quantization(model),
     }  # fmt: skip
@@ -108,31 +117,24 @@ def quantized_bundle(
     return source.derive(model, metadata=meta, preprocessing=dict(source.preprocessing))
 
 
-def onnx_agreement(
-    model: nn.Module, onnx_path: str | Path, ds: Dataset, batch: int = 256
-) -> dict[str, float]:
-    """onnxruntime vs the fake-quantized torch model on a whole split: top-1 agreement, SQNR, accuracies."""
-    import onnxruntime as ort
+def onnx_agreement(model: nn.Module, onnx_path: str | Path, ds: Dataset, spec: Any = None) -> dict[str, float]:
+    """onnxruntime vs the fake-quantized torch model on a whole split: top-1 agreement, SQNR and cosine
+    of every output, and both accuracies when the split has labels. ``spec`` is the model's
+    ``ModelSpec`` (default: one input), ``ds`` in its forward order."""
+    from export.spec import ModelSpec
+    from export.verify import compare_all_outputs
+    from runtimes.measure import run_all_batched, top1_accuracy
+    from runtimes.ort_runtime import OrtSession
+    from runtimes.torch_runtime import TorchSession
 
-    from export import compare_outputs
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+    spec = spec if spec is not None else ModelSpec.single(ds.input_shape)
     model.eval()
-    refs, outs = [], []
-    with torch.no_grad():
-        for i in range(0, len(ds), batch):
-            xb = ds.x[i : i + batch]
-            refs.append(model(torch.from_numpy(xb)).numpy())
-            outs.append(sess.run(None, {name: xb})[0])
-    ref, got = np.concatenate(refs), np.concatenate(outs)
-    cmp = compare_outputs(ref, got)
+    ref = run_all_batched(TorchSession(model, spec=spec), ds.inputs)
+    got = run_all_batched(OrtSession(str(onnx_path), ["CPUExecutionProvider"], 2), ds.inputs)
+    cmp = compare_all_outputs(ref, got)
     if ds.y is not None:
-        cmp["torch_accuracy"] = float(100.0 * np.mean(ref.argmax(1) == ds.y))
-        cmp["onnxruntime_accuracy"] = float(100.0 * np.mean(got.argmax(1) == ds.y))
+        cmp["torch_accuracy"] = top1_accuracy(ref[0], ds.y)
+        cmp["onnxruntime_accuracy"] = top1_accuracy(got[0], ds.y)
     return cmp
 
 
