@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.codebook.packing import pack_indices, unpack_indices
+from compress.layer_forward import apply_layer, has_own_forward, weightless_copy
 
 _BYTES = {torch.uint8: 1, torch.int16: 2, torch.int32: 4, torch.int64: 8, torch.float16: 2, torch.float32: 4}
 
@@ -127,6 +128,7 @@ class CodebookConv2d(nn.Module):
     """``nn.Conv2d`` whose weight is a :class:`CodebookWeight` (rows = output channels)."""
 
     weight_store: CodebookWeight
+    _own_forward: nn.Module | None
 
     def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None, conv: Any):
         super().__init__()
@@ -134,8 +136,13 @@ class CodebookConv2d(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        # A conv subclass that pads in its own forward (EfficientNet-Lite's TF "same" padding) keeps
+        # doing so: a weightless copy of it, unregistered (nothing of it goes into the state_dict).
+        object.__setattr__(self, "_own_forward", weightless_copy(conv) if has_own_forward(conv) else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._own_forward is not None:
+            return apply_layer(self._own_forward, x, self.weight_store(), self.bias)
         return F.conv2d(x, self.weight_store(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 

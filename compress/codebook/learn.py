@@ -34,6 +34,7 @@ from torch import nn
 
 from compress.codebook.config import JLCMConfig
 from compress.codebook.layers import CodebookConv2d, CodebookLinear, CodebookWeight
+from compress.layer_forward import apply_layer, has_own_forward
 
 
 def kmeans_1d(x: torch.Tensor, k: int, *, iters: int = 30, max_points: int = 65536, seed: int = 0) -> torch.Tensor:
@@ -209,6 +210,8 @@ class TrainableCodebookLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight()
+        if has_own_forward(self.template):  # a conv that pads in its own forward keeps its padding
+            return apply_layer(self.template, x, w, self.bias)
         if self.conv_args is not None:
             stride, padding, dilation, groups = self.conv_args
             return F.conv2d(x, w, self.bias, stride, padding, dilation, groups)

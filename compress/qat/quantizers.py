@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.layer_forward import apply_layer
+
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
     """``(Q_N, Q_P)``: the quantized values lie in ``[-Q_N, Q_P]``."""
@@ -156,19 +158,8 @@ class QuantWrapper(nn.Module):
         wq = self.weight_quant(lay.weight)
         if isinstance(lay, nn.Conv2d) and lay.padding_mode != "zeros":
             raise NotImplementedError(f"QAT supports zero padding only, not {lay.padding_mode!r}")
-        if type(lay).forward in (nn.Conv2d.forward, nn.Linear.forward):
-            if isinstance(lay, nn.Conv2d):
-                return nn.functional.conv2d(xq, wq, lay.bias, lay.stride, lay.padding, lay.dilation, lay.groups)
-            return nn.functional.linear(xq, wq, lay.bias)
-        # A subclass with its own forward (TensorFlow "same" padding in EfficientNet-Lite, timm's
-        # Conv2dSame): run that forward with the quantized weight swapped in, so its padding stays.
-        # (torch.func.functional_call does this too, but refuses the ONNX exporter's tracing.)
-        saved = lay._parameters["weight"]
-        lay._parameters["weight"] = wq
-        try:
-            return lay(xq)
-        finally:
-            lay._parameters["weight"] = saved
+        # The layer's own forward for subclasses that pad in it (EfficientNet-Lite, timm's Conv2dSame).
+        return apply_layer(lay, xq, wq, lay.bias)
 
 
 def quant_wrappers(model: nn.Module) -> list[tuple[str, QuantWrapper]]:
