@@ -124,6 +124,21 @@ def forward(model: Any, x: Any) -> Any:
     return model(*x) if isinstance(x, tuple) else model(x)
 
 
+def take_batch(x: Any, index: Any) -> Any:
+    """Rows ``index`` of a batch: one tensor, or a tuple of tensors (one per input)."""
+    return tuple(t[index] for t in x) if isinstance(x, tuple) else x[index]
+
+
+def batch_length(x: Any) -> int:
+    """Samples in a batch: one tensor, or a tuple of tensors (one per input)."""
+    return int((x[0] if isinstance(x, tuple) else x).shape[0])
+
+
+def dataset_tensors(ds: Dataset, n: int | None = None) -> Any:
+    """The first ``n`` samples of ``ds`` (all with ``None``) as one batch: see :func:`batch_inputs`."""
+    return batch_inputs(ds, slice(0, n))
+
+
 DISTILL_TEMPERATURE = 2.0
 
 

@@ -262,3 +262,30 @@ def test_dynamic_hw_onnx_quantizes_with_sqnr_and_exports_to_tvm(dynamic_hw_onnx:
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert manifest["inputs"][0]["shape"] == [1, 3, 64, 64]
     assert manifest["metrics"]["export_check"]["sqnr_db"] > 40
+
+
+def test_codebook_on_a_token_model_without_labels(encoder_ckpt: Path, tmp_path: Path, cli) -> None:
+    """JLCM calibrates on every input of a multi-input model, distils an embedding end to end by
+    MSE + cosine (not a softmax over embedding dims) and is scored by cosine on both runtimes."""
+    calib, val = tmp_path / "calib.npz", tmp_path / "val.npz"
+    np.savez(calib, **_tokens(48, 5))
+    np.savez(val, **_tokens(24, 6))
+    code, out, err = cli("codebook", encoder_ckpt, "--calib-data", calib, "--eval-data", val, "--bits", "4",
+                         "--groups", "2", "--steps", "20", "--e2e-steps", "10", "--no-memory", "-o",
+                         tmp_path / "cb", "--json")  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["metric"] == "cosine" and res["samples"] == 24
+    assert res["accuracy"] > 95 and abs(res["onnxruntime_accuracy"] - res["accuracy"]) < 0.5
+    report = json.loads((tmp_path / "cb" / "codebook_report.json").read_text())
+    assert report["e2e_loss"] is not None and 0 <= report["e2e_loss"] < 0.5
+
+
+def test_jlcm_distillation_of_embeddings_is_not_a_softmax() -> None:
+    """The end-to-end loss of an embedding model is zero when student == teacher and grows when the
+    student's features are scaled (the old softmax-over-features KL barely saw such a change)."""
+    from compress.training import distillation_loss
+
+    t = torch.randn(8, 16)
+    assert float(distillation_loss(t.clone(), [t], 1.0, logits=False)) < 1e-6
+    assert float(distillation_loss(t * 3, [t], 1.0, logits=False)) > 1.0

@@ -84,13 +84,11 @@ def run_codebook(checkpoint: Path, data: tuple[str | None, str | None, str | Non
     ``data`` is ``(--data, --calib-data, --eval-data)``. Unlabelled data is scored against the fp32
     model (agreement for classifiers, cosine otherwise), on torch and on onnxruntime.
     """
-    import torch
-
     from compress.codebook.api import apply_jlcm, save_codebook_checkpoint
     from compress.codebook.artifact import export_codebook_artifact
     from compress.data import image_shape, load_data
     from compress.evaluation import check_artifact
-    from compress.training import evaluate_accuracy
+    from compress.training import dataset_tensors, evaluate_accuracy
     from targets import get_target
 
     tgt = get_target(target)
@@ -98,13 +96,13 @@ def run_codebook(checkpoint: Path, data: tuple[str | None, str | None, str | Non
         bundle = load_model_from_cli(checkpoint, model_factory, trust_pickle, input_shape)
         splits = load_data(data[0], calib_data=data[1], eval_data=data[2], preprocessing=bundle.preprocessing or None,
                            input_shape=image_shape(bundle.spec.inputs)).for_model(bundle.spec)  # fmt: skip
-        calib = torch.from_numpy(splits.calib.x[: cfg.calib_samples])  # type: ignore[attr-defined]
-        module, report = apply_jlcm(bundle.module, calib, cfg)  # type: ignore[arg-type]
+        calib = dataset_tensors(splits.calib, cfg.calib_samples)  # type: ignore[attr-defined]
+        module, report = apply_jlcm(bundle.module, calib, cfg, task=bundle.task)  # type: ignore[arg-type]
         compressed = bundle.derive(module, metadata={**bundle.metadata, "parent": str(checkpoint)})
         out.mkdir(parents=True, exist_ok=True)
         save_codebook_checkpoint(compressed, out / "model.pt", report["layout"])
         art = export_codebook_artifact(compressed, out / "onnx", report, target=tgt,
-                                       verify_inputs=splits.test.x[:16], measure_memory=measure_memory)  # fmt: skip
+                                       verify_inputs=splits.test.head(16).inputs, measure_memory=measure_memory)  # fmt: skip
         check = check_artifact(art, splits.test, target=tgt, reference=bundle)
         ort_eval = check["rows"][1]
         art.update_metrics(accuracy=ort_eval["score"], metric=check["metric"])

@@ -44,9 +44,15 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+Batch = torch.Tensor | tuple[torch.Tensor, ...]
+"""Model inputs: one tensor, or a tuple of tensors in ``forward``'s order (token ids and mask, ...)."""
+
+
 @torch.no_grad()
-def _capture(model: nn.Module, name: str, inputs: torch.Tensor, *, want: str, batch: int = 64) -> torch.Tensor:
+def _capture(model: nn.Module, name: str, inputs: Batch, *, want: str, batch: int = 64) -> torch.Tensor:
     """The input (``want="input"``) or output of sub-module ``name`` over all ``inputs``."""
+    from compress.training import batch_length, forward, take_batch
+
     mod = model.get_submodule(name)
     got: list[torch.Tensor] = []
 
@@ -55,8 +61,8 @@ def _capture(model: nn.Module, name: str, inputs: torch.Tensor, *, want: str, ba
 
     handle = mod.register_forward_hook(hook)
     try:
-        for i in range(0, inputs.shape[0], batch):
-            model(inputs[i : i + batch])
+        for i in range(0, batch_length(inputs), batch):
+            forward(model, take_batch(inputs, slice(i, i + batch)))
     finally:
         handle.remove()
     return torch.cat(got)
@@ -74,7 +80,7 @@ def select_layers(model: nn.Module, config: JLCMConfig) -> list[str]:
 
 
 @torch.no_grad()
-def group_and_fold(model: nn.Module, names: list[str], config: JLCMConfig, example: torch.Tensor,
+def group_and_fold(model: nn.Module, names: list[str], config: JLCMConfig, example: Batch,
                    keep_zeros: Collection[str] = ()) -> dict[str, Any]:  # fmt: skip
     """JLCM step 1 on a float model, in place: group neurons, reorder rows, fold permutations.
 
@@ -106,18 +112,21 @@ def group_and_fold(model: nn.Module, names: list[str], config: JLCMConfig, examp
     return result
 
 
-def apply_jlcm(model: nn.Module, calib_inputs: torch.Tensor, config: JLCMConfig, *,
-               keep_zeros: Collection[str] = ()) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+def apply_jlcm(model: nn.Module, calib_inputs: Batch, config: JLCMConfig, *, keep_zeros: Collection[str] = (),
+               task: str = "classification") -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     """Compress ``model`` with JLCM; the input model is not modified.
 
     Args:
         model: a float model (eval mode is used throughout).
-        calib_inputs: calibration inputs (at most ``config.calib_samples`` are used).
+        calib_inputs: calibration inputs, one tensor or a tuple in ``forward``'s order (at most
+            ``config.calib_samples`` are used); no labels are needed.
         config: the :class:`JLCMConfig`.
         keep_zeros: names of layers whose exact zeros must survive (the N:M sparse layers,
             ``metadata["nm_sparsity"]["layers"]``): each of their codebooks reserves an exact-zero
             codeword that the zero weights keep. Costs no stored bit; the other weights get
             ``K - 1`` codewords.
+        task: the model's task; the end-to-end phase distils logits of a ``"classification"``
+            model with KL and every other output (embeddings, maps) with normalised MSE + cosine.
 
     Returns:
         ``(compressed_model, report)``; the report holds the per-layer learning losses, the
@@ -130,6 +139,8 @@ def apply_jlcm(model: nn.Module, calib_inputs: torch.Tensor, config: JLCMConfig,
         >>> small, report = apply_jlcm(model, calib_x, JLCMConfig(bits=3, groups=8))
         >>> report["accounting"]["bits_per_weight"]
     """
+    from compress.training import take_batch
+
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     student = copy.deepcopy(model).eval()
@@ -139,11 +150,10 @@ def apply_jlcm(model: nn.Module, calib_inputs: torch.Tensor, config: JLCMConfig,
         unlock_nm_pattern(student)  # plain weights (holding the zeros), so grouping can permute them in place
     for p in student.parameters():
         p.requires_grad_(False)
-    calib = calib_inputs[: config.calib_samples]
-    calib = calib.float() if calib.is_floating_point() else calib
+    calib = _as_float(take_batch(calib_inputs, slice(0, config.calib_samples)))
     names = select_layers(student, config)
     keep = set(keep_zeros) & set(names)
-    stored = group_and_fold(student, names, config, calib[:2], keep)
+    stored = group_and_fold(student, names, config, take_batch(calib, slice(0, 2)), keep)
     teacher = copy.deepcopy(student).eval()  # function-identical to ``model`` (folding is exact)
     trainables: list[TrainableCodebookLayer] = []
     layer_reports: list[dict[str, Any]] = []
@@ -168,7 +178,7 @@ def apply_jlcm(model: nn.Module, calib_inputs: torch.Tensor, config: JLCMConfig,
     e2e_loss = None
     if config.e2e_steps:
         e2e_loss = distill(student, teacher, calib, trainables, steps=config.e2e_steps, batch_size=config.batch_size,
-                           seed=config.seed)  # fmt: skip
+                           seed=config.seed, logits=task == "classification")  # fmt: skip
     for name, layer in zip(names, trainables, strict=True):
         _set_module(student, name, layer.finalize())
     student.eval()
@@ -176,12 +186,19 @@ def apply_jlcm(model: nn.Module, calib_inputs: torch.Tensor, config: JLCMConfig,
     report = {
         "config": config.model_dump(mode="json"),
         "layers": layer_reports,
-        "e2e_kl": e2e_loss,
+        "e2e_loss": e2e_loss,
         "accounting": accounting,
         "layout": codebook_layout(student),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return student, report
+
+
+def _as_float(batch: Batch) -> Batch:
+    """Floating inputs as float32 (integer token ids stay as they are)."""
+    if isinstance(batch, tuple):
+        return tuple(t.float() if t.is_floating_point() else t for t in batch)
+    return batch.float() if batch.is_floating_point() else batch
 
 
 def codebook_layout(model: nn.Module) -> list[dict[str, Any]]:

@@ -64,6 +64,7 @@ def export_codebook_artifact(bundle: Any, dest: str | Path, report: dict[str, An
     """
     from compress.codebook.layers import model_accounting
     from compress.codebook.stage import register_exporter
+    from compress.exporting import source_info
     from export import StageRecord, export_onnx
 
     register_exporter()
@@ -72,7 +73,7 @@ def export_codebook_artifact(bundle: Any, dest: str | Path, report: dict[str, An
                         metrics={"bits_per_weight": acct["bits_per_weight"]})  # fmt: skip
     art = export_onnx(bundle.module, bundle.spec, dest, target=target, model_name=bundle.model_name,
                       preprocessing=bundle.preprocessing, stages=[stage], verify_inputs=verify_inputs,
-                      extra={"codebook_layers": [{k: v for k, v in layer.items() if k != "layer"} | {"layer": layer["layer"]}
+                      extra={**source_info(bundle), "codebook_layers": [{k: v for k, v in layer.items() if k != "layer"} | {"layer": layer["layer"]}
                                                  for layer in acct["layers"]]})  # fmt: skip
     size = size_check(art.model_path, acct)
     metrics: dict[str, Any] = {"bits_per_weight": acct["bits_per_weight"], "size_check": size,

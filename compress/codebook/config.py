@@ -32,7 +32,8 @@ class JLCMConfig(BaseModel):
         update: mapping update: ``proximal`` (JLCM), ``ste`` (straight-through latent weights) or
             ``none`` (keep the initial nearest-codeword mapping; codebooks/scales still learn).
         steps: optimisation steps per layer on the layer-wise output reconstruction loss (0: init only).
-        e2e_steps: steps of the final end-to-end distillation phase (KL to the original model's logits).
+        e2e_steps: steps of the final end-to-end distillation phase (from the original model's outputs:
+            KL on a classifier's logits, normalised MSE + cosine on embeddings and maps; no labels).
         fold_permutation: fold each layer's row permutation into the next layer where the graph allows;
             otherwise (or when False) the permutation is stored and undone by one gather.
         min_weights: layers with fewer weights stay in float32 (counted as 32 bits per weight).

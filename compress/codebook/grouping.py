@@ -81,19 +81,19 @@ class FoldPlan:
     block: int = 1  # input features per channel of the consumer (Flatten of C x H x W: H * W)
 
 
-def fold_plans(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, FoldPlan]:
+def fold_plans(model: nn.Module, names: list[str], example: Any) -> dict[str, FoldPlan]:
     """For every layer in ``names``, a :class:`FoldPlan` when its output permutation can be folded.
 
     Uses ``torch.fx`` to follow each layer's single consumer chain; models that do not trace get no
     plans (every permutation is then stored). A Flatten's block size comes from shape propagation
-    on ``example``.
+    on ``example`` (one tensor, or a tuple of the model's inputs).
     """
     import torch.fx as fx
     from torch.fx.passes.shape_prop import ShapeProp
 
     try:
         gm = fx.symbolic_trace(model)
-        ShapeProp(gm).propagate(example)
+        ShapeProp(gm).propagate(*(example if isinstance(example, tuple) else (example,)))
     except Exception as exc:  # tracing arbitrary user models fails in many ways; folding is optional
         log.info("permutation folding disabled: the model does not trace with torch.fx (%s)", exc)
         return {}

@@ -382,9 +382,17 @@ def learn_layer(layer: TrainableCodebookLayer, inputs: torch.Tensor, targets: to
             "steps": float(steps)}  # fmt: skip
 
 
-def distill(model: nn.Module, teacher: nn.Module, inputs: torch.Tensor, layers: list[TrainableCodebookLayer], *,
-            steps: int, batch_size: int, lr_scale: float = 0.3, seed: int = 0, temperature: float = 1.0) -> float:  # fmt: skip
-    """End-to-end phase: KL divergence to the original model's outputs, all layers jointly."""
+def distill(model: nn.Module, teacher: nn.Module, inputs: Any, layers: list[TrainableCodebookLayer], *,
+            steps: int, batch_size: int, lr_scale: float = 0.3, seed: int = 0, temperature: float = 1.0,
+            logits: bool = True) -> float:  # fmt: skip
+    """End-to-end phase: all layers jointly, distilled from the original model's outputs.
+
+    ``inputs`` is one tensor or a tuple of the model's inputs; no labels are used. The loss is
+    :func:`compress.training.distillation_loss`: KL on logits (``logits=True``, a classifier), and
+    normalised MSE + cosine on every other output (an embedding model passes ``logits=False``).
+    """
+    from compress.training import batch_length, distillation_loss, forward, take_batch, teacher_outputs
+
     gen = torch.Generator().manual_seed(seed)
     groups = [{**g, "lr": g["lr"] * lr_scale} for layer in layers for g in layer.param_groups()]
     if not groups or steps == 0:
@@ -395,24 +403,22 @@ def distill(model: nn.Module, teacher: nn.Module, inputs: torch.Tensor, layers: 
     for layer in layers:
         layer.train()
     loss = torch.zeros(())
+    n = batch_length(inputs)
+
+    def batch_loss(b: Any, t: list[torch.Tensor]) -> torch.Tensor:
+        return distillation_loss(forward(model, b), t, temperature, logits=logits)
+
     for _ in range(steps):
-        batch = inputs[torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=gen)]
-        with torch.no_grad():
-            t_out = teacher(batch)
-            t = F.log_softmax(t_out.reshape(-1, t_out.shape[-1]) / temperature, dim=-1)
-        loss = _kl(model(batch), t, temperature)
+        batch = take_batch(inputs, torch.randint(0, n, (min(batch_size, n),), generator=gen))
+        target = teacher_outputs(teacher, batch)
+        loss = batch_loss(batch, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _mapping_step_checked(layers, lambda b=batch, t=t: _kl(model(b), t, temperature))
+        _mapping_step_checked(layers, lambda b=batch, t=target: batch_loss(b, t))
     for layer in layers:
         layer.eval()
     return float(loss.detach())
-
-
-def _kl(student_out: torch.Tensor, teacher_log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    s = F.log_softmax(student_out.reshape(-1, student_out.shape[-1]) / temperature, dim=-1)
-    return F.kl_div(s, teacher_log_probs, log_target=True, reduction="batchmean")
 
 
 def _mapping_step_checked(layers: list[TrainableCodebookLayer], batch_loss: Any) -> int:

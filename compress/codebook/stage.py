@@ -43,16 +43,14 @@ def register_exporter() -> None:
 
 def run_codebook_stage(bundle: Any, config: JLCMConfig, ctx: StageContext) -> StageOutput:
     """Compress ``bundle`` with JLCM on the calibration split; writes the checkpoint and a report."""
-    import torch
-
     from compress.codebook.api import apply_jlcm, save_codebook_checkpoint
-    from compress.training import evaluate_accuracy
+    from compress.training import dataset_tensors, evaluate_accuracy
 
     cfg = config.model_copy(update={"seed": config.seed or ctx.seed})
-    calib = torch.from_numpy(ctx.splits.calib.x[: cfg.calib_samples])
+    calib = dataset_tensors(ctx.splits.calib.for_model(bundle.spec), cfg.calib_samples)
     nm_record = bundle.metadata.get("nm_sparsity")  # after ``sparsify``: keep the pruned weights at exact 0
     keep = list(nm_record["layers"]) if nm_record else []
-    module, report = apply_jlcm(bundle.module, calib, cfg, keep_zeros=keep)
+    module, report = apply_jlcm(bundle.module, calib, cfg, keep_zeros=keep, task=bundle.task)
     if nm_record:
         report["nm_violations"] = nm_pattern_violations(module, nm_record)
         if any(report["nm_violations"].values()):
