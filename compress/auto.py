@@ -149,7 +149,7 @@ def _write_summary(recipe: Recipe, out: Path, rows: list[dict[str, Any]], skippe
     summary = {
         "recipe": recipe.name,
         "model": (recipe.model.example or recipe.model.checkpoint),
-        "data": recipe.data,
+        "data": recipe.data_label(),
         "mode": "auto",
         "candidates": rows,
         "skipped_candidates": skipped,

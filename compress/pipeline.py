@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.checkpoint import ModelBundle, load_checkpoint
-from compress.data import load_splits
+from compress.data import Splits, image_shape, load_data
 from compress.errors import ConfigError, GateFailure, UnsupportedError
 from compress.recipe import ExportSpec, Recipe, resolved_dict
 from compress.stages import StageContext, StageOutput, get_stage
@@ -55,6 +55,7 @@ def load_recipe_model(recipe: Recipe, *, allow_code: bool = False) -> ModelBundl
         allow_code=allow_code,
         trust_pickle=spec.trust_pickle,
         input_shape=tuple(spec.input_shape) if spec.input_shape else None,
+        inputs=spec.input_specs(),
     )
 
 
@@ -141,8 +142,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False) -> 
     (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved_dict(recipe), sort_keys=False))
     t_start = time.perf_counter()
     reference = load_recipe_model(recipe, allow_code=allow_code)
-    splits = load_splits(recipe.data, seed=recipe.seed, preprocessing=reference.preprocessing or None,
-                         input_shape=reference.input_shape)  # fmt: skip
+    splits = recipe_splits(recipe, reference)
     targets = [get_target(t) for t in recipe.targets]
     final, lineage = run_stages(recipe, reference, out, splits, targets)
     exports = recipe.export or [ExportSpec(format="onnx", target=t.name) for t in targets]
@@ -154,8 +154,9 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False) -> 
         if final.artifact is not None and e.format == "onnx":
             source = final.artifact
         art = export_model(source, e.format, target, art_dir, **e.export_options())
-        check = check_artifact(art, splits.test, target=target, reference=reference)
+        check = check_artifact(art, splits.test, target=target, reference=reference, metric=recipe.metric)
         metrics: dict[str, Any] = {
+            "metric": check["metric"],
             "accuracy": check["accuracy"],
             "reference_accuracy": check.get("reference_accuracy"),
             "accuracy_drop": check.get("accuracy_drop"),
@@ -182,7 +183,8 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False) -> 
     summary = {
         "recipe": recipe.name,
         "model": reference.model_name,
-        "data": recipe.data,
+        "data": recipe.data_label(),
+        "samples": splits.usage(),
         "stages": lineage,
         "results": results,
         "passed": not failures,
@@ -198,6 +200,14 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False) -> 
     return summary
 
 
+def recipe_splits(recipe: Recipe, reference: ModelBundle) -> Splits:
+    """The recipe's data by role (``data`` split four ways, ``calib_data``/``eval_data`` whole),
+    checked against the model's inputs."""
+    return load_data(recipe.data, calib_data=recipe.calib_data, eval_data=recipe.eval_data, seed=recipe.seed,
+                     preprocessing=reference.preprocessing or None,
+                     input_shape=image_shape(reference.spec.inputs)).for_model(reference.spec)  # fmt: skip
+
+
 def check_recipe_inputs(recipe: Recipe) -> None:
     """Cheap up-front checks for --dry-run (the model file exists, the data resolves)."""
     if recipe.model.checkpoint and not Path(recipe.model.checkpoint).is_file():
@@ -207,3 +217,9 @@ def check_recipe_inputs(recipe: Recipe) -> None:
 
         if recipe.model.example not in list_models():
             raise ConfigError(f"unknown example model {recipe.model.example!r}; known: {', '.join(list_models())}")
+    from compress.data import BUILTIN_DATASETS
+
+    for role, value in (("data", recipe.data), ("calib_data", recipe.calib_data), ("eval_data", recipe.eval_data)):
+        if value and value not in BUILTIN_DATASETS and not Path(value).exists():
+            raise ConfigError(f"recipe {role} {value!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
+                              "nor an existing path")  # fmt: skip

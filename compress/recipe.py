@@ -4,7 +4,9 @@ Example::
 
     version: 1
     model: {example: cnn}            # or {checkpoint: ex/cnn.pt, factory: cnn, input_shape: [1, 28, 28]}
-    data: mnist
+                                     # or {checkpoint: enc.pt, inputs: ["input_ids:64:int64", "attention_mask:64:int64"]}
+    data: mnist                      # split four ways; or calib_data: / eval_data: used whole
+    metric: top1                     # optional: top1, agreement, cosine or sqnr (default from data and task)
     targets: [x86-64]
     stages:
       - sparsify: {pattern: "2:4", method: mdgf}
@@ -38,13 +40,32 @@ class ModelSpec(BaseModel):
     checkpoint: str | None = None
     factory: str | None = None
     input_shape: list[int] | None = None
+    inputs: list[str] = []
     trust_pickle: bool = False
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, v: list[str]) -> list[str]:
+        from export.spec import parse_input_option
+
+        for text in v:
+            parse_input_option(text)  # SpecError (a ValueError) names the bad entry
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if (self.example is None) == (self.checkpoint is None):
             raise ValueError("model needs exactly one of 'example' (a built-in model) or 'checkpoint' (a path)")
+        if self.inputs and self.input_shape:
+            raise ValueError("give the model's inputs either as inputs: [NAME:SHAPE:DTYPE, ...] or as input_shape "
+                             "(one float input), not both")  # fmt: skip
         return self
+
+    def input_specs(self) -> list[Any] | None:
+        """``inputs`` as ``TensorSpec`` (None when not given)."""
+        from export.spec import parse_input_option
+
+        return [parse_input_option(t) for t in self.inputs] or None
 
 
 class ExportSpec(BaseModel):
@@ -152,7 +173,10 @@ class Recipe(BaseModel):
     version: int = RECIPE_VERSION
     name: str = "recipe"
     model: ModelSpec
-    data: str = "mnist"
+    data: str | None = "mnist"
+    calib_data: str | None = None
+    eval_data: str | None = None
+    metric: str | None = None
     seed: int = 0
     targets: list[str] = Field(default_factory=lambda: ["x86-64"])
     stages: list[dict[str, Any]] = []
@@ -168,6 +192,15 @@ class Recipe(BaseModel):
             raise ValueError(f"recipe version {v} is not supported; this edgecompress reads version {RECIPE_VERSION}")
         return v
 
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str | None) -> str | None:
+        from runtimes.measure import METRICS
+
+        if v is not None and v not in METRICS:
+            raise ValueError(f"unknown metric {v!r}; use one of {', '.join(METRICS)}")
+        return v
+
     @field_validator("stages")
     @classmethod
     def _stage_shape(cls, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -180,6 +213,8 @@ class Recipe(BaseModel):
     def _cross_checks(self) -> Recipe:
         from targets import get_target
 
+        if self.data is None and self.calib_data is None:
+            raise ValueError("the recipe needs data: (split four ways) or calib_data: (with eval_data:)")
         for t in self.targets:
             get_target(t)
         for e in self.export:
@@ -189,6 +224,11 @@ class Recipe(BaseModel):
             if t not in self.targets:
                 raise ValueError(f"gates name target {t!r}, which is not in targets {self.targets}")
         return self
+
+    def data_label(self) -> str:
+        """The data in a line: ``mnist``, or ``calib: a.npz, eval: b.npz``."""
+        roles = [("", self.data), ("calib: ", self.calib_data), ("eval: ", self.eval_data)]
+        return ", ".join(f"{k}{v}" for k, v in roles if v)
 
     def resolved_stages(self) -> list[tuple[str, BaseModel]]:
         """(stage name, validated config) for every stage, in order.
@@ -202,8 +242,11 @@ class Recipe(BaseModel):
         for i, entry in enumerate(self.stages):
             name, cfg = next(iter(entry.items()))
             spec = get_stage(name)
+            cfg = dict(cfg or {})
+            if self.metric and "metric" in spec.config_cls.model_fields:
+                cfg.setdefault("metric", self.metric)  # the recipe's metric is what its stages optimise
             try:
-                out.append((name, spec.config_cls.model_validate(cfg or {})))
+                out.append((name, spec.config_cls.model_validate(cfg)))
             except ValidationError as exc:
                 raise ConfigError(f"stage {i} ({name}): {_format_validation(exc, spec.config_cls)}") from None
         return out

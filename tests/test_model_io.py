@@ -289,3 +289,33 @@ def test_jlcm_distillation_of_embeddings_is_not_a_softmax() -> None:
     t = torch.randn(8, 16)
     assert float(distillation_loss(t.clone(), [t], 1.0, logits=False)) < 1e-6
     assert float(distillation_loss(t * 3, [t], 1.0, logits=False)) > 1.0
+
+
+def test_recipe_on_a_token_model_with_data_roles_and_a_metric(encoder_ckpt: Path, tmp_path: Path, cli) -> None:
+    """A recipe names the model's inputs, calibration and evaluation files and the metric; the
+    Quantune stage optimises that metric and the export's check reports it on every eval sample."""
+    import yaml
+
+    calib, val = tmp_path / "calib.npz", tmp_path / "val.npz"
+    np.savez(calib, **_tokens(40, 7))
+    np.savez(val, **_tokens(21, 8))
+    recipe = {"version": 1, "name": "tokens",
+              "model": {"checkpoint": str(encoder_ckpt),
+                        "inputs": [f"input_ids:{SEQ}:int64", f"attention_mask:{SEQ}:int64"]},
+              "data": None, "calib_data": str(calib), "eval_data": str(val), "metric": "sqnr",
+              "targets": ["x86-64"], "stages": [{"ptq": {"search": "random", "budget_trials": 2, "sensitivity": False}}],
+              "gates": {"x86-64": {"max_accuracy_drop": None, "max_latency_ms": None, "max_size_mb": None}},
+              "profile": {"batch": 1, "min_runs": 3, "min_seconds": 0.05}}  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, out, err = cli("run", path, "-o", tmp_path / "run")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stages"][0]["metrics"]["metric"] == "sqnr"
+    result = summary["results"][0]
+    assert result["metrics"]["metric"] == "sqnr" and result["metrics"]["accuracy"] > 10  # dB vs fp32
+    assert summary["samples"]["test"]["samples"] == 21 and summary["samples"]["calib"]["samples"] == 40
+    bad = {**recipe, "model": {**recipe["model"], "inputs": ["input_ids:12:int65"]}}
+    path.write_text(yaml.safe_dump(bad))
+    code, out, err = cli("run", path, "-o", tmp_path / "run2")
+    assert code == 2 and "int65" in err
