@@ -102,7 +102,7 @@ def select(recipe: Recipe, candidates: list[dict[str, Any]]) -> dict[str, Any]:
     return selection
 
 
-def run_auto(recipe: Recipe, out: str | Path, *, allow_code: bool = False) -> dict[str, Any]:
+def run_auto(recipe: Recipe, out: str | Path, *, allow_code: bool = False, allow_failed: bool = False) -> dict[str, Any]:
     """Try candidates within ``recipe.auto.time_budget_s`` and return the summary with the selection.
 
     Raises:
@@ -129,7 +129,7 @@ def run_auto(recipe: Recipe, out: str | Path, *, allow_code: bool = False) -> di
             continue
         sub = parse_recipe(resolved_dict(recipe) | {"stages": cand.stages}, f"candidate {cand.name}")
         try:
-            s = run_recipe(sub, out / "candidates" / cand.name, allow_code=allow_code)
+            s = run_recipe(sub, out / "candidates" / cand.name, allow_code=allow_code, allow_failed=allow_failed)
         except GateFailure:
             s = json.loads((out / "candidates" / cand.name / "summary.json").read_text())
         measured[cand.name] = s

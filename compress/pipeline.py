@@ -40,8 +40,12 @@ def model_hash(bundle: ModelBundle) -> str:
     return h.hexdigest()
 
 
-def load_recipe_model(recipe: Recipe, *, allow_code: bool = False) -> ModelBundle:
-    """The recipe's starting model (a built-in example is trained once and cached)."""
+def load_recipe_model(recipe: Recipe, *, allow_code: bool = False, allow_failed: bool = False) -> ModelBundle:
+    """The recipe's starting model (a built-in example is trained once and cached).
+
+    Raises:
+        ConfigError: the checkpoint failed its accuracy guard when written (unless ``allow_failed``).
+    """
     spec = recipe.model
     if spec.example:
         from compress.examples import example_checkpoint
@@ -49,7 +53,9 @@ def load_recipe_model(recipe: Recipe, *, allow_code: bool = False) -> ModelBundl
         path = example_checkpoint(spec.example, seed=recipe.seed)
         return load_checkpoint(path)
     assert spec.checkpoint is not None  # guaranteed by ModelSpec's validator
-    return load_checkpoint(
+    from compress.guard import refuse_failed
+
+    bundle = load_checkpoint(
         spec.checkpoint,
         model_factory=spec.factory,
         allow_code=allow_code,
@@ -57,6 +63,8 @@ def load_recipe_model(recipe: Recipe, *, allow_code: bool = False) -> ModelBundl
         input_shape=tuple(spec.input_shape) if spec.input_shape else None,
         inputs=spec.input_specs(),
     )
+    refuse_failed(bundle.metadata.get("guard"), f"recipe model checkpoint {spec.checkpoint}", allow_failed=allow_failed)
+    return bundle
 
 
 def _gates_for(recipe: Recipe, target: Any) -> dict[str, float | None]:
@@ -125,7 +133,7 @@ def run_stages(recipe: Recipe, bundle: ModelBundle, out: Path, splits: Any, targ
     return current, lineage
 
 
-def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False, allow_failed: bool = False) -> dict[str, Any]:
     """Run a recipe into the folder ``out`` and return the summary (also written to summary.json).
 
     Raises:
@@ -141,7 +149,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False) -> 
 
     (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved_dict(recipe), sort_keys=False))
     t_start = time.perf_counter()
-    reference = load_recipe_model(recipe, allow_code=allow_code)
+    reference = load_recipe_model(recipe, allow_code=allow_code, allow_failed=allow_failed)
     splits = recipe_splits(recipe, reference)
     targets = [get_target(t) for t in recipe.targets]
     final, lineage = run_stages(recipe, reference, out, splits, targets)

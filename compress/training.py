@@ -207,14 +207,16 @@ def batch_inputs(ds: Dataset, index: Any) -> Any:
 
 
 def evaluate_accuracy(model: Any, ds: Dataset, batch_size: int = 256, teacher: Any = None,
-                      task: str | None = None) -> float:  # fmt: skip
+                      task: str | None = None, metric: str | None = None) -> float:  # fmt: skip
     """Top-1 accuracy (in %) of a torch model on a labelled dataset, in eval mode.
 
     Without labels, the score against ``teacher`` (the fp32 model): top-1 agreement % for logits
     (``task`` not ``embedding``/``other``), else 100 x the mean cosine similarity of the outputs.
+    ``metric`` (``top1``, ``agreement``, ``cosine``, ``sqnr``) chooses the score instead; all but
+    ``top1`` compare with ``teacher``, labels or not.
 
     Raises:
-        DataError: no labels and no teacher.
+        DataError: no labels and no teacher, or a metric the data cannot give.
     """
     import torch
 
@@ -222,8 +224,11 @@ def evaluate_accuracy(model: Any, ds: Dataset, batch_size: int = 256, teacher: A
     from export.torch_io import flatten_outputs
     from runtimes.measure import default_metric, score
 
-    if ds.y is None and teacher is None:
-        raise DataError(f"dataset {ds.name!r} has no labels; scoring it needs the fp32 model to compare with")
+    if metric == "top1" and ds.y is None:
+        raise DataError(f"metric 'top1' needs labels; dataset {ds.name!r} has none")
+    compare = teacher is not None and (ds.y is None or metric not in (None, "top1"))
+    if (ds.y is None or metric not in (None, "top1")) and teacher is None:
+        raise DataError(f"scoring dataset {ds.name!r} by {metric or 'agreement/cosine'} needs the fp32 model to compare with")
     was_training = model.training
     model.eval()
     outs: list[list[np.ndarray]] = []
@@ -232,14 +237,14 @@ def evaluate_accuracy(model: Any, ds: Dataset, batch_size: int = 256, teacher: A
         for i in range(0, len(ds), batch_size):
             xb = batch_inputs(ds, slice(i, i + batch_size))
             outs.append([t.numpy() for _, t in flatten_outputs(forward(model, xb))])
-            if ds.y is None:
+            if compare:
                 refs.append([t.numpy() for t in teacher_outputs(teacher, xb)])
     model.train(was_training)
     out = [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
-    if ds.y is not None:
+    if not compare:
         return score("top1", out, labels=ds.y)
     ref = [np.concatenate([r[k] for r in refs]) for k in range(len(refs[0]))]
-    return score(default_metric(False, ref, task), out, reference=ref)
+    return score(metric or default_metric(False, ref, task), out, reference=ref)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

@@ -113,7 +113,16 @@ def main(argv: list[str] | None = None) -> int:
                 [[f["target"], f["gate"], f["limit"], f["value"], f["excess"]] for f in exc.failures],
                 stderr=True,
             )
+        layers, remedies = getattr(exc, "layers", None), getattr(exc, "remedies", None)
+        if layers:
+            print_table("Layers that lose most (each layer's output vs fp32, measured alone)",
+                        ["layer", "kind", "SQNR dB", "max abs error / drop alone"],
+                        [[r["layer"], r.get("kind", ""), r["sqnr_db"], r.get("max_abs_error", r.get("drop"))]
+                         for r in layers],
+                        stderr=True)  # fmt: skip
         sys.stderr.write(f"error: {exc}\n")
+        for remedy in remedies or []:
+            sys.stderr.write(f"  try: {remedy}\n")
         code = EXIT_GATE
     except Exception as exc:  # the top of the program: turn every error into a message and an exit code
         code = exit_code_for(exc)

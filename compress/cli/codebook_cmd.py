@@ -7,11 +7,14 @@ from pathlib import Path
 
 import typer
 
-from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say
+from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say, say_guard
 from compress.cli.inputs import (
     CalibDataOption,
     EvalDataOption,
     InputShapeOption,
+    MaxDropOption,
+    MetricOption,
+    MinSqnrOption,
     ModelFactoryOption,
     TrustPickleOption,
     load_model_from_cli,
@@ -27,6 +30,9 @@ def register(app: typer.Typer) -> None:
         ),
         calib_data: str | None = CalibDataOption,
         eval_data: str | None = EvalDataOption,
+        metric: str | None = MetricOption,
+        max_drop: float | None = MaxDropOption,
+        min_sqnr: float | None = MinSqnrOption,
         bits: int = typer.Option(3, "--bits", help="Bits per codeword index (2, 3, 4; 1-6 accepted)."),
         groups: int = typer.Option(8, "--groups", help="Neuron groups per layer (k-means over neuron statistics)."),
         variant: str = typer.Option("scales", "--variant", help="scales: one codebook + a scale per group; codebooks: one codebook per group."),
@@ -46,6 +52,7 @@ def register(app: typer.Typer) -> None:
         """Compress CHECKPOINT's Linear/Conv2d weights to packed codebooks (JLCM) and export them."""
         from compress.codebook.config import JLCMConfig
         from compress.errors import ConfigError
+        from compress.guard import enforce
 
         base: dict = {}
         if config_file is not None:
@@ -62,9 +69,11 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"invalid codebook options: {exc}") from None
         result = run_codebook(checkpoint, (data, calib_data, eval_data), cfg, out, target=target, measure_memory=measure_memory,
                               model_factory=model_factory, trust_pickle=trust_pickle, input_shape=input_shape,
-                              progress=not json_out)  # fmt: skip
+                              progress=not json_out, guard={"metric": metric, "max_drop": max_drop,
+                                                            "min_sqnr_db": min_sqnr})  # fmt: skip
         if json_out:
             emit_json(result)
+            enforce(result["guard"], "codebook", layers=result["worst_layers"], written=str(out))
             return
         print_table(
             f"JLCM codebook -> {out}",
@@ -74,20 +83,29 @@ def register(app: typer.Typer) -> None:
               result["accuracy"], result["onnxruntime_accuracy"], result["onnx_bytes"], result["fp32_onnx_bytes"]]],
         )  # fmt: skip
         say(f"artifact: {result['artifact']} (SQNR vs torch {result['sqnr_db']:.1f} dB)")
+        for note in result["notes"]:
+            say(f"note: {note}")
+        say_guard(result["guard"])
+        enforce(result["guard"], "codebook", layers=result["worst_layers"], written=str(out))
 
 
 def run_codebook(checkpoint: Path, data: tuple[str | None, str | None, str | None], cfg: object, out: Path, *,
                  target: str, measure_memory: bool,
-                 model_factory: str | None, trust_pickle: bool, input_shape: str | None, progress: bool) -> dict:  # fmt: skip
+                 model_factory: str | None, trust_pickle: bool, input_shape: str | None, progress: bool,
+                 guard: dict | None = None) -> dict:  # fmt: skip
     """Load, compress, save, export and evaluate; returns the JSON summary.
 
     ``data`` is ``(--data, --calib-data, --eval-data)``. Unlabelled data is scored against the fp32
-    model (agreement for classifiers, cosine otherwise), on torch and on onnxruntime.
+    model (agreement for classifiers, cosine otherwise), on torch and on onnxruntime. ``guard``
+    holds the accuracy guard's ``metric``, ``max_drop`` and ``min_sqnr_db``; its verdict is in the
+    result (raising is the caller's, after the outputs are written). A checkpoint made N:M sparse by
+    ``compress sparsify`` keeps its pattern exactly, as the recipe's codebook stage does.
     """
     from compress.codebook.api import apply_jlcm, save_codebook_checkpoint
     from compress.codebook.artifact import export_codebook_artifact
+    from compress.codebook.stage import check_nm_kept, sparse_layers
     from compress.data import image_shape, load_data
-    from compress.evaluation import check_artifact
+    from compress.guard import guard_module_result
     from compress.training import dataset_tensors, evaluate_accuracy
     from targets import get_target
 
@@ -97,18 +115,28 @@ def run_codebook(checkpoint: Path, data: tuple[str | None, str | None, str | Non
         splits = load_data(data[0], calib_data=data[1], eval_data=data[2], preprocessing=bundle.preprocessing or None,
                            input_shape=image_shape(bundle.spec.inputs)).for_model(bundle.spec)  # fmt: skip
         calib = dataset_tensors(splits.calib, cfg.calib_samples)  # type: ignore[attr-defined]
-        module, report = apply_jlcm(bundle.module, calib, cfg, task=bundle.task)  # type: ignore[arg-type]
+        keep = sparse_layers(bundle)
+        module, report = apply_jlcm(bundle.module, calib, cfg, keep_zeros=keep, task=bundle.task)  # type: ignore[arg-type]
+        if keep:
+            check_nm_kept(module, bundle.metadata["nm_sparsity"], report)
         compressed = bundle.derive(module, metadata={**bundle.metadata, "parent": str(checkpoint)})
         out.mkdir(parents=True, exist_ok=True)
-        save_codebook_checkpoint(compressed, out / "model.pt", report["layout"])
         art = export_codebook_artifact(compressed, out / "onnx", report, target=tgt,
                                        verify_inputs=splits.test.head(16).inputs, measure_memory=measure_memory)  # fmt: skip
-        check = check_artifact(art, splits.test, target=tgt, reference=bundle)
+        # Worst layers from JLCM's own per-layer SQNR: folded row permutations reorder the channels
+        # inside the model, so a layer cannot be compared with the original model's layer alone.
+        check, verdict, _ = guard_module_result(art, splits.test, technique="codebook", reference=bundle,
+                                                compressed=None, target=tgt, **(guard or {}))  # fmt: skip
+        worst = sorted(({"layer": r["layer"], "kind": f"codebook ({r['groups']} groups, {r['permutation']})",
+                         "sqnr_db": r["sqnr_db"]} for r in report["layers"] if "sqnr_db" in r),
+                       key=lambda r: r["sqnr_db"])[:8] if verdict["status"] == "failed" else []  # fmt: skip
         ort_eval = check["rows"][1]
         art.update_metrics(accuracy=ort_eval["score"], metric=check["metric"])
-        teacher = None if splits.test.y is not None else bundle.module
+        save_codebook_checkpoint(compressed.derive(module, metadata={**compressed.metadata, "guard": verdict["status"]}),
+                                 out / "model.pt", report["layout"])  # fmt: skip
         fp_acc = check.get("reference_accuracy")
-        acc = evaluate_accuracy(module, splits.test, teacher=teacher, task=bundle.task)
+        acc = evaluate_accuracy(module, splits.test, teacher=bundle.module, task=bundle.task,
+                                metric=check["metric"])  # fmt: skip
     metrics = art.manifest.metrics
     memory = metrics.get("memory", {})
     result = {
@@ -129,6 +157,9 @@ def run_codebook(checkpoint: Path, data: tuple[str | None, str | None, str | Non
         "memory": memory,
         "layers": report["layers"],
         "seconds": report["seconds"],
+        "notes": report.get("notes", []),
+        "guard": verdict,
+        "worst_layers": worst,
     }
     (out / "codebook_report.json").write_text(json.dumps({**report, "summary": result}, indent=2, default=str))
     return result

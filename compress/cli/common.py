@@ -58,6 +58,20 @@ def say(message: str, *, stderr: bool = False) -> None:
     _console(stderr).print(message)
 
 
+def say_guard(verdict: dict[str, Any]) -> None:
+    """One line on the accuracy guard's verdict (failures also raise, exit 4)."""
+    status = verdict["status"]
+    if status == "unmeasured":
+        say(f"accuracy guard: not measured ({verdict.get('reason', 'no data')})")
+        return
+    if verdict["metric"] == "sqnr":
+        say(f"accuracy guard {status}: SQNR {verdict['value']:.1f} dB vs fp32 (floor {verdict['limit']:.1f} dB) "
+            f"on {verdict['samples']} samples, {verdict.get('runtime')}")  # fmt: skip
+        return
+    say(f"accuracy guard {status}: {verdict['metric']} drop {verdict['drop']:.2f} points vs fp32 (limit "
+        f"{verdict['limit']:.2f}) on {verdict['samples']} samples, {verdict.get('runtime')}")  # fmt: skip
+
+
 def fmt(value: Any) -> str:
     if value is None:
         return "-"

@@ -8,6 +8,7 @@ import typer
 
 from compress.cli.common import JsonOption, cli_progress, emit_json, print_table
 from compress.cli.inputs import (
+    AllowFailedOption,
     InputOption,
     InputShapeOption,
     ModelFactoryOption,
@@ -36,6 +37,7 @@ def register(app: typer.Typer) -> None:
         trust_pickle: bool = TrustPickleOption,
         input_shape: str | None = InputShapeOption,
         inputs: list[str] | None = InputOption,
+        allow_failed: bool = AllowFailedOption,
         json_out: bool = JsonOption,
     ) -> None:
         """Export MODEL for a target and verify the artifact against torch.
@@ -44,6 +46,7 @@ def register(app: typer.Typer) -> None:
         """
         from compress.checkpoint import is_onnx_file
         from compress.exporting import export_model
+        from compress.guard import input_guard_status, refuse_failed
         from targets import get_target
 
         tgt = get_target(target)
@@ -58,6 +61,7 @@ def register(app: typer.Typer) -> None:
                         from compress.errors import ConfigError
 
                         raise ConfigError("an ONNX file brings its own inputs: fix dynamic dims with --input NAME:SHAPE")
+                    refuse_failed(input_guard_status(model), str(model), allow_failed=allow_failed)
                     src = onnx_file_or_checkpoint(model, work, target=tgt, inputs=parse_inputs(inputs))
                     art = export_model(src, fmt, tgt, out, opset=opset, tune=tune, **device)
                 finally:
@@ -66,6 +70,7 @@ def register(app: typer.Typer) -> None:
                     shutil.rmtree(work, ignore_errors=True)
             else:
                 bundle = load_model_from_cli(model, model_factory, trust_pickle, input_shape, inputs)
+                refuse_failed(bundle.metadata.get("guard"), f"checkpoint {model}", allow_failed=allow_failed)
                 art = export_model(bundle, fmt, tgt, out, opset=opset, tune=tune, **device)
         m = art.manifest
         result = {"artifact": str(art.path), "format": m.format, "target": tgt.name, "size_bytes": art.size_bytes,

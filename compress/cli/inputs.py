@@ -40,6 +40,14 @@ MetricOption = typer.Option(
     "default: top1 with labels, else agreement for logits, else cosine."
 )
 
+MaxDropOption = typer.Option(
+    None, "--max-drop", help="Accuracy guard: most points of the metric the result may lose against fp32 on its "
+    "runtime (default: the target's budget, 1 point); more exits 4 with the worst layers.",
+)
+MinSqnrOption = typer.Option(None, "--min-sqnr", help="Accuracy guard with --metric sqnr: the lowest output SQNR "
+                             "(dB) against fp32 (default 20).")  # fmt: skip
+AllowFailedOption = typer.Option(False, "--allow-failed", help="Take an input whose accuracy guard failed.")
+
 
 def parse_inputs(values: list[str] | None) -> list[TensorSpec] | None:
     """``--input`` values -> input specs (None when none were given)."""

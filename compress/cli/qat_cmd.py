@@ -6,12 +6,15 @@ from pathlib import Path
 
 import typer
 
-from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say
+from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say, say_guard
 from compress.cli.inputs import (
     CalibDataOption,
     EvalDataOption,
     InputOption,
     InputShapeOption,
+    MaxDropOption,
+    MetricOption,
+    MinSqnrOption,
     ModelFactoryOption,
     TrustPickleOption,
     load_model_from_cli,
@@ -27,6 +30,9 @@ def register(app: typer.Typer) -> None:
         ),
         calib_data: str | None = CalibDataOption,
         eval_data: str | None = EvalDataOption,
+        metric: str | None = MetricOption,
+        max_drop: float | None = MaxDropOption,
+        min_sqnr: float | None = MinSqnrOption,
         bits: int = typer.Option(4, "--bits", help="Weight bit-width, 2-8."),
         act_bits: int | None = typer.Option(
             None, "--act-bits", help="Activation bit-width, 2-8 (default: --bits)."
@@ -67,6 +73,7 @@ def register(app: typer.Typer) -> None:
 
         from compress.data import image_shape, load_data
         from compress.errors import ConfigError
+        from compress.guard import enforce
         from compress.qat import GAQATConfig
 
         try:
@@ -83,11 +90,13 @@ def register(app: typer.Typer) -> None:
                            preprocessing=bundle.preprocessing or None,
                            input_shape=image_shape(bundle.spec.inputs)).for_model(bundle.spec)  # fmt: skip
         with cli_progress(not json_out):
-            summary = run_qat_command(bundle, splits, config, out, target, resume)
+            summary = run_qat_command(bundle, splits, config, out, target, resume,
+                                      guard={"metric": metric, "max_drop": max_drop, "min_sqnr_db": min_sqnr})
         if summary is None:  # a non-zero rank under torchrun: rank 0 writes the outputs
             return
         if json_out:
             emit_json(summary)
+            enforce(summary["guard"], "qat", layers=summary["worst_layers"], written=str(out))
             return
         m = summary["metrics"]
         print_table(
@@ -100,18 +109,25 @@ def register(app: typer.Typer) -> None:
         say(f"training log: {summary['train_log']}")
         if summary.get("plot"):
             say(f"conflict plot: {summary['plot']}")
+        say_guard(summary["guard"])
+        enforce(summary["guard"], "qat", layers=summary["worst_layers"], written=str(out))
 
 
-def run_qat_command(bundle, splits, config, out: Path, target_name: str, resume: bool):  # type: ignore[no-untyped-def]
-    """Train, export and verify; returns the summary (None on ranks other than 0)."""
+def run_qat_command(bundle, splits, config, out: Path, target_name: str, resume: bool,  # type: ignore[no-untyped-def]
+                    guard: dict | None = None):
+    """Train, export, verify and judge with the accuracy guard (``guard``: its ``metric``,
+    ``max_drop``, ``min_sqnr_db``); returns the summary (None on ranks other than 0). An N:M sparse
+    checkpoint keeps its pattern (the mask is locked, as in the recipe's stage)."""
     from compress.exporting import source_info
-    from compress.qat.train import onnx_agreement, run_qat, write_json
+    from compress.guard import guard_module_result
+    from compress.qat.train import keep_nm_pattern, onnx_agreement, run_qat, write_json
     from compress.training import dist_info
     from export import StageRecord, export_onnx
     from targets import get_target
 
     tgt = get_target(target_name)
     out.mkdir(parents=True, exist_ok=True)
+    keep_nm_pattern(bundle)
     result = run_qat(bundle.module, splits, config, out, resume=resume, task=bundle.task)
     if dist_info()[0] != 0:
         return None
@@ -130,7 +146,11 @@ def run_qat_command(bundle, splits, config, out: Path, target_name: str, resume:
         art.update_metrics(accuracy=check["onnxruntime_accuracy"])
     art.update_metrics(onnx_check=check)
     metrics["onnx_check"] = check
+    fp32_check, verdict, worst = guard_module_result(art, splits.test, technique="qat", reference=bundle,
+                                                     compressed=result.model, target=tgt, **(guard or {}))  # fmt: skip
+    metrics.update(metric=fp32_check["metric"], onnxruntime_score=fp32_check["accuracy"],
+                   fp32_score=fp32_check.get("reference_accuracy"))  # fmt: skip
     summary = {"artifact": str(art.path), "train_log": str(out / "train" / "train_log.jsonl"),
-               "plot": result.metrics.get("plot"), "metrics": metrics}  # fmt: skip
+               "plot": result.metrics.get("plot"), "metrics": metrics, "guard": verdict, "worst_layers": worst}  # fmt: skip
     write_json(out / "summary.json", summary)
     return summary

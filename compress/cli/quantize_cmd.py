@@ -7,14 +7,16 @@ from typing import Any
 
 import typer
 
-from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say
+from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say, say_guard
 from compress.cli.inputs import (
     CalibDataOption,
     DataOption,
     EvalDataOption,
     InputOption,
     InputShapeOption,
+    MaxDropOption,
     MetricOption,
+    MinSqnrOption,
     ModelFactoryOption,
     TrustPickleOption,
     load_model_from_cli,
@@ -71,6 +73,8 @@ def register(app: typer.Typer) -> None:
         calib_data: str | None = CalibDataOption,
         eval_data: str | None = EvalDataOption,
         metric: str | None = MetricOption,
+        max_drop: float | None = MaxDropOption,
+        min_sqnr: float | None = MinSqnrOption,
         out: Path = typer.Option(..., "-o", "--out", help="Artifact folder to write (onnx-qdq, with trials.json and sensitivity.md)."),
         config_file: Path | None = typer.Option(None, "--config", help="YAML: a PTQConfig (applied as is) or search options."),
         search: str | None = typer.Option(None, "--search", help="quantune, random, grid, genetic or none (default: quantune)."),
@@ -95,6 +99,7 @@ def register(app: typer.Typer) -> None:
         import shutil
 
         from compress.data import image_shape, load_data
+        from compress.guard import enforce
         from compress.ptq.config import parse_duration
         from compress.ptq.search import quantize_artifact
         from targets import get_target
@@ -113,16 +118,21 @@ def register(app: typer.Typer) -> None:
             try:
                 from compress.exporting import onnx_file_or_checkpoint
 
-                source = onnx_file_or_checkpoint(
-                    model, work, target=tgt, inputs=parse_inputs(inputs),
-                    load=lambda: load_model_from_cli(model, model_factory, trust_pickle, input_shape, inputs),
-                )  # fmt: skip
+                loaded: list[Any] = []  # the fp32 checkpoint, kept as the guard's reference
+
+                def load() -> Any:
+                    loaded.append(load_model_from_cli(model, model_factory, trust_pickle, input_shape, inputs))
+                    return loaded[0]
+
+                source = onnx_file_or_checkpoint(model, work, target=tgt, inputs=parse_inputs(inputs), load=load)
                 splits = load_data(data, calib_data=calib_data, eval_data=eval_data,
                                    preprocessing=source.manifest.preprocessing or None,
                                    input_shape=image_shape(source.manifest.inputs))
                 if eval_data is not None and val_samples is None:  # a file given as eval data is used whole
                     cfg = cfg.model_copy(update={"val_samples": len(splits.val)})
                 result = quantize_artifact(source, splits, cfg, out, target=tgt)
+                check, verdict = guard_quantized(result, splits.test, tgt, loaded[0] if loaded else None,
+                                                 max_drop=max_drop, min_sqnr_db=min_sqnr)  # fmt: skip
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         m = result.metrics
@@ -132,9 +142,14 @@ def register(app: typer.Typer) -> None:
                    "trials": m["trials"], "measured_now": m["measured_now"], "stopped_by": m["stopped_by"],
                    "search_seconds": m["search_seconds"], "size_bytes": result.artifact.size_bytes,
                    "trial_log": str(result.artifact.path / "trials.json"),
-                   "sensitivity": result.sensitivity[:10]}  # fmt: skip
+                   "sensitivity": result.sensitivity[:10], "test_samples": check["samples"],
+                   "test_score": check["accuracy"], "fp32_test_score": check.get("reference_accuracy"),
+                   "guard": verdict}  # fmt: skip
+        worst = [{"layer": r["node"], "kind": r["op_type"], "sqnr_db": r["sqnr_db"], "drop": r["accuracy_drop"]}
+                 for r in result.sensitivity[:8]]  # fmt: skip
         if json_out:
             emit_json(summary)
+            enforce(verdict, "quantize", layers=worst, written=str(result.artifact.path))
             return
         print_table(
             f"quantized {result.artifact.manifest.model_name} -> {result.artifact.path}",
@@ -148,3 +163,20 @@ def register(app: typer.Typer) -> None:
         say(f"data: calibration {m['calib_samples']} samples of {m['calib_source']}; trials scored on "
             f"{m['val_samples']} samples of {m['val_source']} ({m['metric']})")
         say(f"trial log: {result.artifact.path / 'trials.json'}; sensitivity: {result.artifact.path / 'sensitivity.md'}")
+        say_guard(verdict)
+        enforce(verdict, "quantize", layers=worst, written=str(result.artifact.path))
+
+
+def guard_quantized(result: Any, test: Any, target: Any, reference: Any, *, max_drop: float | None,
+                    min_sqnr_db: float | None) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Score the int8 artifact on the test data against its fp32 source (the ``reference``
+    checkpoint, or the ONNX file it came from) with the search's metric, judge it and record the
+    verdict in its manifest."""
+    from compress.evaluation import check_artifact
+    from compress.guard import judge, record
+
+    art = result.artifact
+    check = check_artifact(art, test, target=target, reference=reference, metric=result.metrics["metric"])
+    verdict = judge(check, target=target, max_drop=max_drop, min_sqnr_db=min_sqnr_db)
+    record(art, verdict)
+    return check, verdict

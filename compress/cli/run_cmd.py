@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved recipe, run nothing."),
         auto: bool = typer.Option(False, "--auto", help="Try candidate chains within the budgets and pick the best."),
         allow_code: bool = typer.Option(False, "--allow-code", help="Allow the recipe's model factory to import Python code."),
+        allow_failed: bool = typer.Option(False, "--allow-failed", help="Take a model checkpoint whose accuracy guard failed."),
         json_out: bool = JsonOption,
     ) -> None:
         """Run RECIPE: stages, export per target, checks, profiles, gates (exit 4 on a failed gate)."""
@@ -40,9 +41,9 @@ def register(app: typer.Typer) -> None:
                 if auto:
                     from compress.auto import run_auto
 
-                    summary = run_auto(r, out, allow_code=allow_code)
+                    summary = run_auto(r, out, allow_code=allow_code, allow_failed=allow_failed)
                 else:
-                    summary = run_recipe(r, out, allow_code=allow_code)
+                    summary = run_recipe(r, out, allow_code=allow_code, allow_failed=allow_failed)
         except GateFailure:
             # Machines read the summary on failure too: print it, then exit 4 with the gate table.
             if json_out and (out / "summary.json").is_file():

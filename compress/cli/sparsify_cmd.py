@@ -6,12 +6,15 @@ from pathlib import Path
 
 import typer
 
-from compress.cli.common import JsonOption, cli_progress, emit_json, print_table
+from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say_guard
 from compress.cli.inputs import (
     CalibDataOption,
     EvalDataOption,
     InputOption,
     InputShapeOption,
+    MaxDropOption,
+    MetricOption,
+    MinSqnrOption,
     ModelFactoryOption,
     TrustPickleOption,
     load_model_from_cli,
@@ -27,6 +30,9 @@ def register(app: typer.Typer) -> None:
         ),
         calib_data: str | None = CalibDataOption,
         eval_data: str | None = EvalDataOption,
+        metric: str | None = MetricOption,
+        max_drop: float | None = MaxDropOption,
+        min_sqnr: float | None = MinSqnrOption,
         pattern: str = typer.Option(
             "2:4", "--pattern", "-p", help="N:M, e.g. 2:4, 1:4, 1:8, 1:16 (M <= 32)."
         ),
@@ -64,7 +70,7 @@ def register(app: typer.Typer) -> None:
         from compress.checkpoint import save_checkpoint
         from compress.data import image_shape, load_data
         from compress.errors import ConfigError
-        from compress.evaluation import check_artifact
+        from compress.guard import enforce, guard_module_result
         from compress.sparsity import NMSparsityConfig
         from compress.sparsity.api import apply_nm_sparsity
         from compress.sparsity.export import export_sparse_onnx
@@ -95,26 +101,27 @@ def register(app: typer.Typer) -> None:
         out.mkdir(parents=True, exist_ok=True)
         with cli_progress(not json_out):
             sparse, metrics = apply_nm_sparsity(bundle, config, splits, out_dir=out / "train", resume=resume)
-            ckpt = save_checkpoint(
-                sparse, out / "sparse.pt", model_kwargs={"num_classes": sparse.num_classes or 10}
-            )
             record = StageRecord(stage="sparsify", config=config.resolved(), metrics=metrics)
             art = export_sparse_onnx(sparse, out / "onnx", target=tgt, stages=[record])
+            verdict: dict = {"status": "unmeasured", "reason": "no data: pass --data or --eval-data"}
+            layers: list[dict] = []
             if splits is not None:
-                check = check_artifact(art, splits.test, target=tgt, reference=bundle)
-                metrics.update(
-                    onnx_test_accuracy=check["accuracy"], dense_test_accuracy=check.get("reference_accuracy")
-                )
-                art.update_metrics(
-                    accuracy=check["accuracy"], reference_accuracy=check.get("reference_accuracy")
-                )
+                check, verdict, layers = guard_module_result(art, splits.test, technique="sparsify", reference=bundle,
+                                                             compressed=sparse.module, target=tgt, metric=metric,
+                                                             max_drop=max_drop, min_sqnr_db=min_sqnr)  # fmt: skip
+                metrics.update(metric=check["metric"], onnx_test_accuracy=check["accuracy"],
+                               dense_test_accuracy=check.get("reference_accuracy"))  # fmt: skip
+                art.update_metrics(accuracy=check["accuracy"], reference_accuracy=check.get("reference_accuracy"))
+            ckpt = save_checkpoint(sparse.derive(sparse.module, metadata={**sparse.metadata, "guard": verdict["status"]}),
+                                   out / "sparse.pt", model_kwargs={"num_classes": sparse.num_classes or 10})  # fmt: skip
         nm = art.manifest.metrics["nm_sparsity"]
         result = {"checkpoint": str(ckpt), "artifact": str(art.path), "config": config.resolved(), "metrics": metrics,
-                  "pattern_verified_on_onnx": nm["verified"], "layers": nm["layers"],
+                  "guard": verdict, "pattern_verified_on_onnx": nm["verified"], "layers": nm["layers"],
                   "compressed_size_fp32": nm["compressed_size_fp32"], "compressed_size_int8": nm["compressed_size_int8"]}  # fmt: skip
         (out / "sparsify.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         if json_out:
             emit_json(result)
+            enforce(verdict, "sparsify", layers=layers, written=str(out))
             return
         print_table(
             f"{config.pattern} {config.method} -> {ckpt}",
@@ -129,3 +136,5 @@ def register(app: typer.Typer) -> None:
               size["dense_bytes"], size["compressed_bytes"]]],
         )  # fmt: skip
         typer.echo(f"pattern {config.pattern} verified on {art.model_path}")
+        say_guard(verdict)
+        enforce(verdict, "sparsify", layers=layers, written=str(out))

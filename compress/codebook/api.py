@@ -139,6 +139,18 @@ def apply_jlcm(model: nn.Module, calib_inputs: Batch, config: JLCMConfig, *, kee
         >>> small, report = apply_jlcm(model, calib_x, JLCMConfig(bits=3, groups=8))
         >>> report["accounting"]["bits_per_weight"]
     """
+    # Deterministic kernels (the codebook gradient's index accumulation is not, on several threads):
+    # the same inputs give bit-identical weights, whether called from the CLI, a recipe or Python.
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _apply_jlcm(model, calib_inputs, config, keep_zeros, task)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _apply_jlcm(model: nn.Module, calib_inputs: Batch, config: JLCMConfig, keep_zeros: Collection[str],
+                task: str) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     from compress.training import take_batch
 
     t0 = time.perf_counter()
@@ -165,6 +177,7 @@ def apply_jlcm(model: nn.Module, calib_inputs: Batch, config: JLCMConfig, *, kee
             x = _capture(student, name, calib, want="input")
             y = _capture(teacher, name, calib, want="output")
             stats = learn_layer(layer, x, y, steps=config.steps, batch_size=config.batch_size, seed=config.seed + i)
+            stats["sqnr_db"] = _output_sqnr(layer, x, y)  # the layer alone, against the (folded) fp32 layer
         else:  # initialisation only (the k-means / RTN baselines): no calibration pass needed
             layer.eval()
             stats = {"loss_init": float("nan"), "loss_final": float("nan"), "index_moves_per_weight": 0.0,
@@ -192,6 +205,14 @@ def apply_jlcm(model: nn.Module, calib_inputs: Batch, config: JLCMConfig, *, kee
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return student, report
+
+
+@torch.no_grad()
+def _output_sqnr(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    from export.verify import sqnr_db
+
+    layer.eval()
+    return round(sqnr_db(y.numpy(), layer(x).numpy()), 2)
 
 
 def _as_float(batch: Batch) -> Batch:

@@ -48,15 +48,10 @@ def run_codebook_stage(bundle: Any, config: JLCMConfig, ctx: StageContext) -> St
 
     cfg = config.model_copy(update={"seed": config.seed or ctx.seed})
     calib = dataset_tensors(ctx.splits.calib.for_model(bundle.spec), cfg.calib_samples)
-    nm_record = bundle.metadata.get("nm_sparsity")  # after ``sparsify``: keep the pruned weights at exact 0
-    keep = list(nm_record["layers"]) if nm_record else []
+    keep = sparse_layers(bundle)
     module, report = apply_jlcm(bundle.module, calib, cfg, keep_zeros=keep, task=bundle.task)
-    if nm_record:
-        report["nm_violations"] = nm_pattern_violations(module, nm_record)
-        if any(report["nm_violations"].values()):
-            from compress.errors import CompressError
-
-            raise CompressError(f"codebook stage broke the N:M pattern: {report['nm_violations']}")
+    if keep:
+        check_nm_kept(module, bundle.metadata["nm_sparsity"], report)
     val = ctx.splits.val.for_model(bundle.spec)
     acc = evaluate_accuracy(module, val, teacher=bundle.module if val.y is None else None, task=bundle.task)
     out = bundle.derive(module, metadata={**bundle.metadata,
@@ -68,6 +63,25 @@ def run_codebook_stage(bundle: Any, config: JLCMConfig, ctx: StageContext) -> St
     metrics = {"val_accuracy": acc, "bits_per_weight": acct["bits_per_weight"], "payload_bytes": acct["payload_bytes"],
                "fp32_bytes": acct["fp32_bytes"], "seconds": report["seconds"]}  # fmt: skip
     return StageOutput(bundle=out, metrics=metrics, files={"model": MODEL_FILE, "report": REPORT_FILE})
+
+
+def sparse_layers(bundle: Any) -> list[str]:
+    """The N:M sparse layers of a checkpoint made by ``sparsify`` (their pruned weights stay exactly 0)."""
+    record = bundle.metadata.get("nm_sparsity")
+    return list(record["layers"]) if record else []
+
+
+def check_nm_kept(module: Any, record: dict[str, Any], report: dict[str, Any]) -> None:
+    """Verify the codebook model kept the N:M pattern (recorded in ``report["nm_violations"]``).
+
+    Raises:
+        CompressError: a sparse layer's reconstructed weights break the pattern.
+    """
+    report["nm_violations"] = nm_pattern_violations(module, record)
+    if any(report["nm_violations"].values()):
+        from compress.errors import CompressError
+
+        raise CompressError(f"codebook compression broke the N:M pattern: {report['nm_violations']}")
 
 
 def nm_pattern_violations(module: Any, record: dict[str, Any]) -> dict[str, int]:

@@ -15,19 +15,10 @@ from compress.qat.config import GAQATConfig
 from compress.stages import StageContext, StageOutput, StageSpec, register_stage
 
 
-def _keep_nm_pattern(bundle: Any) -> None:
-    """A model sparsified earlier in the recipe keeps its N:M zeros through QAT (mask locked in place)."""
-    record = bundle.metadata.get("nm_sparsity")
-    if record:
-        from compress.sparsity.lock import lock_nm_pattern
-
-        lock_nm_pattern(bundle.module, record)
-
-
 def _run(bundle: Any, config: GAQATConfig, ctx: StageContext) -> StageOutput:
-    from compress.qat.train import quantized_bundle, run_qat
+    from compress.qat.train import keep_nm_pattern, quantized_bundle, run_qat
 
-    _keep_nm_pattern(bundle)
+    keep_nm_pattern(bundle)
     result = run_qat(bundle.module, ctx.splits.for_model(bundle.spec), config, ctx.out_dir, resume=ctx.resume,
                      task=bundle.task)
     metrics = {k: v for k, v in result.metrics.items() if k not in ("layers", "plot")}
@@ -42,9 +33,9 @@ def _run(bundle: Any, config: GAQATConfig, ctx: StageContext) -> StageOutput:
 def _load(out_dir: Path, bundle: Any, config: GAQATConfig) -> StageOutput:
     import json
 
-    from compress.qat.train import load_quantized, quantized_bundle
+    from compress.qat.train import keep_nm_pattern, load_quantized, quantized_bundle
 
-    _keep_nm_pattern(bundle)
+    keep_nm_pattern(bundle)
     model, _ = load_quantized(bundle.module, out_dir)
     done = Path(out_dir) / "done.json"
     metrics = json.loads(done.read_text()).get("metrics", {}) if done.exists() else {}

@@ -56,6 +56,16 @@ def train_quantized(
     return Trainer(model, train, val, config.train_config(), out_dir, hooks, teacher=teacher, task=task).fit(resume=resume)
 
 
+def keep_nm_pattern(bundle: ModelBundle) -> None:
+    """A checkpoint made N:M sparse (``compress sparsify``, or earlier in a recipe) keeps its zeros
+    through QAT: the mask is locked in place on ``bundle.module`` (the CLI and the stage both call this)."""
+    record = bundle.metadata.get("nm_sparsity")
+    if record:
+        from compress.sparsity.lock import lock_nm_pattern
+
+        lock_nm_pattern(bundle.module, record)
+
+
 def run_qat(
     module: nn.Module, splits: Splits, config: GAQATConfig, out_dir: str | Path, *, resume: bool = False,
     task: str | None = None,
