@@ -52,8 +52,11 @@ class GuardFailure(GateFailure):
     """
 
     def __init__(self, message: str, verdict: dict[str, Any], layers: list[dict[str, Any]], remedies: list[str]):
-        failure = {"target": verdict.get("target") or "-", "gate": f"guard ({verdict['metric']})",
-                   "limit": verdict["limit"], "value": verdict["value"], "excess": verdict["excess"]}  # fmt: skip
+        sqnr = verdict["metric"] == "sqnr"
+        failure = {"target": verdict.get("target") or "-",
+                   "gate": "guard: min SQNR dB" if sqnr else f"guard: max {verdict['metric']} drop (points)",
+                   "limit": verdict["limit"], "value": verdict["value"] if sqnr else verdict["drop"],
+                   "excess": verdict["excess"]}  # fmt: skip
         super().__init__(message, [failure])
         self.verdict = verdict
         self.layers = layers

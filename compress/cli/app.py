@@ -115,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         layers, remedies = getattr(exc, "layers", None), getattr(exc, "remedies", None)
         if layers:
+            extra = next((k for k in ("max_abs_error", "drop") if k in layers[0]), None)
+            names = {"max_abs_error": "max abs error", "drop": "drop alone (points)"}
             print_table("Layers that lose most (each layer's output vs fp32, measured alone)",
-                        ["layer", "kind", "SQNR dB", "max abs error / drop alone"],
-                        [[r["layer"], r.get("kind", ""), r["sqnr_db"], r.get("max_abs_error", r.get("drop"))]
-                         for r in layers],
-                        stderr=True)  # fmt: skip
+                        ["layer", "kind", "SQNR dB", *([names[extra]] if extra else [])],
+                        [[r["layer"], r.get("kind", ""), r["sqnr_db"], *([r.get(extra)] if extra else [])]
+                         for r in layers], stderr=True)  # fmt: skip
         sys.stderr.write(f"error: {exc}\n")
         for remedy in remedies or []:
             sys.stderr.write(f"  try: {remedy}\n")
