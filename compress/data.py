@@ -64,6 +64,9 @@ class Dataset:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     domains: np.ndarray | None = None
     domain_names: tuple[str, ...] = ()
+    raw: dict[str, np.ndarray] | None = None
+    """Integer images as stored, before ``preprocessing``: fed instead to a model whose inputs are
+    integers (a model that takes raw ``uint8`` pixels and normalises them itself)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, np.ndarray):  # one array: the single-input form
@@ -126,6 +129,7 @@ class Dataset:
             preprocessing=self.preprocessing,
             domains=None if self.domains is None else self.domains[index],
             domain_names=self.domain_names,
+            raw=None if self.raw is None else {k: v[index] for k, v in self.raw.items()},
         )
 
     def head(self, n: int, name: str | None = None) -> Dataset:
@@ -146,12 +150,14 @@ class Dataset:
             DataError: the arrays do not fit the model (named: which array, which dim, which dtype).
         """
         from export.errors import SpecError
-        from export.spec import ModelSpec
+        from export.spec import INTEGER_DTYPES, ModelSpec
 
         if not isinstance(spec, ModelSpec):
             spec = ModelSpec(list(spec))
+        raw_wanted = self.raw is not None and all(i.dtype in INTEGER_DTYPES for i in spec.inputs)
+        arrays = self.raw if raw_wanted and self.raw is not None else self.inputs
         try:
-            return spec.match(self.inputs, source=f"dataset {self.name!r}")
+            return spec.match(arrays, source=f"dataset {self.name!r}")
         except SpecError as exc:
             raise DataError(str(exc)) from None
 
@@ -340,11 +346,13 @@ def _load_npz(path: Path, preprocessing: dict[str, Any] | None) -> Dataset:
         x = x[:, None] if x.ndim == 3 else x
         pre.setdefault("scale", 1.0 / 255.0)
         inputs = {"x": _normalize(x, pre)}
+        raw = {"x": x}
     else:
         pre = {"note": "arrays are used as given (already preprocessed)"}
         inputs = {k: a.astype(np.float32) if a.dtype.kind == "f" else a for k, a in arrays.items()}
+        raw = None
     n_classes = int(y.max()) + 1 if y is not None and len(y) else None
-    return Dataset(inputs, None if y is None else y.astype(np.int64), str(path), n_classes, pre)
+    return Dataset(inputs, None if y is None else y.astype(np.int64), str(path), n_classes, pre, raw=raw)
 
 
 def _load_folder(path: Path, preprocessing: dict[str, Any] | None, input_shape: tuple[int, ...] | None) -> Dataset:

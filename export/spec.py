@@ -21,12 +21,14 @@ import numpy as np
 from export.artifact import TensorSpec
 from export.errors import SpecError
 
-DTYPES = ("float32", "float16", "int64", "int32", "bool")
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 BATCH = "batch"
-INTEGER_DTYPES = ("int64", "int32")
+INTEGER_DTYPES = ("int64", "int32", "int16", "int8", "uint8")
 # Integer inputs without a recorded range get example values in [0, 2): valid as masks, segment ids
 # and token ids of any vocabulary. Real checks use real data.
 DEFAULT_INT_RANGE = (0, 2)
+BYTE_RANGES = {"uint8": (0, 256), "int8": (-128, 128)}
+"""Example values of byte inputs (raw pixels) span the type; other integers default to ``[0, 2)``."""
 
 Feeds = dict[str, np.ndarray]
 
@@ -86,10 +88,12 @@ def numpy_dtype(dtype: str) -> np.dtype:
 def dtype_name(dtype: Any) -> str:
     """The spec name of a numpy/torch/onnx dtype (``torch.int64`` -> ``int64``)."""
     text = str(dtype).replace("torch.", "").replace("tensor(", "").rstrip(")")
-    aliases = {"float": "float32", "double": "float32", "long": "int64", "int": "int32", "half": "float16",
-               "float64": "float32", "bool_": "bool", "uint8": "int32", "int8": "int32", "int16": "int32"}  # fmt: skip
+    aliases = {"float": "float32", "double": "float64", "long": "int64", "int": "int32", "half": "float16",
+               "short": "int16", "bool_": "bool"}  # fmt: skip
     text = aliases.get(text, text)
-    return text if text in DTYPES else "float32"
+    if text not in DTYPES:
+        raise SpecError(f"tensor type {dtype} is not supported as a model input or output; supported: {', '.join(DTYPES)}")
+    return text
 
 
 def onnx_dtype_name(elem_type: int) -> str:
@@ -198,7 +202,7 @@ class ModelSpec:
         """Fixed random inputs of the right shapes and dtypes (for export tracing and verification).
 
         Floats are standard normal; integers are drawn from the input's recorded ``range`` (default
-        ``[0, 2)``); bools are random.
+        ``[0, 2)``, the whole type for uint8/int8); bools are random.
 
         Raises:
             SpecError: a dynamic non-batch dim (see :meth:`require_static`).
@@ -209,7 +213,7 @@ class ModelSpec:
         for i in self.inputs:
             shape = (batch, *[int(d) for d in i.shape[1:]])
             if i.dtype in INTEGER_DTYPES:
-                lo, hi = (int(v) for v in (i.range or DEFAULT_INT_RANGE))
+                lo, hi = (int(v) for v in (i.range or BYTE_RANGES.get(i.dtype, DEFAULT_INT_RANGE)))
                 feeds[i.name] = rng.integers(lo, max(hi, lo + 1), size=shape).astype(numpy_dtype(i.dtype))
             elif i.dtype == "bool":
                 feeds[i.name] = rng.integers(0, 2, size=shape).astype(np.bool_)

@@ -97,8 +97,9 @@ def test_input_option_parsing() -> None:
     assert spec.name == "input_ids" and spec.shape == ["batch", 32] and spec.dtype == "int64"
     assert parse_input_option("x:3x224x224").shape == ["batch", 3, 224, 224]
     assert parse_input_option("image:3xHxW").shape == ["batch", 3, "H", "W"]
-    with pytest.raises(SpecError, match="unknown dtype 'int8'"):
-        parse_input_option("x:3:int8")
+    assert parse_input_option("x:3x8x8:uint8").dtype == "uint8"
+    with pytest.raises(SpecError, match="unknown dtype 'int65'"):
+        parse_input_option("x:3:int65")
     with pytest.raises(SpecError, match="NAME:SHAPE"):
         parse_input_option("3x224x224")
 
@@ -319,3 +320,43 @@ def test_recipe_on_a_token_model_with_data_roles_and_a_metric(encoder_ckpt: Path
     path.write_text(yaml.safe_dump(bad))
     code, out, err = cli("run", path, "-o", tmp_path / "run2")
     assert code == 2 and "int65" in err
+
+
+class RawPixels(nn.Module):
+    """A model that takes raw uint8 pixels and normalises them itself (as many mobile models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.float() / 255.0
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_uint8_input_model_gets_raw_pixels(tmp_path: Path, cli) -> None:
+    """A uint8 input stays uint8 (it was recorded as int32 before) and is fed the stored pixels,
+    not the 1/255-scaled floats the loader makes for float models."""
+    torch.manual_seed(0)
+    path = tmp_path / "raw.onnx"
+    torch.onnx.export(RawPixels().eval(), (torch.zeros(1, 3, 16, 16, dtype=torch.uint8),), str(path), dynamo=False,
+                      opset_version=17, input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+    spec = ModelSpec.from_onnx(__import__("onnx").load(str(path)))
+    assert spec.inputs[0].dtype == "uint8"
+    rng = np.random.default_rng(0)
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=rng.integers(0, 256, (16, 3, 16, 16)).astype(np.uint8))
+    np.savez(evald, x=rng.integers(0, 256, (12, 3, 16, 16)).astype(np.uint8))
+    from compress.data import load_dataset
+
+    fed = load_dataset(evald).feeds(spec)["image"]
+    assert fed.dtype == np.uint8 and fed.max() > 200  # the pixels as stored
+    code, out, err = cli("quantize", path, "--calib-data", calib, "--eval-data", evald, "--metric", "sqnr",
+                         "--search", "none", "--no-sensitivity", "--min-sqnr", "10", "-o", tmp_path / "q", "--json")  # fmt: skip
+    assert code == 0, err
+    code, out, err = cli("export", path, "--format", "tvm", "-o", tmp_path / "t", "--json")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["inputs"][0]["dtype"] == "uint8" and manifest["metrics"]["export_check"]["sqnr_db"] > 40
