@@ -168,6 +168,38 @@ def _load_into(module: Any, state: dict[str, Any], source: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
+def restore_structure(module: Any, metadata: dict[str, Any], state: dict[str, Any]) -> Any:
+    """Rebuild what a technique changed in the architecture before its weights load: codebook
+    layers (``codebook_layout``), LSQ quantizers (``qat``), the locked N:M mask (a sparse model's
+    weights saved with their parametrization). So every technique's checkpoint loads here."""
+    record = metadata.get("nm_sparsity")
+    if record and any(".parametrizations.weight.original" in k for k in state):
+        from compress.sparsity.lock import lock_nm_pattern
+
+        lock_nm_pattern(module, record)
+    if "qat" in metadata and not metadata.get("codebook_layout"):
+        from compress.qat.config import GAQATConfig
+        from compress.qat.prepare import prepare
+
+        module = prepare(module, GAQATConfig.model_validate(metadata["qat"]["config"]))
+    if metadata.get("codebook_layout"):
+        from compress.codebook.api import rebuild_codebook_model
+
+        module = rebuild_codebook_model(module, metadata["codebook_layout"])
+    return module
+
+
+def mark_technique(module: Any, metadata: dict[str, Any]) -> None:
+    """After loading: an N:M sparse model is marked again, so exporting it re-verifies the pattern."""
+    record = metadata.get("nm_sparsity")
+    if record:  # layers another technique replaced (QAT, codebooks) are left to that technique's exporter
+        from compress.sparsity.export import mark_sparse_module
+
+        mark_sparse_module(module, record)
+    if hasattr(module, "eval"):
+        module.eval()
+
+
 def _check_inputs(bundle: ModelBundle) -> None:
     """Run the model once on example inputs: a mismatch fails here, named, and the outputs are recorded."""
     from export.torch_io import forward_order, probe_outputs
@@ -291,14 +323,17 @@ def _load_torch(
             )
         name = factory or obj["model"]
         module = resolve_factory(name, allow_import=allow_code)(**obj.get("model_kwargs", {}))
+        metadata = json.loads(obj.get("metadata_json") or "{}")
+        module = restore_structure(module, metadata, obj["state_dict"])
         _load_into(module, obj["state_dict"], str(p))
+        mark_technique(module, metadata)
         recorded = json.loads(obj["model_spec_json"]) if obj.get("model_spec_json") else obj.get("input_shape")
         return ModelBundle(
             module,
             name,
             preprocessing=dict(obj.get("preprocessing") or {}),
             num_classes=obj.get("num_classes"),
-            metadata=json.loads(obj.get("metadata_json") or "{}"),
+            metadata=metadata,
             source=str(p),
             spec=_spec_from(recorded, override, name, p),
         )
@@ -327,7 +362,9 @@ def _load_safetensors(p: Path, factory: str | None, allow_code: bool, override: 
     if not name:
         raise CheckpointError(f"{p} does not name its model; say which with --model-factory")
     module = resolve_factory(name, allow_import=allow_code)(**info.get("model_kwargs", {}))
+    module = restore_structure(module, info.get("metadata", {}), state)
     _load_into(module, state, str(p))
+    mark_technique(module, info.get("metadata", {}))
     return ModelBundle(
         module,
         name,

@@ -168,3 +168,30 @@ def test_evaluate_accuracy_honours_the_metric(metric: str, mnist_splits) -> None
         assert got == math.inf  # the model against itself
     else:
         assert got == pytest.approx(100.0)
+
+
+def test_every_technique_checkpoint_loads_and_exports(cnn_checkpoint: Path, tmp_path: Path, cli) -> None:
+    """sparsify, qat and codebook checkpoints load through load_checkpoint (codebook layers, LSQ
+    quantizers and the N:M marker rebuilt) and export with their own exporter."""
+    from compress.checkpoint import load_checkpoint
+    from compress.sparsity.export import MARKER
+
+    code, _, err = cli("sparsify", cnn_checkpoint, "--data", "mnist", "--pattern", "2:4", "--method", "oneshot",
+                       "--max-drop", "100", "-o", tmp_path / "sp")  # fmt: skip
+    assert code == 0, err
+    assert getattr(load_checkpoint(tmp_path / "sp" / "sparse.pt").module, MARKER)["pattern"] == "2:4"
+    code, _, err = cli("qat", tmp_path / "sp" / "sparse.pt", "--data", "mnist", "--bits", "8", "--method", "qat",
+                       "--max-steps", "3", "--eval-every", "100", "--max-drop", "100", "-o", tmp_path / "qat")  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli("codebook", cnn_checkpoint, "--data", "mnist", "--bits", "4", "--groups", "2", "--steps", "5",
+                       "--no-memory", "--max-drop", "100", "-o", tmp_path / "cb")  # fmt: skip
+    assert code == 0, err
+    formats = {"sp/sparse.pt": "onnx", "qat/model.pt": "onnx-qdq", "cb/model.pt": "onnx-codebook"}
+    for ckpt, fmt in formats.items():
+        code, out, err = cli("export", tmp_path / ckpt, "-o", tmp_path / f"exp-{fmt}", "--json")
+        assert code == 0, f"{ckpt}: {err}"
+        res = json.loads(out)
+        chk = res["metrics"]["export_check"]
+        assert res["format"] == fmt and (chk["max_abs_error"] == 0 or chk["sqnr_db"] > 30), ckpt
+    sparse_export = _manifest(tmp_path / "exp-onnx")
+    assert sparse_export["stages"][0]["config"]["exporter"] == "nm-sparse"  # the reloaded marker re-verifies the pattern

@@ -150,7 +150,14 @@ def run_qat_command(bundle, splits, config, out: Path, target_name: str, resume:
                                                      compressed=result.model, target=tgt, **(guard or {}))  # fmt: skip
     metrics.update(metric=fp32_check["metric"], onnxruntime_score=fp32_check["accuracy"],
                    fp32_score=fp32_check.get("reference_accuracy"))  # fmt: skip
-    summary = {"artifact": str(art.path), "train_log": str(out / "train" / "train_log.jsonl"),
+    from compress.checkpoint import save_checkpoint
+    from compress.qat.train import quantized_bundle
+
+    meta_metrics = {k: v for k, v in metrics.items() if k not in ("layers", "conflict", "onnx_check")}
+    qbundle = quantized_bundle(result.model, bundle, config, meta_metrics)
+    qbundle.metadata["guard"] = verdict["status"]
+    ckpt = save_checkpoint(qbundle, out / "model.pt", model_kwargs={"num_classes": bundle.num_classes})
+    summary = {"artifact": str(art.path), "checkpoint": str(ckpt), "train_log": str(out / "train" / "train_log.jsonl"),
                "plot": result.metrics.get("plot"), "metrics": metrics, "guard": verdict, "worst_layers": worst}  # fmt: skip
     write_json(out / "summary.json", summary)
     return summary

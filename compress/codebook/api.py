@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from compress.codebook.config import JLCMConfig
-from compress.codebook.grouping import apply_fold, fold_plans, group_neurons
+from compress.codebook.grouping import fold_permutations, fold_plans, group_neurons
 from compress.codebook.layers import (
     CODEBOOK_LAYERS,
     CodebookConv2d,
@@ -84,32 +84,38 @@ def group_and_fold(model: nn.Module, names: list[str], config: JLCMConfig, examp
                    keep_zeros: Collection[str] = ()) -> dict[str, Any]:  # fmt: skip
     """JLCM step 1 on a float model, in place: group neurons, reorder rows, fold permutations.
 
-    Folded layers get their rows (and bias) permuted in place together with the next layer's input
-    columns, so the model's function is unchanged. A permutation is never folded into a layer of
+    Folded layers get their rows (and bias) permuted in place together with the input columns of
+    every layer reading them (:func:`~compress.codebook.grouping.fold_plans` says where that is
+    provably exact; :func:`~compress.codebook.grouping.fold_permutations` checks it on ``example``),
+    so the model's function is unchanged. A permutation is never folded into a layer of
     ``keep_zeros`` (N:M sparse: permuting its input columns would break its groups); it is stored.
     Returns per layer ``(weight_2d in stored order, group_sizes, row_gather or None, folded)``.
     """
     plans = fold_plans(model, names, example) if config.fold_permutation and config.grouping == "kmeans" else {}
     sparse_ids = {id(model.get_submodule(n)) for n in keep_zeros}
-    plans = {k: p for k, p in plans.items() if id(p.consumer) not in sparse_ids}
-    result: dict[str, Any] = {}
+    plans = {k: p for k, p in plans.items() if not any(id(c) in sparse_ids for c, _ in p.consumers)}
+    groupings: dict[str, tuple[torch.Tensor, list[int]]] = {}
     for name in names:
-        layer: Any = model.get_submodule(name)
-        w2d = layer.weight.detach().reshape(layer.weight.shape[0], -1)
-        order, sizes = group_neurons(w2d, config.groups, mode=config.grouping, descriptor=config.descriptor,
-                                     seed=config.seed)  # fmt: skip
-        identity = bool(torch.equal(order, torch.arange(len(order))))
-        if identity:
-            result[name] = (w2d.clone(), sizes, None, False)
-        elif name in plans:
-            layer.weight.copy_(layer.weight[order])
-            if layer.bias is not None:
-                layer.bias.copy_(layer.bias[order])
-            apply_fold(plans[name], order)
-            result[name] = (layer.weight.detach().reshape(len(order), -1).clone(), sizes, None, True)
+        weight = _weight_of(model, name)
+        groupings[name] = group_neurons(weight.reshape(weight.shape[0], -1), config.groups, mode=config.grouping,
+                                        descriptor=config.descriptor, seed=config.seed)  # fmt: skip
+    orders = {n: order for n, (order, _) in groupings.items() if not torch.equal(order, torch.arange(len(order)))}
+    folded = fold_permutations(model, plans, orders, example)
+    result: dict[str, Any] = {}
+    for name in names:  # after every fold: a fold into this layer permuted its columns
+        weight = _weight_of(model, name)
+        w2d = weight.reshape(weight.shape[0], -1).clone()
+        order, sizes = groupings[name]
+        if name in orders and name not in folded:
+            result[name] = (w2d[order], sizes, torch.argsort(order), False)
         else:
-            result[name] = (w2d[order].clone(), sizes, torch.argsort(order), False)
+            result[name] = (w2d, sizes, None, name in folded)
     return result
+
+
+def _weight_of(model: nn.Module, name: str) -> torch.Tensor:
+    layer: Any = model.get_submodule(name)
+    return layer.weight.detach()
 
 
 def apply_jlcm(model: nn.Module, calib_inputs: Batch, config: JLCMConfig, *, keep_zeros: Collection[str] = (),
@@ -195,7 +201,7 @@ def _apply_jlcm(model: nn.Module, calib_inputs: Batch, config: JLCMConfig, keep_
     for name, layer in zip(names, trainables, strict=True):
         _set_module(student, name, layer.finalize())
     student.eval()
-    accounting = model_accounting(student)
+    accounting = model_accounting(student, requested_bits=config.bits)  # overhead_note: > bits + 10 %
     report = {
         "config": config.model_dump(mode="json"),
         "layers": layer_reports,
@@ -271,8 +277,8 @@ def save_codebook_checkpoint(bundle: Any, path: str | Path, layout: list[dict[st
     from compress.checkpoint import ModelBundle, save_checkpoint
 
     meta = {**bundle.metadata, "codebook_layout": layout}
-    out = ModelBundle(bundle.module, bundle.model_name, bundle.input_shape, bundle.preprocessing,
-                      bundle.num_classes, meta)  # fmt: skip
+    out = bundle.derive(bundle.module, metadata=meta) if isinstance(bundle, ModelBundle) else \
+        ModelBundle(bundle.module, bundle.model_name, bundle.input_shape, bundle.preprocessing, bundle.num_classes, meta)
     return save_checkpoint(out, path, model_kwargs=model_kwargs or {"num_classes": bundle.num_classes})
 
 
