@@ -132,8 +132,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
             raise CheckpointError(
-                f"{path} contains pickled Python objects beyond tensors ({str(exc).splitlines()[0][:200]}); "
-                "loading it could run arbitrary code. If you trust its source, pass --trust-pickle"
+                f"{path} contains pickled Python objects beyond tensors: loading it could run arbitrary code. "
+                f"If you trust its source, pass --trust-pickle (torch: {str(exc).splitlines()[0][:120]})"
             ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint: {str(exc).splitlines()[0][:200]}") from None
@@ -165,6 +165,11 @@ def _load_into(module: Any, state: dict[str, Any], source: str) -> None:
             f"state_dict in {source} does not match the model ({'; '.join(parts)}); "
             "check --model-factory (or the built-in model name)"
         )
+    bad = [k for k, v in state.items() if hasattr(v, "is_floating_point") and v.is_floating_point()
+           and not bool(v.isfinite().all())]  # fmt: skip
+    if bad:
+        raise CheckpointError(f"{source} holds NaN or infinite weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}: "
+                              "the model diverged or the file is damaged; use an earlier checkpoint")  # fmt: skip
     module.load_state_dict(state, strict=True)
 
 

@@ -170,7 +170,9 @@ class Dataset:
         """
         from dataclasses import replace
 
-        return replace(self, inputs=self.feeds(spec))
+        feeds = self.feeds(spec)
+        check_labels(self, getattr(spec, "outputs", None) or [])
+        return replace(self, inputs=feeds)
 
     def fingerprint(self) -> str:
         """sha256 of the samples and labels: identifies the data in caches and manifests."""
@@ -181,6 +183,25 @@ class Dataset:
         if self.y is not None:
             h.update(np.ascontiguousarray(self.y).tobytes())
         return h.hexdigest()
+
+
+def check_labels(ds: Dataset, outputs: Any) -> None:
+    """Labels must be class indices of the model's first output (``(N, classes)`` logits).
+
+    Raises:
+        DataError: a label is negative or not below the number of classes.
+    """
+    outputs = list(outputs)
+    if ds.y is None or not len(ds.y) or not outputs:
+        return
+    shape = list(outputs[0].shape)
+    if len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 2:
+        return
+    classes = shape[1]
+    lo, hi = int(ds.y.min()), int(ds.y.max())
+    if lo < 0 or hi >= classes:
+        raise DataError(f"dataset {ds.name!r} has labels {lo}..{hi}, but the model's output {outputs[0].name!r} has "
+                        f"{classes} classes (labels 0..{classes - 1}); check the data's 'y' or the model")  # fmt: skip
 
 
 @dataclass

@@ -100,10 +100,12 @@ def check_artifact(
     """
     from dataclasses import replace
 
+    from compress.data import check_labels
     from compress.errors import DataError
     from runtimes.measure import check_metric
 
     feeds = data.feeds(artifact.manifest.inputs)
+    check_labels(data, artifact.manifest.outputs)
     data = replace(data, inputs=feeds)
     ref_session = reference_session(artifact, reference)
     try:
