@@ -1,10 +1,12 @@
 """Running a Linear/Conv2d layer's own ``forward`` with another weight.
 
 Compressed layers compute a weight (fake-quantized, rebuilt from codebooks) and apply it as the
-original layer would. For plain ``nn.Linear``/``nn.Conv2d`` that is ``F.linear``/``F.conv2d`` with
-the layer's arguments; subclasses that do more in ``forward`` (TensorFlow "same" padding in
-EfficientNet-Lite, timm's ``Conv2dSame``: padding applied to the input, ``padding=0`` on the module)
-must run that forward, or the padding is silently lost.
+original layer would. For plain ``nn.Linear``/``nn.Conv2d`` that is ``F.linear`` and the conv's own
+``_conv_forward`` (``F.conv2d`` with the layer's arguments, after ``F.pad`` for a ``padding_mode``
+other than zeros: "reflect" rebuilt as zero padding is silently another function); subclasses that
+do more in ``forward`` (TensorFlow "same" padding in EfficientNet-Lite, timm's ``Conv2dSame``:
+padding applied to the input, ``padding=0`` on the module; weight normalisation) must run that
+forward, or what it adds is silently lost.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ def call_with_weight(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bi
 
 
 def apply_layer(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``layer``'s computation on ``x`` with ``weight`` and ``bias``: ``F.conv2d``/``F.linear`` for plain
-    layers (the graph exporters expect), the layer's own forward for subclasses."""
+    """``layer``'s computation on ``x`` with ``weight`` and ``bias``: ``F.conv2d`` (with the padding mode's
+    ``F.pad``) / ``F.linear`` for plain layers (the graph exporters expect), the layer's own forward for
+    subclasses."""
     if not has_own_forward(layer):
         if isinstance(layer, nn.Conv2d):
-            return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+            # nn.Conv2d.forward's own body: padding_mode "reflect"/"replicate"/"circular" pads first
+            return layer._conv_forward(x, weight, bias)
         return F.linear(x, weight, bias)
     return call_with_weight(layer, x, weight, bias)
 

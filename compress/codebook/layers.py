@@ -13,6 +13,7 @@ their original order.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import torch
@@ -109,41 +110,53 @@ class CodebookWeight(nn.Module):
 
 
 class CodebookLinear(nn.Module):
-    """``nn.Linear`` whose weight is a :class:`CodebookWeight` (rows = output features)."""
+    """``nn.Linear`` whose weight is a :class:`CodebookWeight` (rows = output features).
+
+    ``linear``, the original layer, is kept (weightless) when it is a subclass with its own
+    ``forward`` (weight normalisation, ...): the rebuilt weight then goes through that forward.
+    """
 
     weight_store: CodebookWeight
+    _own_forward: nn.Module | None
 
-    def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None):
+    def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None, linear: Any = None):
         super().__init__()
         self.weight_store = weight
         self.in_features = weight.weight_shape[1]
         self.out_features = weight.weight_shape[0]
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        own = linear is not None and has_own_forward(linear)
+        object.__setattr__(self, "_own_forward", weightless_copy(linear) if own else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._own_forward is not None:
+            return apply_layer(self._own_forward, x, self.weight_store(), self.bias)
         return F.linear(x, self.weight_store(), self.bias)
 
 
 class CodebookConv2d(nn.Module):
-    """``nn.Conv2d`` whose weight is a :class:`CodebookWeight` (rows = output channels)."""
+    """``nn.Conv2d`` whose weight is a :class:`CodebookWeight` (rows = output channels).
+
+    The conv's computation is the original layer's (:func:`compress.layer_forward.apply_layer` on a
+    weightless copy of it): its ``padding_mode`` ("reflect", ...) and, for a subclass, its own
+    ``forward`` (EfficientNet-Lite's TF "same" padding) are kept.
+    """
 
     weight_store: CodebookWeight
-    _own_forward: nn.Module | None
+    _conv: nn.Module
 
     def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None, conv: Any):
         super().__init__()
         self.weight_store = weight
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.padding_mode = conv.padding_mode
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        # A conv subclass that pads in its own forward (EfficientNet-Lite's TF "same" padding) keeps
-        # doing so: a weightless copy of it, unregistered (nothing of it goes into the state_dict).
-        object.__setattr__(self, "_own_forward", weightless_copy(conv) if has_own_forward(conv) else None)
+        # unregistered: nothing of the copy goes into the state_dict
+        object.__setattr__(self, "_conv", weightless_copy(conv))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._own_forward is not None:
-            return apply_layer(self._own_forward, x, self.weight_store(), self.bias)
-        return F.conv2d(x, self.weight_store(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return apply_layer(self._conv, x, self.weight_store(), self.bias)
 
 
 CODEBOOK_LAYERS = (CodebookLinear, CodebookConv2d)
@@ -177,13 +190,23 @@ def storage_bits(store: CodebookWeight) -> dict[str, int]:
     return parts
 
 
-def model_accounting(model: nn.Module) -> dict[str, Any]:
+def model_accounting(model: nn.Module, requested_bits: int | None = None) -> dict[str, Any]:
     """Bits-per-weight accounting of a (partly) codebook-compressed model, every overhead counted.
 
     ``bits_per_weight`` covers the weights of all Linear/Conv2d layers (compressed ones with their
     codebooks, scales, boundaries, shapes and permutations; uncompressed ones at 32 bits).
     ``other_param_bytes`` counts every other tensor (biases, norms, embeddings) at its dtype, and
     ``payload_bytes`` is the sum of all stored tensor bytes: what the artifact must hold.
+
+    ``requested_bits`` (default: the index bits most codebook layers use) is what the user asked
+    for: when ``bits_per_weight`` exceeds it by more than :data:`OVERHEAD_TOLERANCE`,
+    ``overhead_note`` says so and ``overhead_layers`` names the layers costing most above it (small
+    rows, as in depthwise convs, pay a codebook, scales and bounds for few weights); otherwise the
+    note is None.
+
+    Example:
+        >>> acct = model_accounting(small, requested_bits=3)
+        >>> acct["overhead_note"]  # None, or "4.1 bits per weight for 3-bit indices (+37%): ..."
     """
     layers: list[dict[str, Any]] = []
     weight_bits = 0
@@ -213,12 +236,43 @@ def model_accounting(model: nn.Module) -> dict[str, Any]:
         if id(t) not in counted and t.dtype in _BYTES:
             other += t.numel() * _BYTES[t.dtype]
             counted.add(id(t))
+    bits_per_weight = weight_bits / max(weights, 1)
+    index_bits = [int(layer["index_bits"]) for layer in layers if layer["index_bits"] is not None]
+    if requested_bits is None and index_bits:
+        requested_bits = Counter(index_bits).most_common(1)[0][0]
+    note, worst = _overhead(layers, bits_per_weight, requested_bits)
     return {
-        "bits_per_weight": weight_bits / max(weights, 1),
+        "bits_per_weight": bits_per_weight,
         "weights": weights,
         "weight_bytes": weight_bits / 8,
         "other_param_bytes": other,
         "payload_bytes": weight_bits / 8 + other,
         "fp32_bytes": weights * 4 + other,
         "layers": layers,
+        "requested_bits": requested_bits,
+        "overhead_note": note,
+        "overhead_layers": worst,
     }
+
+
+OVERHEAD_TOLERANCE = 0.10
+"""Bits per weight may exceed the requested index bits by this fraction before the accounting warns."""
+
+
+def _overhead(layers: list[dict[str, Any]], bits_per_weight: float,
+              requested: int | None) -> tuple[str | None, list[dict[str, Any]]]:  # fmt: skip
+    """The accounting's overhead note and the (up to 3) layers costing most above ``requested`` bits."""
+    if requested is None or bits_per_weight <= requested * (1 + OVERHEAD_TOLERANCE):
+        return None, []
+    total_excess = sum(max(layer["total"] - requested * layer["weights"], 0) for layer in layers)
+    ranked = sorted(layers, key=lambda layer: layer["total"] - requested * layer["weights"], reverse=True)
+    worst = [{"layer": layer["layer"], "bits_per_weight": round(layer["bits_per_weight"], 3),
+              "weights": layer["weights"], "compressed": layer["index_bits"] is not None,
+              "share_of_overhead": round((layer["total"] - requested * layer["weights"]) / max(total_excess, 1), 3)}
+             for layer in ranked[:3] if layer["total"] > requested * layer["weights"]]  # fmt: skip
+    named = ", ".join(f"{w['layer']} ({w['bits_per_weight']:.2f} bits/weight over {w['weights']} weights"
+                      f"{'' if w['compressed'] else ', left in float32'})" for w in worst)  # fmt: skip
+    note = (f"{bits_per_weight:.2f} bits per weight for {requested}-bit indices "
+            f"(+{100 * (bits_per_weight / requested - 1):.0f}%): codebooks, group scales, bounds and permutations "
+            f"cost much on small layers; worst: {named}")  # fmt: skip
+    return note, worst

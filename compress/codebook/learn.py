@@ -29,12 +29,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compress.codebook.config import JLCMConfig
 from compress.codebook.layers import CodebookConv2d, CodebookLinear, CodebookWeight
-from compress.layer_forward import apply_layer, has_own_forward
+from compress.layer_forward import apply_layer
 
 
 def kmeans_1d(x: torch.Tensor, k: int, *, iters: int = 30, max_points: int = 65536, seed: int = 0) -> torch.Tensor:
@@ -209,13 +208,8 @@ class TrainableCodebookLayer(nn.Module):
         return w.reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight()
-        if has_own_forward(self.template):  # a conv that pads in its own forward keeps its padding
-            return apply_layer(self.template, x, w, self.bias)
-        if self.conv_args is not None:
-            stride, padding, dilation, groups = self.conv_args
-            return F.conv2d(x, w, self.bias, stride, padding, dilation, groups)
-        return F.linear(x, w, self.bias)
+        # the original layer's computation: its padding_mode, or a subclass's own forward (padding, ...)
+        return apply_layer(self.template, x, self.weight(), self.bias)
 
     # -- learning -----------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -337,7 +331,7 @@ class TrainableCodebookLayer(nn.Module):
         bias = self.bias.detach() if self.bias is not None else None
         if self.is_conv:
             return CodebookConv2d(store, bias, self.template)
-        return CodebookLinear(store, bias)
+        return CodebookLinear(store, bias, self.template)
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -156,9 +156,8 @@ class QuantWrapper(nn.Module):
         lay: Any = self.layer
         xq = self.act_quant(x)
         wq = self.weight_quant(lay.weight)
-        if isinstance(lay, nn.Conv2d) and lay.padding_mode != "zeros":
-            raise NotImplementedError(f"QAT supports zero padding only, not {lay.padding_mode!r}")
-        # The layer's own forward for subclasses that pad in it (EfficientNet-Lite, timm's Conv2dSame).
+        # The layer's own forward for subclasses that pad in it (EfficientNet-Lite, timm's Conv2dSame),
+        # and its padding_mode ("reflect", ...) for plain convs.
         return apply_layer(lay, xq, wq, lay.bias)
 
 
