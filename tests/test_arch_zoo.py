@@ -189,6 +189,20 @@ def test_jlcm_four_bits_keeps_accuracy_and_exports(name: str, zoo_model, digits,
     _export(small, tmp_path / "cb", "onnx-codebook")
 
 
+@pytest.mark.parametrize("name", ["linear_subclass", "conv_same_padding", "reflect_padding"])
+def test_codebook_layers_rebuilt_from_the_layout_keep_the_layer_forward(name: str, zoo_model, digits) -> None:
+    """A codebook model rebuilt from its layout (as ``load_codebook_checkpoint`` does) on a fresh copy of
+    the architecture gives the same outputs: a layer subclass's own forward and padding survive reload."""
+    from compress.codebook.api import codebook_layout, rebuild_codebook_model
+
+    model = zoo_model(name)
+    small, _ = apply_jlcm(copy.deepcopy(model), _tensor(digits.calib), JLCMConfig(bits=4, groups=2, steps=0))
+    rebuilt = rebuild_codebook_model(copy.deepcopy(model), codebook_layout(small))
+    rebuilt.load_state_dict(small.state_dict())
+    x = _tensor(digits.test, 64)
+    assert torch.equal(_outputs(rebuilt.eval(), x)[0], _outputs(small, x)[0])
+
+
 @torch.no_grad()
 def _max_calibrate(quant: nn.Module, calib: torch.Tensor) -> None:
     """Scales of every LSQ quantizer from the largest magnitude (per output channel for weights, over

@@ -266,7 +266,7 @@ def rebuild_codebook_model(base: nn.Module, layout: list[dict[str, Any]]) -> nn.
         store = CodebookWeight(torch.zeros(out, d, dtype=torch.int64), torch.zeros(entry["codebook_shape"]), scales,
                                gsizes, gather, shape, entry["bits"], dtype)  # fmt: skip
         bias = torch.zeros(out) if entry["has_bias"] else None
-        new: nn.Module = CodebookConv2d(store, bias, layer) if entry["kind"] == "conv2d" else CodebookLinear(store, bias)
+        new: nn.Module = (CodebookConv2d if entry["kind"] == "conv2d" else CodebookLinear)(store, bias, layer)
         _set_module(base, entry["name"], new)
     return base
 
