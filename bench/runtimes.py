@@ -81,25 +81,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _interleaved(sessions: list[tuple[str, Any, str]], x: Any, *, min_seconds: float, rounds: int,
-                 measure: Any) -> list[Any]:
-    """Latency of each session, measured in ``rounds`` interleaved slices and merged.
-
-    Each slice is a :func:`runtimes.measure_latency` call (its own warm-up, at least
-    ``30 / rounds`` runs and ``min_seconds / rounds`` seconds); the samples of all slices of a
-    session are merged, so every reported number has at least 30 runs and ``min_seconds``.
-    """
-    from runtimes.measure import LatencyStats
-
-    samples: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for i, (_, sess, _) in enumerate(sessions):
-            st = measure(sess, x, warmup=3, min_runs=max(1, -(-30 // rounds)), min_seconds=min_seconds / rounds)
-            samples[i] += st.samples_ms or []
-    return [LatencyStats.from_samples(s, runtime=sess.runtime, threads=sess.threads, batch=len(x))
-            for s, (_, sess, _) in zip(samples, sessions, strict=True)]  # fmt: skip
-
-
 def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, threads: int, *, int8: bool = True,
         rounds: int = 5) -> dict[str, Any]:
     import os
@@ -112,7 +93,7 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, thre
     from compress.exporting import export_model
     from export.errors import ExportError, UnsupportedExportError
     from export.tvm import export_tvm_from_onnx
-    from runtimes import measure_latency, runtime_for
+    from runtimes import measure_interleaved, runtime_for
     from runtimes.torch_runtime import TorchSession
     from runtimes.tvm_rpc import DeviceServer, profile_remote
     from targets import get_target
@@ -162,7 +143,7 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, thre
                         continue
                     note = f"{extra.get('tuned_tasks', 0)}/{extra.get('tasks', '?')} ops tuned" if label == "tvm fp32 tuned" else ""
                     sessions.append((label, runtime_for(art).prepare(art, host, threads=threads), note))
-                stats = _interleaved(sessions, x, min_seconds=min_seconds, rounds=rounds, measure=measure_latency)
+                stats = measure_interleaved([sess for _, sess, _ in sessions], x, min_seconds=min_seconds, rounds=rounds)
                 base = stats[0].p50_ms
                 ort = next((st.p50_ms for (label, _, _), st in zip(sessions, stats, strict=True)
                             if label == "onnxruntime fp32"), None)  # fmt: skip

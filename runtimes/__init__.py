@@ -8,6 +8,7 @@ from runtimes.errors import DeviceConnectionError, RuntimeExecutionError, Runtim
 from runtimes.measure import (
     LatencyStats,
     evaluate,
+    measure_interleaved,
     measure_latency,
     run_all_batched,
     run_batched,
@@ -24,6 +25,7 @@ __all__ = [
     "evaluate",
     "get_runtime",
     "list_runtimes",
+    "measure_interleaved",
     "measure_latency",
     "register_runtime",
     "run_all_batched",

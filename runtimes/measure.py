@@ -9,7 +9,7 @@ similarity or SQNR of the outputs against the fp32 reference session.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -87,6 +87,35 @@ def measure_latency(
         session.run(feeds)
         samples.append((time.perf_counter() - t) * 1e3)
     return LatencyStats.from_samples(samples, runtime=session.runtime, threads=session.threads, batch=batch_size_of(feeds))
+
+
+def measure_interleaved(
+    sessions: Sequence[Any],
+    x: np.ndarray | Mapping[str, np.ndarray] | Sequence[np.ndarray | Mapping[str, np.ndarray]],
+    *,
+    rounds: int = 5,
+    min_runs: int = 30,
+    min_seconds: float = 2.0,
+) -> list[LatencyStats]:
+    """Latency of several sessions measured side by side: ``rounds`` slices, in alternating order
+    (A B, B A, ...) so that drift of the machine and order effects fall on every session alike.
+
+    Each slice is a :func:`measure_latency` call (its own short warm-up, at least ``min_runs / rounds``
+    runs and ``min_seconds / rounds`` seconds); each session's samples are merged in run order, so every
+    result has at least ``min_runs`` runs and ``min_seconds`` of timing. ``x`` is one input for all
+    sessions or a sequence of one input per session.
+    """
+    per: list[Any] = list(x) if isinstance(x, list | tuple) else [x] * len(sessions)
+    samples: list[list[float]] = [[] for _ in sessions]
+    order = list(range(len(sessions)))
+    for r in range(rounds):
+        for i in order if r % 2 == 0 else order[::-1]:
+            st = measure_latency(sessions[i], per[i], warmup=3, min_runs=max(1, -(-min_runs // rounds)),
+                                 min_seconds=min_seconds / rounds)  # fmt: skip
+            samples[i] += st.samples_ms or []
+    return [LatencyStats.from_samples(s, runtime=sess.runtime, threads=sess.threads,
+                                      batch=batch_size_of(session_feeds(sess, xi)))
+            for s, sess, xi in zip(samples, sessions, per, strict=True)]  # fmt: skip
 
 
 def session_feeds(session: Any, x: np.ndarray | Mapping[str, np.ndarray]) -> Feeds:
