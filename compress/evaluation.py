@@ -188,3 +188,30 @@ def profile_artifact(
     feeds = ModelSpec(list(artifact.manifest.inputs)).example_feeds(batch)
     sess = session or runtime_for(artifact).prepare(artifact, target, threads=threads)
     return measure_latency(sess, feeds, min_runs=min_runs, min_seconds=min_seconds)
+
+
+def profile_side_by_side(
+    artifacts: list[Artifact],
+    *,
+    target: Any = None,
+    batch: int = 1,
+    threads: int | None = None,
+    min_runs: int = 30,
+    min_seconds: float = 2.0,
+    rounds: int = 5,
+) -> list[LatencyStats]:
+    """Latency of several artifacts on their runtimes on this machine, measured in interleaved rounds
+    (:func:`runtimes.measure_interleaved`), so their ratios are not at the mercy of the machine's drift.
+
+    Raises:
+        SpecError: an input has a dynamic non-batch dim (the message names it; re-export with it fixed).
+    """
+    from export.spec import ModelSpec
+    from runtimes import measure_interleaved
+
+    for art in artifacts:
+        if not art.manifest.inputs:
+            raise CheckpointError(f"artifact {art.path} does not record its inputs; re-export it")
+    feeds = [ModelSpec(list(a.manifest.inputs)).example_feeds(batch) for a in artifacts]
+    sessions = [runtime_for(a).prepare(a, target, threads=threads) for a in artifacts]
+    return measure_interleaved(sessions, feeds, rounds=rounds, min_runs=min_runs, min_seconds=min_seconds)

@@ -21,6 +21,7 @@ from compress.checkpoint import ModelBundle, load_checkpoint
 from compress.data import Splits, image_shape, load_data
 from compress.errors import ConfigError, GateFailure, UnsupportedError
 from compress.recipe import ExportSpec, Recipe, resolved_dict
+from compress.regression import REGRESSION_GATES, thin_samples
 from compress.stages import StageContext, StageOutput, get_stage
 from export.fileio import write_json_atomic
 
@@ -75,18 +76,20 @@ def _gates_for(recipe: Recipe, target: Any) -> dict[str, float | None]:
     return gates
 
 
+def _measured(gate: str, metrics: dict[str, Any]) -> float | None:
+    """The measured value an absolute gate limits (None when not measured)."""
+    if gate == "max_size_mb":
+        return None if metrics.get("size_bytes") is None else metrics["size_bytes"] / 1e6
+    return metrics.get({"max_accuracy_drop": "accuracy_drop", "max_latency_ms": "latency_p50_ms"}.get(gate, ""))
+
+
 def evaluate_gates(target_name: str, gates: dict[str, float | None], metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """Compare measured metrics with gates; one dict per failed (or unmeasurable) gate."""
-    measured = {
-        "max_accuracy_drop": metrics.get("accuracy_drop"),
-        "max_latency_ms": metrics.get("latency_p50_ms"),
-        "max_size_mb": None if metrics.get("size_bytes") is None else metrics["size_bytes"] / 1e6,
-    }
     failures = []
     for gate, limit in gates.items():
         if limit is None:
             continue
-        value = measured.get(gate)
+        value = _measured(gate, metrics)
         if value is None:
             failures.append({"target": target_name, "gate": gate, "limit": limit, "value": "not measured", "excess": "-"})
         elif value > limit:
@@ -133,17 +136,106 @@ def run_stages(recipe: Recipe, bundle: ModelBundle, out: Path, splits: Any, targ
     return current, lineage
 
 
-def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False, allow_failed: bool = False) -> dict[str, Any]:
+def _device_sessions(e: ExportSpec, art: Any, target: Any) -> list[Any]:
+    """The export entry's device (``rpc``/``tracker``), as a session that runs the artifact there."""
+    if e.rpc is None and e.tracker is None:
+        return []
+    from runtimes.tvm_rpc import remote_session
+
+    return [remote_session(art, e.rpc, key=e.key, target=target, tracker=e.tracker)]
+
+
+def _export_result(recipe: Recipe, e: ExportSpec, art: Any, target: Any, splits: Splits,
+                   reference: ModelBundle, baseline_art: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Check, profile and gate one exported artifact; the ``results`` row of the summary.
+
+    An artifact this machine cannot run (ARM64 or GPU code) is checked on the export entry's device
+    when it names one; otherwise its accuracy and latency gates are listed as pending on the device
+    (``pending_gates``), with the command that checks it there, instead of failing as unmeasured.
+    ``baseline_art``, the baseline run's artifact of the same row, is timed side by side with ``art``
+    (``baseline_latency``), so that a comparison is not a comparison of two machines or two moments.
+    """
+    from compress.evaluation import check_artifact, profile_side_by_side
+    from runtimes import runtime_for
+
+    sessions = _device_sessions(e, art, target)
+    metrics: dict[str, Any] = {"size_bytes": art.size_bytes}
+    notes = list(art.manifest.extra.get("notes", []))
+    if sessions or runtime_for(art).supports(art, target):
+        check = check_artifact(art, splits.test, target=target, reference=reference, metric=recipe.metric,
+                               sessions=sessions)  # fmt: skip
+        metrics.update(metric=check["metric"], accuracy=check["accuracy"], samples=check.get("samples"),
+                       reference_accuracy=check.get("reference_accuracy"), accuracy_drop=check.get("accuracy_drop"),
+                       top1_agreement=check["rows"][-1].get("top1_agreement"), sqnr_db=check["rows"][-1].get("sqnr_db"))  # fmt: skip
+    else:
+        notes.append(f"not checked here: {target.name} code runs on the device; check it there with "
+                     f"compress check {art.path} --data D --rpc HOST:PORT --key K")  # fmt: skip
+    side: dict[str, Any] | None = None
+    if target.is_host:
+        arts = [art] if baseline_art is None else [art, baseline_art]
+        stats = profile_side_by_side(arts, target=target, batch=int(recipe.profile.get("batch", 1)),
+                                     min_runs=int(recipe.profile.get("min_runs", 30)),
+                                     min_seconds=float(recipe.profile.get("min_seconds", 2.0)))  # fmt: skip
+        lat = stats[0]
+        if baseline_art is not None:
+            side = {"artifact": str(baseline_art.path), "latency_p50_ms": stats[1].p50_ms,
+                    "latency_p90_ms": stats[1].p90_ms, "latency_samples_ms": thin_samples(stats[1].samples_ms),
+                    "artifact_hash": baseline_art.hash}  # fmt: skip
+        metrics.update(latency_p50_ms=lat.p50_ms, latency_p90_ms=lat.p90_ms, latency_runtime=lat.runtime,
+                       latency_threads=lat.threads, latency_runs=lat.runs,
+                       latency_samples_ms=thin_samples(lat.samples_ms))  # fmt: skip
+    else:
+        metrics["latency_note"] = f"not measured: {target.name} is a remote device (use compress profile --rpc)"
+    art.update_metrics(**{k: v for k, v in metrics.items() if v is not None and k != "latency_samples_ms"})
+    gates = _gates_for(recipe, target)
+    absolute = {k: v for k, v in gates.items() if k not in REGRESSION_GATES}
+    remote = not target.is_host and not sessions
+    pending = [k for k, v in absolute.items() if v is not None and remote and _measured(k, metrics) is None]
+    failed = evaluate_gates(target.name, {k: v for k, v in absolute.items() if k not in pending}, metrics)
+    return {"target": target.name, "format": e.format, "artifact": str(art.path), "artifact_hash": art.hash,
+            "metrics": metrics, "gates": gates, "failed_gates": failed, "pending_gates": pending, "notes": notes,
+            **({"baseline_latency": side} if side else {})}  # fmt: skip
+
+
+def baseline_artifact(base: dict[str, Any], where: str | Path, target: str, fmt: str) -> Any:
+    """The baseline run's artifact for ``(target, fmt)`` when it is on this machine and intact, else None.
+
+    It is looked for in the baseline folder (``artifacts/<target>-<format>``, where a restored run keeps
+    it) and then at the path the baseline recorded.
+    """
+    from export import ArtifactError, load_artifact
+
+    row = next((r for r in base.get("results", []) if r["target"] == target and r["format"] == fmt), None)
+    if row is None:
+        return None
+    folder = Path(where) if Path(where).is_dir() else Path(where).parent
+    for cand in (folder / "artifacts" / f"{target}-{fmt}", Path(row["artifact"])):
+        if (cand / "manifest.json").is_file():
+            try:
+                return load_artifact(cand)
+            except ArtifactError as exc:
+                log.warning("baseline artifact %s unusable (%s): comparing with its recorded latency", cand, exc)
+    return None
+
+
+def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False, allow_failed: bool = False,
+               baseline: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Run a recipe into the folder ``out`` and return the summary (also written to summary.json).
 
+    ``baseline`` (a previous run folder or its summary.json) adds ``comparison`` to the summary: each
+    result against the baseline's (:func:`compress.regression.compare_runs`), judged by the recipe's
+    ``max_*_regression`` gates.
+
     Raises:
-        GateFailure: after writing every output, when a gate failed (exit code 4).
+        GateFailure: after writing every output, when a gate failed or a measure regressed beyond its
+            gate (exit code 4).
     """
-    from compress.evaluation import check_artifact, profile_artifact
     from compress.exporting import export_model
+    from compress.regression import compare_runs, load_run
     from targets import get_target
 
     out = Path(out)
+    base = load_run(baseline) if baseline is not None else None  # a bad baseline fails before any work
     out.mkdir(parents=True, exist_ok=True)
     import yaml
 
@@ -154,57 +246,36 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False, all
     targets = [get_target(t) for t in recipe.targets]
     final, lineage = run_stages(recipe, reference, out, splits, targets)
     exports = recipe.export or [ExportSpec(format="onnx", target=t.name) for t in targets]
-    results, failures = [], []
+    results = []
     for e in exports:
         target = get_target(e.target)
-        art_dir = out / "artifacts" / f"{target.name}-{e.format}"
-        source = final.artifact if final.bundle is None else final.bundle
-        if final.artifact is not None and e.format == "onnx":
-            source = final.artifact
-        art = export_model(source, e.format, target, art_dir, **e.export_options())
-        check = check_artifact(art, splits.test, target=target, reference=reference, metric=recipe.metric)
-        metrics: dict[str, Any] = {
-            "metric": check["metric"],
-            "accuracy": check["accuracy"],
-            "reference_accuracy": check.get("reference_accuracy"),
-            "accuracy_drop": check.get("accuracy_drop"),
-            "top1_agreement": check["rows"][-1].get("top1_agreement"),
-            "sqnr_db": check["rows"][-1].get("sqnr_db"),
-            "size_bytes": art.size_bytes,
-        }
-        if target.is_host:
-            lat = profile_artifact(art, target=target, batch=int(recipe.profile.get("batch", 1)),
-                                   min_runs=int(recipe.profile.get("min_runs", 30)),
-                                   min_seconds=float(recipe.profile.get("min_seconds", 2.0)))  # fmt: skip
-            metrics.update(latency_p50_ms=lat.p50_ms, latency_p90_ms=lat.p90_ms, latency_runtime=lat.runtime,
-                           latency_threads=lat.threads, latency_runs=lat.runs,
-                           latency_samples_ms=(lat.samples_ms or [])[:2000])  # fmt: skip
-        else:
-            metrics["latency_note"] = f"not measured: {target.name} is a remote device (use compress profile --rpc)"
-        art.update_metrics(**{k: v for k, v in metrics.items() if v is not None and k != "latency_samples_ms"})
-        gates = _gates_for(recipe, target)
-        failed = evaluate_gates(target.name, gates, metrics)
-        failures.extend(failed)
-        results.append({"target": target.name, "format": e.format, "artifact": str(art.path), "metrics": metrics,
-                        "gates": gates, "failed_gates": failed,
-                        "notes": list(art.manifest.extra.get("notes", []))})  # fmt: skip
-    summary = {
+        source = final.artifact if final.bundle is None or (final.artifact is not None and e.format == "onnx") \
+            else final.bundle
+        art = export_model(source, e.format, target, out / "artifacts" / f"{target.name}-{e.format}", **e.export_options())
+        old = baseline_artifact(base, baseline, target.name, e.format) if base is not None and baseline else None
+        results.append(_export_result(recipe, e, art, target, splits, reference, old))
+    failures = [f for r in results for f in r["failed_gates"]]
+    summary: dict[str, Any] = {
         "recipe": recipe.name,
         "model": reference.model_name,
         "data": recipe.data_label(),
         "samples": splits.usage(),
         "stages": lineage,
         "results": results,
-        "passed": not failures,
-        "failures": failures,
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
+    if base is not None:
+        comparison = compare_runs(base, summary)
+        summary["comparison"] = {"baseline": str(baseline), "baseline_recipe": base.get("recipe"), **comparison}
+        failures += comparison["failures"]
+    summary.update(passed=not failures, failures=failures, wall_seconds=round(time.perf_counter() - t_start, 1))
     _write_json(out / "summary.json", summary)
     from compress.report import write_report
 
     write_report(out)
     if failures:
-        raise GateFailure(f"{len(failures)} gate(s) failed; see {out / 'report.md'}", failures)
+        exc = GateFailure(f"{len(failures)} gate(s) failed; see {out / 'report.md'}", failures)
+        exc.comparison = summary.get("comparison", {}).get("rows")  # type: ignore[attr-defined]
+        raise exc
     return summary
 
 

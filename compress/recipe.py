@@ -13,8 +13,10 @@ Example::
     export:
       - {format: onnx, target: x86-64}
     gates:
-      x86-64: {max_accuracy_drop: 1.0, max_latency_ms: 5.0, max_size_mb: 1.0}
+      x86-64: {max_accuracy_drop: 1.0, max_latency_ms: 5.0, max_size_mb: 1.0,
+               max_accuracy_regression: 0.5, max_latency_regression: 10%, max_size_regression: 5%}
 
+The ``*_regression`` gates judge a run against a baseline run (``compress run --baseline``).
 Unknown keys are rejected with the valid ones listed. A recipe never imports Python code unless
 the user passes ``--allow-code`` (needed for ``factory: package.module:function``).
 """
@@ -139,6 +141,17 @@ class GateSpec(BaseModel):
     max_accuracy_drop: float | None = None
     max_latency_ms: float | None = None
     max_size_mb: float | None = None
+    # Against a baseline run (``compress run --baseline``): points of the metric, percent ("10%").
+    max_accuracy_regression: float | None = Field(None, ge=0)
+    max_latency_regression: float | None = Field(None, ge=0)
+    max_size_regression: float | None = Field(None, ge=0)
+
+    @field_validator("max_latency_regression", "max_size_regression", mode="before")
+    @classmethod
+    def _percent(cls, v: Any) -> float | None:
+        from compress.regression import parse_percent
+
+        return parse_percent(v)
 
 
 class CandidateSpec(BaseModel):

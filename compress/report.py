@@ -54,13 +54,61 @@ def render_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"- {r['target']}: {r['metrics']['latency_note']}")
         for note in r.get("notes", []):
             lines.append(f"- {r['target']}/{r['format']}: {note}")
+    lines += _comparison_md(summary, "##")
     lines += ["", "## Gates", ""]
+    lines += _gates_md(summary)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _md_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
+    return [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}",
+            *(f"| {' | '.join(_f(v) for v in r)} |" for r in rows)]  # fmt: skip
+
+
+def _comparison_md(summary: dict[str, Any], level: str) -> list[str]:
+    from compress.regression import COMPARISON_COLUMNS, comparison_table
+
+    comp = summary.get("comparison")
+    if not comp:
+        return []
+    verdict = "no regression beyond the gates" if comp.get("passed") else f"{len(comp['failures'])} regression(s)"
+    return ["", f"{level} Against the baseline", "", f"Baseline `{comp.get('baseline')}`: **{verdict}**.", "",
+            *_md_table(COMPARISON_COLUMNS, comparison_table(comp["rows"]))]  # fmt: skip
+
+
+def _gates_md(summary: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if summary.get("failures"):
-        lines += ["| target | gate | limit | measured | excess |", "|---|---|---|---|---|"]
-        for f in summary["failures"]:
-            lines.append(f"| {f['target']} | {f['gate']} | {_f(f['limit'])} | {_f(f['value'])} | {_f(f['excess'])} |")
+        lines += _md_table(["target", "gate", "limit", "measured", "excess"],
+                           [[f["target"], f["gate"], f["limit"], f["value"], f["excess"]] for f in summary["failures"]])  # fmt: skip
     else:
         lines.append("All gates passed.")
+    for r in summary.get("results", []):
+        if r.get("pending_gates"):
+            lines.append(f"- {r['target']}/{r['format']}: pending on the device: {', '.join(r['pending_gates'])}")
+    return lines
+
+
+def render_github(summary: dict[str, Any], report_url: str | None = None) -> str:
+    """A compact markdown summary of a run for ``$GITHUB_STEP_SUMMARY`` or a pull-request comment."""
+    ok = summary.get("passed")
+    n = len(summary.get("failures", []))
+    lines = [f"### {'✅' if ok else '❌'} edgecompress `{summary.get('recipe')}`: "
+             f"{'passed' if ok else f'{n} gate(s) failed'}", "",
+             f"Model `{summary.get('model')}` on `{summary.get('data')}`, {summary.get('wall_seconds')} s.", ""]  # fmt: skip
+    rows = []
+    for r in summary.get("results", []):
+        m = r["metrics"]
+        word = "FAIL" if r.get("failed_gates") else ("PENDING" if r.get("pending_gates") else "pass")
+        rows.append([r["target"], r["format"], m.get("metric"), _f(m.get("accuracy"), 2), _f(m.get("accuracy_drop"), 2),
+                     _f(m.get("latency_p50_ms")), m.get("size_bytes"), word])  # fmt: skip
+    lines += _md_table(["target", "format", "metric", "score", "drop (pt)", "p50 ms", "size bytes", "gates"], rows)
+    lines += _comparison_md(summary, "####")
+    if summary.get("failures"):
+        lines += ["", "#### Failed gates", "", *_gates_md(summary)]
+    if report_url:
+        lines += ["", f"[Full report with plots]({report_url})"]
     lines.append("")
     return "\n".join(lines)
 
@@ -220,7 +268,7 @@ def render_html(summary: dict[str, Any], run_dir: Path) -> str:
         m = r["metrics"]
         res_rows.append([r["target"], r["format"], m.get("accuracy"), m.get("reference_accuracy"), m.get("accuracy_drop"),
                          m.get("sqnr_db"), m.get("latency_p50_ms"), m.get("latency_p90_ms"), m.get("size_bytes"),
-                         "FAIL" if r.get("failed_gates") else "PASS"])  # fmt: skip
+                         "FAIL" if r.get("failed_gates") else ("PENDING" if r.get("pending_gates") else "PASS")])  # fmt: skip
     body = [
         f"<h1>Report: {html.escape(str(summary.get('recipe')))}</h1>",
         f"<p>Model <code>{html.escape(str(summary.get('model')))}</code> on <code>{html.escape(str(summary.get('data')))}</code>: "
@@ -235,6 +283,12 @@ def render_html(summary: dict[str, Any], run_dir: Path) -> str:
     if summary.get("failures"):
         body += ["<h2>Failed gates</h2>", _table(["target", "gate", "limit", "measured", "excess"],
                  [[f["target"], f["gate"], f["limit"], f["value"], f["excess"]] for f in summary["failures"]], "gates")]  # fmt: skip
+    comp = summary.get("comparison")
+    if comp:
+        from compress.regression import COMPARISON_COLUMNS, comparison_table
+
+        body += [f"<h2>Against the baseline</h2><p>{html.escape(str(comp.get('baseline')))}</p>",
+                 _table(COMPARISON_COLUMNS, comparison_table(comp["rows"]), "comparison")]  # fmt: skip
     if summary.get("selection"):
         body += ["<h2>Auto-selection</h2>", f"<p>{html.escape(str(summary['selection']))}</p>"]
     pareto = _pareto_plot(summary)
@@ -252,6 +306,25 @@ def render_html(summary: dict[str, Any], run_dir: Path) -> str:
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")  # fmt: skip
 
 
+def _load_summary(d: Path) -> dict[str, Any]:
+    s = d / "summary.json"
+    if not s.is_file():
+        raise ConfigError(f"{d} is not a run folder (no summary.json); create one with 'compress run RECIPE -o {d}'")
+    return json.loads(s.read_text())
+
+
+def write_github_summary(run_dir: str | Path, *, report_url: str | None = None) -> Path:
+    """Write ``summary.github.md`` (:func:`render_github`) into a run folder; returns its path.
+
+    Raises:
+        ConfigError: the folder holds no ``summary.json`` (not a run folder).
+    """
+    d = Path(run_dir)
+    path = d / "summary.github.md"
+    path.write_text(render_github(_load_summary(d), report_url))
+    return path
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and ``report.html`` for a run folder; returns the markdown path.
 
@@ -259,10 +332,7 @@ def write_report(run_dir: str | Path) -> Path:
         ConfigError: the folder holds no ``summary.json`` (not a run folder).
     """
     d = Path(run_dir)
-    s = d / "summary.json"
-    if not s.is_file():
-        raise ConfigError(f"{d} is not a run folder (no summary.json); create one with 'compress run RECIPE -o {d}'")
-    summary = json.loads(s.read_text())
+    summary = _load_summary(d)
     path = d / "report.md"
     path.write_text(render_markdown(summary))
     (d / "report.html").write_text(render_html(summary, d))

@@ -106,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailure as exc:
         from compress.cli.common import print_table
 
+        comparison = getattr(exc, "comparison", None)
+        if comparison:
+            from compress.regression import COMPARISON_COLUMNS, comparison_table
+
+            print_table("Against the baseline", COMPARISON_COLUMNS, comparison_table(comparison), stderr=True)
         if exc.failures:
             print_table(
                 "Failed gates",

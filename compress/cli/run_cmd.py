@@ -18,9 +18,16 @@ def register(app: typer.Typer) -> None:
         auto: bool = typer.Option(False, "--auto", help="Try candidate chains within the budgets and pick the best."),
         allow_code: bool = typer.Option(False, "--allow-code", help="Allow the recipe's model factory to import Python code."),
         allow_failed: bool = typer.Option(False, "--allow-failed", help="Take a model checkpoint whose accuracy guard failed."),
+        baseline: Path | None = typer.Option(
+            None, "--baseline", help="A previous run folder (or its summary.json): judge this run against it."
+        ),
         json_out: bool = JsonOption,
     ) -> None:
-        """Run RECIPE: stages, export per target, checks, profiles, gates (exit 4 on a failed gate)."""
+        """Run RECIPE: stages, export per target, checks, profiles, gates (exit 4 on a failed gate).
+
+        With --baseline, every result is compared with the baseline run's (accuracy, p50/p90 latency
+        with a noise band, size, artifact hash) and the recipe's max_*_regression gates apply.
+        """
         import yaml
 
         from compress.pipeline import check_recipe_inputs, run_recipe
@@ -34,8 +41,11 @@ def register(app: typer.Typer) -> None:
             else:
                 typer.echo(yaml.safe_dump(resolved_dict(r), sort_keys=False), nl=False)
             return
-        from compress.errors import GateFailure
+        from compress.errors import ConfigError, GateFailure
 
+        if baseline is not None and auto:
+            raise ConfigError("--baseline judges a plain run; with --auto, compare the chosen candidate's run folder "
+                              "with: compress compare BASE RUN")  # fmt: skip
         try:
             with cli_progress(not json_out):
                 if auto:
@@ -43,7 +53,7 @@ def register(app: typer.Typer) -> None:
 
                     summary = run_auto(r, out, allow_code=allow_code, allow_failed=allow_failed)
                 else:
-                    summary = run_recipe(r, out, allow_code=allow_code, allow_failed=allow_failed)
+                    summary = run_recipe(r, out, allow_code=allow_code, allow_failed=allow_failed, baseline=baseline)
         except GateFailure:
             # Machines read the summary on failure too: print it, then exit 4 with the gate table.
             if json_out and (out / "summary.json").is_file():
@@ -61,16 +71,66 @@ def register(app: typer.Typer) -> None:
     @app.command("report")
     def report_cmd(
         run_dir: Path = typer.Argument(..., help="A run folder written by 'compress run'."),
+        fmt: str = typer.Option("html", "--format", help="html (report.md + report.html) or github (markdown to stdout)."),
+        report_url: str | None = typer.Option(None, "--report-url", help="Link to the uploaded full report (github)."),
         json_out: bool = JsonOption,
     ) -> None:
-        """Write the report of a run (report.md) and print where it is."""
-        from compress.report import write_report
+        """Write the report of a run (report.md, report.html) and print where it is.
 
+        --format github prints a compact markdown summary (verdict, results, the comparison with the
+        baseline, failed gates) for $GITHUB_STEP_SUMMARY or a pull-request comment, and writes it to
+        RUN/summary.github.md.
+        """
+        from compress.errors import ConfigError
+        from compress.report import write_github_summary, write_report
+
+        if fmt not in ("html", "github"):
+            raise ConfigError(f"--format {fmt!r}: choose html or github")
+        if fmt == "github":
+            path = write_github_summary(run_dir, report_url=report_url or None)
+            if json_out:
+                emit_json({"summary": str(path)})
+            else:
+                typer.echo(path.read_text(), nl=False)
+            return
         path = write_report(run_dir)
         if json_out:
             emit_json({"report": str(path)})
         else:
             say(f"report: {path}")
+
+    @app.command("compare")
+    def compare_cmd(
+        baseline: Path = typer.Argument(..., help="The earlier run folder (or its summary.json)."),
+        run: Path = typer.Argument(..., help="The new run folder (or its summary.json)."),
+        max_accuracy_regression: float | None = typer.Option(None, help="Points of the metric (default: RUN's recipe)."),
+        max_latency_regression: str | None = typer.Option(None, help="Percent of p50, e.g. 10% (default: RUN's recipe)."),
+        max_size_regression: str | None = typer.Option(None, help="Percent of bytes, e.g. 5% (default: RUN's recipe)."),
+        json_out: bool = JsonOption,
+    ) -> None:
+        """Compare RUN with BASELINE: before / after / change / noise band / verdict (exit 4 on a regression)."""
+        from compress.errors import ConfigError, GateFailure
+        from compress.regression import compare_runs, load_run, parse_percent
+
+        try:
+            limits = {"max_accuracy_regression": max_accuracy_regression,
+                      "max_latency_regression": parse_percent(max_latency_regression),
+                      "max_size_regression": parse_percent(max_size_regression)}  # fmt: skip
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        result = compare_runs(load_run(baseline), load_run(run), gates={k: v for k, v in limits.items() if v is not None})
+        if json_out:
+            emit_json({"baseline": str(baseline), "run": str(run), **result})
+        else:
+            _print_comparison(result["rows"], f"{run} against {baseline}")
+        if result["failures"]:
+            raise GateFailure(f"{len(result['failures'])} measure(s) regressed beyond their gates", result["failures"])
+
+
+def _print_comparison(rows: list[dict], title: str) -> None:
+    from compress.regression import COMPARISON_COLUMNS, comparison_table
+
+    print_table(title, COMPARISON_COLUMNS, comparison_table(rows))
 
 
 def _print_candidates(summary: dict) -> None:
@@ -92,7 +152,7 @@ def _print_summary(summary: dict, out: Path) -> None:
     for r in summary["results"]:
         m = r["metrics"]
         rows.append([r["target"], r["format"], m.get("accuracy"), m.get("reference_accuracy"), m.get("accuracy_drop"),
-                     m.get("latency_p50_ms"), m.get("size_bytes"), "PASS" if not r["failed_gates"] else "FAIL"])  # fmt: skip
+                     m.get("latency_p50_ms"), m.get("size_bytes"), _gate_word(r)])  # fmt: skip
     print_table(
         f"{summary['recipe']}: {summary['model']} on {summary['data']} ({summary['wall_seconds']} s)"
         + (" (the chosen candidate)" if summary.get("mode") == "auto" else ""),
@@ -102,4 +162,14 @@ def _print_summary(summary: dict, out: Path) -> None:
     for r in summary["results"]:
         for note in r.get("notes", []):
             say(f"note ({r['target']}/{r['format']}): {note}")
+        if r.get("pending_gates"):
+            say(f"pending on the device ({r['target']}/{r['format']}): {', '.join(r['pending_gates'])}")
+    if summary.get("comparison"):
+        _print_comparison(summary["comparison"]["rows"], f"against the baseline {summary['comparison']['baseline']}")
     say(f"report: {out / 'report.md'} and {out / 'report.html'}")
+
+
+def _gate_word(result: dict) -> str:
+    if result["failed_gates"]:
+        return "FAIL"
+    return "PENDING" if result.get("pending_gates") else "PASS"
