@@ -28,8 +28,11 @@ class GateFailure(CompressError, RuntimeError):
 
     Attributes:
         failures: one dict per failed gate: ``{"target", "gate", "limit", "value", "excess"}``.
+        comparison: the rows of the comparison with a baseline run, when there was one
+            (:func:`compress.regression.compare_runs`).
     """
 
-    def __init__(self, message: str, failures: list[dict] | None = None):
+    def __init__(self, message: str, failures: list[dict] | None = None, comparison: list[dict] | None = None):
         super().__init__(message)
         self.failures = failures or []
+        self.comparison = comparison

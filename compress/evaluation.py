@@ -166,6 +166,15 @@ def check_artifact(
     return result
 
 
+def _example_feeds(artifact: Artifact, batch: int) -> Any:
+    """Timing inputs of the artifact's recorded input spec (a dynamic non-batch dim is a SpecError)."""
+    from export.spec import ModelSpec
+
+    if not artifact.manifest.inputs:
+        raise CheckpointError(f"artifact {artifact.path} does not record its inputs; re-export it")
+    return ModelSpec(list(artifact.manifest.inputs)).example_feeds(batch)
+
+
 def profile_artifact(
     artifact: Artifact,
     *,
@@ -181,11 +190,7 @@ def profile_artifact(
     Raises:
         SpecError: an input has a dynamic non-batch dim (the message names it; re-export with it fixed).
     """
-    from export.spec import ModelSpec
-
-    if not artifact.manifest.inputs:
-        raise CheckpointError(f"artifact {artifact.path} does not record its inputs; re-export it")
-    feeds = ModelSpec(list(artifact.manifest.inputs)).example_feeds(batch)
+    feeds = _example_feeds(artifact, batch)
     sess = session or runtime_for(artifact).prepare(artifact, target, threads=threads)
     return measure_latency(sess, feeds, min_runs=min_runs, min_seconds=min_seconds)
 
@@ -206,12 +211,8 @@ def profile_side_by_side(
     Raises:
         SpecError: an input has a dynamic non-batch dim (the message names it; re-export with it fixed).
     """
-    from export.spec import ModelSpec
     from runtimes import measure_interleaved
 
-    for art in artifacts:
-        if not art.manifest.inputs:
-            raise CheckpointError(f"artifact {art.path} does not record its inputs; re-export it")
-    feeds = [ModelSpec(list(a.manifest.inputs)).example_feeds(batch) for a in artifacts]
+    feeds = [_example_feeds(a, batch) for a in artifacts]
     sessions = [runtime_for(a).prepare(a, target, threads=threads) for a in artifacts]
     return measure_interleaved(sessions, feeds, rounds=rounds, min_runs=min_runs, min_seconds=min_seconds)

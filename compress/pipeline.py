@@ -273,9 +273,8 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False, all
 
     write_report(out)
     if failures:
-        exc = GateFailure(f"{len(failures)} gate(s) failed; see {out / 'report.md'}", failures)
-        exc.comparison = summary.get("comparison", {}).get("rows")  # type: ignore[attr-defined]
-        raise exc
+        raise GateFailure(f"{len(failures)} gate(s) failed; see {out / 'report.md'}", failures,
+                          comparison=summary.get("comparison", {}).get("rows"))  # fmt: skip
     return summary
 
 

@@ -106,11 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailure as exc:
         from compress.cli.common import print_table
 
-        comparison = getattr(exc, "comparison", None)
-        if comparison:
+        if exc.comparison:
             from compress.regression import COMPARISON_COLUMNS, comparison_table
 
-            print_table("Against the baseline", COMPARISON_COLUMNS, comparison_table(comparison), stderr=True)
+            print_table("Against the baseline", COMPARISON_COLUMNS, comparison_table(exc.comparison), stderr=True)
         if exc.failures:
             print_table(
                 "Failed gates",
