@@ -110,7 +110,7 @@ def _accuracy_row(t: str, f: str, old: dict, new: dict, limit: float | None) -> 
     if old.get("metric") != new.get("metric"):
         return _row(t, f, f"{metric}", a, b, "-", "-", f"not comparable ({old.get('metric')} vs {new.get('metric')})")
     loss = round(float(a) - float(b), 6)
-    return _row(t, f, f"{metric}", a, b, f"{-loss:+.2f} pt", "-", _worse(loss, limit), "max_accuracy_regression",
+    return _row(t, f, f"{metric}", a, b, f"{0.0 - loss:+.2f} pt", "-", _worse(loss, limit), "max_accuracy_regression",
                 limit, loss)  # fmt: skip
 
 
