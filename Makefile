@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,examples]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,examples,cluster]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -109,8 +109,35 @@ def export_model(source: ModelBundle | Artifact, fmt: str, target: Any, out: str
     _ensure_builtins()
     if fmt not in _FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; known: {', '.join(sorted(_FORMATS))}")
-    options = _with_tuning_device(fmt, target, options)
-    return _FORMATS[fmt](source, target, Path(out), **options)
+    options = _with_tuning_device(fmt, target, _with_build_cluster(fmt, options))
+    builds = options.get("builds")
+    try:
+        return _FORMATS[fmt](source, target, Path(out), **options)
+    finally:
+        if builds is not None:
+            builds.close()
+
+
+def _with_build_cluster(fmt: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Turn ``executor: ray`` (and ``ray_address``) into the Ray builds of TVM tuning candidates.
+
+    Raises:
+        ConfigError: an unknown executor, or ray for a format that does not tune or without a budget.
+        MissingExtraError, ClusterError: Ray is not installed or the cluster does not answer (exit 3).
+    """
+    executor, address = options.get("executor"), options.get("ray_address")
+    rest = {k: v for k, v in options.items() if k not in ("executor", "ray_address")}
+    if executor in (None, "local") and address is None:
+        return rest
+    if executor not in ("ray", None):
+        raise ConfigError(f"unknown executor {executor!r}; valid: local, ray")
+    if executor is None:
+        raise ConfigError("--ray-address names a Ray cluster: add --executor ray")
+    if fmt != "tvm" or rest.get("tune") is None:
+        raise ConfigError("--executor ray builds TVM tuning candidates on a Ray cluster: use it with --format tvm --tune")
+    from compress.cluster import RayBuilds
+
+    return {**rest, "builds": RayBuilds(address)}
 
 
 DEVICE_OPTIONS = ("rpc", "tracker", "key", "timeout")

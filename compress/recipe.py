@@ -78,6 +78,10 @@ class ExportSpec(BaseModel):
     Example::
 
         - {format: tvm, target: arm64-linux, rpc: "192.168.1.20:9090", key: pi5, options: {tune: 10m}}
+        - {format: tvm, target: x86-64, options: {tune: 20m, executor: ray, ray_address: "10.0.0.5:6379"}}
+
+    ``options.executor: ray`` compiles the tuning candidates on a Ray cluster (timing stays local or
+    on the device).
     """
 
     model_config = ConfigDict(extra="forbid")

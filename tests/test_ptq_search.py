@@ -78,14 +78,21 @@ class _FakeEvaluator:
 
     def __init__(self, clock: list[float]):
         self.clock = clock
+        self.recorded: list[TrialResult] = []
 
-    def evaluate_many(self, configs, executor=None):
-        out = []
-        for c in configs:
-            self.clock[0] += 10.0
-            acc = 90.0 + (5.0 if c.per_channel else 0.0) - (80.0 if c.calibration == "distribution" else 0.0)
-            out.append(TrialResult(c, acc, seconds=10.0))
-        return out
+    def lookup(self, config):
+        return None
+
+    def task(self, config):
+        return config
+
+    def trial_fn(self, c):
+        self.clock[0] += 10.0
+        acc = 90.0 + (5.0 if c.per_channel else 0.0) - (80.0 if c.calibration == "distribution" else 0.0)
+        return TrialResult(c, acc, seconds=10.0)
+
+    def record(self, config, result):
+        self.recorded.append(result)
 
 
 def test_time_budget_is_honoured_and_best_kept() -> None:
@@ -242,3 +249,14 @@ def test_histogram_calibration_works_when_batches_do_not_divide_the_set(evaluato
     assert calibration_batch_size(97) == 1 and calibration_batch_size(128) == 64
     r = evaluator.evaluate(PTQConfig(calibration="entropy", calib_size=100, per_channel=True))
     assert r.ok, r.error  # onnxruntime's histogram collector fails on a short last batch of 36 with batch 64
+
+
+def test_a_trial_whose_worker_was_lost_is_never_cached(evaluator) -> None:
+    from compress.ptq.evaluator import LOST
+
+    lost = PTQConfig(calibration="minmax", calib_size=8, per_channel=False)
+    evaluator.record(lost, TrialResult(lost, None, error="worker lost (retried once): WorkerCrashedError", extra={LOST: True}))
+    assert evaluator.database.get_trial(evaluator.prepared.model_hash, evaluator.data_hash, lost.key()) is None
+    failed = PTQConfig(calibration="minmax", calib_size=8, per_channel=True)
+    evaluator.record(failed, TrialResult(failed, None, error="quantizer rejects it"))  # the config's own failure
+    assert evaluator.database.get_trial(evaluator.prepared.model_hash, evaluator.data_hash, failed.key()) is not None

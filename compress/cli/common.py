@@ -17,6 +17,13 @@ from compress.errors import ConfigError
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_UNSUPPORTED, EXIT_GATE = 0, 1, 2, 3, 4
 
 JsonOption = typer.Option(False, "--json", help="Write machine-readable JSON to stdout instead of the human summary.")
+ExecutorOption = typer.Option(
+    None, "--executor", help="Where trials or tuning builds run: local (default) or ray (a Ray cluster; the 'cluster' extra)."
+)
+RayAddressOption = typer.Option(
+    None, "--ray-address", help="With --executor ray: the cluster's HOST:PORT (default RAY_ADDRESS, else a private "
+    "Ray on this machine bound to 127.0.0.1).",
+)
 
 
 def _console(stderr: bool = False):

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from compress.cli.common import JsonOption, cli_progress, emit_json, print_table
+from compress.cli.common import (
+    ExecutorOption,
+    JsonOption,
+    RayAddressOption,
+    cli_progress,
+    emit_json,
+    print_table,
+)
 from compress.cli.inputs import (
     AllowFailedOption,
     InputOption,
@@ -33,6 +40,8 @@ def register(app: typer.Typer) -> None:
         tracker: str | None = typer.Option(None, "--tracker", help="TVM tuning: get a device from the tracker at HOST:PORT."),
         key: str | None = typer.Option(None, "--key", help="Device key (the server's --key, or the tracker's device key)."),
         timeout: float = typer.Option(60.0, "--timeout", min=1.0, help="Seconds one remote step may take while tuning."),
+        executor: str | None = ExecutorOption,
+        ray_address: str | None = RayAddressOption,
         model_factory: str | None = ModelFactoryOption,
         trust_pickle: bool = TrustPickleOption,
         input_shape: str | None = InputShapeOption,
@@ -50,7 +59,8 @@ def register(app: typer.Typer) -> None:
         from targets import get_target
 
         tgt = get_target(target)
-        device = {"rpc": rpc, "tracker": tracker, "key": key, "timeout": timeout if (rpc or tracker) else None}
+        device = {"rpc": rpc, "tracker": tracker, "key": key, "timeout": timeout if (rpc or tracker) else None,
+                  "executor": executor, "ray_address": ray_address}
         with cli_progress(not json_out):
             if is_onnx_file(model):
                 from compress.exporting import onnx_file_or_checkpoint

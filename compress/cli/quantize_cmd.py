@@ -7,7 +7,16 @@ from typing import Any
 
 import typer
 
-from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say, say_guard
+from compress.cli.common import (
+    ExecutorOption,
+    JsonOption,
+    RayAddressOption,
+    cli_progress,
+    emit_json,
+    print_table,
+    say,
+    say_guard,
+)
 from compress.cli.inputs import (
     CalibDataOption,
     DataOption,
@@ -83,7 +92,10 @@ def register(app: typer.Typer) -> None:
         budget_time: str | None = typer.Option(None, "--budget-time", help="Wall-time budget, e.g. 90s, 10m, 1h."),
         target_accuracy: float | None = typer.Option(None, "--target-accuracy", help="Stop when a config reaches this top-1 %."),
         target: str = typer.Option("x86-64", "--target", "-t", help="Device target (must run int8): see 'compress targets'."),
-        workers: int | None = typer.Option(None, "--workers", help="Trials measured in parallel (local process pool)."),
+        workers: int | None = typer.Option(None, "--workers", help="Trials in flight at once (local: a process pool; "
+                                           "ray: Ray tasks, default the cluster's CPUs)."),
+        executor: str | None = ExecutorOption,
+        ray_address: str | None = RayAddressOption,
         seed: int | None = typer.Option(None, "--seed", help="Seed of random/genetic search and the cost model."),
         database: Path | None = typer.Option(None, "--database", help="Tuning database (default: the user cache's)."),
         no_seed_database: bool = typer.Option(False, "--no-seed-database", help="Do not use the shipped seed trials as prior."),
@@ -108,7 +120,8 @@ def register(app: typer.Typer) -> None:
         tgt.require("int8", "Quantune PTQ")
         cfg = _build_config(config_file, {
             "search": search, "space": space, "budget_trials": budget_trials, "budget_time_s": parse_duration(budget_time),
-            "target_accuracy": target_accuracy, "workers": workers, "seed": seed,
+            "target_accuracy": target_accuracy, "workers": workers, "seed": seed, "executor": executor,
+            "ray_address": ray_address,
             "database": str(database) if database else None, "val_samples": val_samples,
             "use_seed_database": False if no_seed_database else None, "sensitivity": False if no_sensitivity else None,
             "metric": metric,
@@ -140,7 +153,8 @@ def register(app: typer.Typer) -> None:
                    "metric": m["metric"], "val_accuracy": m["val_accuracy"], "fp32_val_accuracy": m["fp32_val_accuracy"],
                    "calib_samples": m["calib_samples"], "val_samples": m["val_samples"],
                    "trials": m["trials"], "measured_now": m["measured_now"], "stopped_by": m["stopped_by"],
-                   "search_seconds": m["search_seconds"], "size_bytes": result.artifact.size_bytes,
+                   "search_seconds": m["search_seconds"], "executor": m["executor"], "lost_trials": m["lost_trials"],
+                   "size_bytes": result.artifact.size_bytes,
                    "trial_log": str(result.artifact.path / "trials.json"),
                    "sensitivity": result.sensitivity[:10], "test_samples": check["samples"],
                    "test_score": check["accuracy"], "fp32_test_score": check.get("reference_accuracy"),
@@ -162,6 +176,9 @@ def register(app: typer.Typer) -> None:
                         [[r["node"], r["op_type"], r["accuracy_drop"], r["sqnr_db"]] for r in result.sensitivity[:5]])  # fmt: skip
         say(f"data: calibration {m['calib_samples']} samples of {m['calib_source']}; trials scored on "
             f"{m['val_samples']} samples of {m['val_source']} ({m['metric']})")
+        ex = m["executor"]
+        lost = f"; {m['lost_trials']} trial(s) lost their worker twice (failed, not cached)" if m["lost_trials"] else ""
+        say(f"trials ran on {ex['where']}, {ex['workers']} at a time{lost}")
         say(f"trial log: {result.artifact.path / 'trials.json'}; sensitivity: {result.artifact.path / 'sensitivity.md'}")
         say_guard(verdict)
         enforce(verdict, "quantize", layers=worst, written=str(result.artifact.path))

@@ -191,7 +191,11 @@ class QuantuneSearchConfig(BaseModel):
         budget_time_s: wall-time budget in seconds; the best measured config is still written.
         target_accuracy: stop as soon as a measured config reaches this top-1 accuracy (%).
         seed: seeds random / genetic search and the cost model.
-        workers: trials measured in parallel (a local process pool when > 1).
+        workers: trials in flight at once: with ``executor: local`` a process pool when > 1 (default
+            1); with ``ray`` concurrent Ray tasks (default: the cluster's CPUs).
+        executor: ``local`` (this machine) or ``ray`` (a Ray cluster; needs the ``cluster`` extra).
+        ray_address: the Ray cluster's ``HOST:PORT`` (default ``RAY_ADDRESS``, else a private Ray on
+            this machine bound to 127.0.0.1).
         database: SQLite tuning database (default: the user cache's ``quantune/trials.sqlite``).
         use_seed_database: add the shipped seed trials to the transfer prior.
         sensitivity: write the per-layer sensitivity table of the chosen config.
@@ -211,7 +215,9 @@ class QuantuneSearchConfig(BaseModel):
     budget_time_s: float | None = Field(None, gt=0)
     target_accuracy: float | None = Field(None, gt=0, le=100)
     seed: int = 0
-    workers: int = Field(1, ge=1)
+    workers: int | None = Field(None, ge=1)
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
     database: str | None = None
     use_seed_database: bool = True
     sensitivity: bool = True

@@ -15,11 +15,10 @@ import hashlib
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +26,9 @@ from compress.ptq.config import PTQConfig
 from compress.ptq.database import StoredTrial, TuningDatabase
 
 log = logging.getLogger(__name__)
+
+#: ``TrialResult.extra`` key set on a trial whose worker was lost (not the configuration's failure: never cached).
+LOST = "worker_lost"
 
 
 @dataclass
@@ -134,48 +136,6 @@ def run_trial(task: TrialTask) -> TrialResult:
                        calibration_seconds=info["calibration_seconds"], calibrated=info["calibrated"])  # fmt: skip
 
 
-class TrialExecutor(Protocol):
-    """Runs trials: ``map(fn, tasks)`` yields results in task order (a cluster engine can implement this)."""
-
-    workers: int
-
-    def map(self, fn: Callable[[TrialTask], TrialResult], tasks: list[TrialTask]) -> Iterator[TrialResult]: ...
-
-    def close(self) -> None: ...
-
-
-class InProcessExecutor:
-    """Trials one after another in this process (the default)."""
-
-    workers = 1
-
-    def map(self, fn: Callable[[TrialTask], TrialResult], tasks: list[TrialTask]) -> Iterator[TrialResult]:
-        return (fn(t) for t in tasks)
-
-    def close(self) -> None:
-        pass
-
-
-class LocalPoolExecutor:
-    """Trials in a local process pool (``--workers N``); spawned workers so no torch/ORT state is forked."""
-
-    def __init__(self, workers: int):
-        import multiprocessing
-
-        self.workers = workers
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-
-    def map(self, fn: Callable[[TrialTask], TrialResult], tasks: list[TrialTask]) -> Iterator[TrialResult]:
-        return self._pool.map(fn, tasks)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def make_executor(workers: int) -> TrialExecutor:
-    return InProcessExecutor() if workers <= 1 else LocalPoolExecutor(workers)
-
-
 class Evaluator:
     """Measures configurations of one model on one dataset, through the tuning-database cache.
 
@@ -280,30 +240,31 @@ class Evaluator:
         return TrialResult(config, row.accuracy, row.sqnr_db, row.error, row.seconds, row.calibration_seconds,
                            row.calibrated, cached=True)  # fmt: skip
 
-    def evaluate_many(self, configs: Iterable[PTQConfig], executor: TrialExecutor | None = None) -> list[TrialResult]:
-        """Results for ``configs`` in order: cache hits at once, the rest measured through ``executor``."""
-        configs = list(configs)
-        results: dict[int, TrialResult] = {}
-        todo: list[tuple[int, PTQConfig]] = []
-        for i, c in enumerate(configs):
+    #: what measures a task (the executors call it wherever they run trials)
+    trial_fn = staticmethod(run_trial)
+
+    def evaluate_many(self, configs: Iterable[PTQConfig]) -> list[TrialResult]:
+        """Results for ``configs`` in order, in this process: cache hits at once, the rest measured."""
+        out = []
+        for c in configs:
             hit = self.lookup(c)
-            if hit is not None:
-                results[i] = hit
-            else:
-                todo.append((i, c))
-        if todo:
-            ex = executor or InProcessExecutor()
-            for (i, c), r in zip(todo, ex.map(run_trial, [self.task(c) for _, c in todo]), strict=True):
-                self.measured += 1
-                results[i] = r
-                self._store(c, r)
-        return [results[i] for i in range(len(configs))]
+            if hit is None:
+                hit = run_trial(self.task(c))
+                self.record(c, hit)
+            out.append(hit)
+        return out
 
     def evaluate(self, config: PTQConfig) -> TrialResult:
         return self.evaluate_many([config])[0]
 
-    def _store(self, config: PTQConfig, r: TrialResult) -> None:
+    def record(self, config: PTQConfig, r: TrialResult) -> None:
+        """Keep a measured result: in memory, and in the tuning database unless its worker was lost."""
+        self.measured += 1
         self._memory[config.key()] = r
+        if self.database is not None and not r.extra.get(LOST):
+            self._store(config, r)
+
+    def _store(self, config: PTQConfig, r: TrialResult) -> None:
         if self.database is not None:
             self.database.put_trial(StoredTrial(
                 self.prepared.model_hash, self.data_hash, config.key(), config.canonical(), r.accuracy,

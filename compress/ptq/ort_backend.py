@@ -14,8 +14,11 @@ import io
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,10 +250,18 @@ def quantize_to_file(
     if config.calibration == "percentile":
         extra["CalibPercentile"] = config.percentile
     t0 = time.perf_counter()
+    # onnxruntime's quantizer writes "<model>-inferred.onnx" beside its input and deletes it after:
+    # concurrent trials on one model file would delete each other's, so each reads a private link.
+    private = Path(tempfile.mkdtemp(prefix="edgecompress-quantize-src-"))
+    source = private / prepared.path.name
+    try:
+        source.symlink_to(prepared.path.resolve())
+    except OSError:
+        shutil.copyfile(prepared.path, source)
     # onnxruntime's calibrators print progress to stdout; keep library output clean.
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), _removed_after(private):
         quantize_static(
-            str(prepared.path),
+            str(source),
             str(out_path),
             None if cached else _reader(samples),
             quant_format=QuantFormat.QDQ,
@@ -272,6 +283,14 @@ def quantize_to_file(
     meta.write_text(json.dumps({"seconds": seconds, "samples": batch_size_of(samples), "key": config.calibration_key()}))
     os.replace(cache_arg, final)
     return {"calibration_seconds": seconds, "calibrated": True, "quantize_seconds": seconds}
+
+
+@contextlib.contextmanager
+def _removed_after(folder: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def model_outputs(model_path: Path | str, feeds: Feeds | np.ndarray, threads: int = 1) -> list[np.ndarray]:

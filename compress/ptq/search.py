@@ -20,7 +20,8 @@ from typing import Any
 from compress.errors import UnsupportedError
 from compress.progress import progress
 from compress.ptq.config import PTQConfig, QuantuneSearchConfig
-from compress.ptq.evaluator import Evaluator, TrialExecutor, TrialResult, make_executor
+from compress.ptq.evaluator import LOST, Evaluator, TrialResult
+from compress.ptq.executors import TrialExecutor, make_executor
 from compress.ptq.strategies import SearchStrategy
 
 log = logging.getLogger(__name__)
@@ -67,39 +68,110 @@ def run_search(
 ) -> SearchResult:
     """Run ``strategy`` until a budget is spent, the target is reached or the space is exhausted.
 
-    At least one batch is always measured, so a result exists even under a tiny time budget. The
-    time budget is checked between batches (a running trial is not interrupted).
+    Up to ``executor.workers`` trials are in flight at once and each result is recorded (tuning
+    database, progress) as soon as it arrives, in completion order. The strategy sees results in
+    the order it proposed them and proposal ``k`` is made knowing exactly results ``0..k-workers``,
+    so a seeded search proposes the same configurations on any executor with the same number of
+    workers, however the cluster schedules them. At least one result always exists: when the time
+    budget ends the trials in flight are cancelled once one has finished, and the best measured
+    configuration is kept.
     """
     ex = executor or make_executor(1)
     start = clock()
-    trials: list[TrialResult] = []
-    best: TrialResult | None = None
-    stopped = "space exhausted"
     total = budget_trials or len(strategy.candidates)
+    loop = _SearchLoop(strategy, evaluator, ex, budget_trials, target_accuracy)
     with progress(f"{strategy.name} search", min(total, len(strategy.candidates))) as bar:
         while True:
-            if budget_trials is not None and len(trials) >= budget_trials:
-                stopped = "trial budget"
+            out_of_time = budget_time_s is not None and clock() - start >= budget_time_s
+            if out_of_time and loop.results:
+                loop.stop("time budget")
+            loop.advance(proposing=not out_of_time or not loop.proposed)
+            if loop.stopped_by is not None or not loop.inflight:
                 break
-            if trials and budget_time_s is not None and clock() - start >= budget_time_s:
-                stopped = "time budget"
-                break
-            n = ex.workers if budget_trials is None else min(ex.workers, budget_trials - len(trials))
-            batch = strategy.propose(n)
-            if not batch:
-                break
-            results = evaluator.evaluate_many(batch, ex)
-            strategy.observe(results)
-            trials.extend(results)
-            bar.advance(len(results))
-            for r in results:
-                if _better(r, best):
-                    best = r
-                    log.info("%s trial %d: new best %.2f%% with %s", strategy.name, len(trials), r.accuracy, r.config.label())
-            if target_accuracy is not None and best is not None and (best.accuracy or 0.0) >= target_accuracy:
-                stopped = "target accuracy"
-                break
-    return SearchResult(strategy.name, trials, best, stopped, clock() - start, strategy.overhead_seconds)
+            timeout = None if budget_time_s is None else max(0.0, budget_time_s - (clock() - start))
+            arrived = loop.collect(timeout if loop.results else None)
+            bar.advance(arrived)
+    ex.cancel()
+    return SearchResult(strategy.name, loop.trials(), loop.best, loop.stopped_by or "space exhausted",
+                        clock() - start, strategy.overhead_seconds)  # fmt: skip
+
+
+class _SearchLoop:
+    """The bookkeeping of :func:`run_search`: proposals in flight, results waiting for their turn."""
+
+    def __init__(self, strategy: SearchStrategy, evaluator: Evaluator, ex: TrialExecutor,
+                 budget_trials: int | None, target_accuracy: float | None):  # fmt: skip
+        self.strategy, self.evaluator, self.ex = strategy, evaluator, ex
+        self.budget_trials, self.target = budget_trials, target_accuracy
+        self.proposed: list[PTQConfig] = []  # in proposal order
+        self.inflight: dict[int, int] = {}  # executor ticket -> proposal index
+        self.results: dict[int, TrialResult] = {}  # proposal index -> result, as they arrive
+        self.observed = 0  # results 0..observed-1 were shown to the strategy
+        self.best: TrialResult | None = None
+        self.stopped_by: str | None = None
+        self.exhausted = False
+
+    def stop(self, why: str) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = why
+
+    def _propose_one(self) -> bool:
+        if self.budget_trials is not None and len(self.proposed) >= self.budget_trials:
+            return False
+        batch = self.strategy.propose(1)
+        if not batch:
+            self.exhausted = True
+            return False
+        config = batch[0]
+        self.strategy.claim([config])
+        k = len(self.proposed)
+        self.proposed.append(config)
+        hit = self.evaluator.lookup(config)
+        if hit is not None:
+            self.results[k] = hit
+        else:
+            self.inflight[self.ex.submit(self.evaluator.trial_fn, self.evaluator.task(config))] = k
+        return True
+
+    def advance(self, proposing: bool = True) -> None:
+        """Propose while the window has room, showing the strategy each result in proposal order."""
+        while self.stopped_by is None:
+            window = self.ex.workers
+            if proposing and not self.exhausted and len(self.proposed) - self.observed < window and self._propose_one():
+                continue
+            if self.observed in self.results:
+                r = self.results[self.observed]
+                self.observed += 1
+                self.strategy.observe([r])
+                self._consider(r)
+                continue
+            break
+        if self.stopped_by is None and not self.inflight and self.observed == len(self.proposed):
+            self.stop("trial budget" if self.budget_trials is not None and len(self.proposed) >= self.budget_trials
+                      else "space exhausted")  # fmt: skip
+
+    def _consider(self, r: TrialResult) -> None:
+        if _better(r, self.best):
+            self.best = r
+            log.info("%s trial %d: new best %.2f%% with %s", self.strategy.name, len(self.results), r.accuracy,
+                     r.config.label())  # fmt: skip
+        if self.target is not None and self.best is not None and (self.best.accuracy or 0.0) >= self.target:
+            self.stop("target accuracy")
+
+    def collect(self, timeout: float | None) -> int:
+        """Wait for trials in flight; record each as it arrives (the driver alone writes the database)."""
+        arrived = self.ex.wait(timeout)
+        for ticket, r in arrived:
+            k = self.inflight.pop(ticket)
+            self.evaluator.record(self.proposed[k], r)
+            self.results[k] = r
+            if self.observed < k and _better(r, self.best):  # ahead of its turn: the best counts it already
+                self.best = r
+        return len(arrived)
+
+    def trials(self) -> list[TrialResult]:
+        """Every finished trial in proposal order (cancelled ones are absent)."""
+        return [self.results[k] for k in sorted(self.results)]
 
 
 def _default_metric(prepared: Any, val: dict[str, Any], has_labels: bool, task: str | None) -> str:
@@ -172,6 +244,10 @@ def quantize_artifact(
     from export import StageRecord, write_onnx_artifact
 
     t0 = time.perf_counter()
+    if config.executor == "ray":  # fail before any work when the cluster extra is missing
+        from compress.cluster import import_ray
+
+        import_ray()
     prepared = prepare_model(source.model_path, cache_dir("quantune", "models"))
     db = TuningDatabase(config.database)
     name = source.manifest.model_name or Path(source.model_path).stem
@@ -186,7 +262,7 @@ def quantize_artifact(
     evaluator = Evaluator(prepared, calib_x, val_x, val_y, database=db, metric=metric,
                           workdir=cache_dir("quantune", "work", prepared.model_hash[:24]))  # fmt: skip
     evaluator.set_sensitivity_source(lambda: _sensitivity_ranking(evaluator, calib_x, val_x, val_y))
-    executor = make_executor(config.workers)
+    executor = make_executor(config.workers or (0 if config.executor == "ray" else 1), config.executor, config.ray_address)
     try:
         if config.search == "none":
             from compress.ptq.strategies import GridSearch
@@ -207,6 +283,7 @@ def quantize_artifact(
         result.stopped_by = "fixed config"
     result.extra["prior_trials"] = len(getattr(strategy, "prior", []))
     result.extra["measured_now"] = evaluator.measured
+    result.extra["executor"] = {"kind": config.executor, "where": executor.where, "workers": executor.workers}
     best = result.best
     if best is None:
         errors = sorted({t.error or "" for t in result.trials})
@@ -226,7 +303,8 @@ def quantize_artifact(
         "calib_source": splits.calib.name,
         "sqnr_db_vs_fp32": best.sqnr_db, "trials": len(result.trials), "measured_now": evaluator.measured,
         "stopped_by": result.stopped_by, "search_seconds": round(result.wall_seconds, 2), "config": best.config.label(),
-        "float_nodes": list(task.exclude),
+        "float_nodes": list(task.exclude), "executor": result.extra["executor"],
+        "lost_trials": sum(1 for t in result.trials if t.extra.get(LOST)),
     }  # fmt: skip
     log_json = {"model": name, "model_hash": prepared.model_hash, "data_hash": evaluator.data_hash,
                 "fp32_accuracy": evaluator.fp32_accuracy, "search": config.model_dump(mode="json"),

@@ -34,10 +34,23 @@ class SearchStrategy:
         self.candidates = list(candidates)
         self.seed = seed
         self.measured: dict[str, TrialResult] = {}
+        self.pending: set[str] = set()  # proposed and running (an asynchronous search): never proposed twice
         self.overhead_seconds = 0.0  # time the strategy itself spent (cost-model fits)
 
+    def taken(self, config: PTQConfig) -> bool:
+        """Measured already, or in flight."""
+        return config.key() in self.measured or config.key() in self.pending
+
+    def started(self) -> int:
+        """How many configurations were measured or are in flight."""
+        return len(self.measured) + len(self.pending)
+
     def unexplored(self) -> list[PTQConfig]:
-        return [c for c in self.candidates if c.key() not in self.measured]
+        return [c for c in self.candidates if not self.taken(c)]
+
+    def claim(self, configs: list[PTQConfig]) -> None:
+        """Mark proposals as in flight until :meth:`observe` gets their results."""
+        self.pending.update(c.key() for c in configs)
 
     def propose(self, n: int) -> list[PTQConfig]:
         raise NotImplementedError
@@ -45,6 +58,7 @@ class SearchStrategy:
     def observe(self, results: list[TrialResult]) -> None:
         for r in results:
             self.measured[r.config.key()] = r
+            self.pending.discard(r.config.key())
 
 
 class GridSearch(SearchStrategy):
@@ -67,7 +81,7 @@ class RandomSearch(SearchStrategy):
         random.Random(seed).shuffle(self._order)
 
     def propose(self, n: int) -> list[PTQConfig]:
-        return [c for c in self._order if c.key() not in self.measured][:n]
+        return [c for c in self._order if not self.taken(c)][:n]
 
 
 class GeneticSearch(SearchStrategy):
@@ -110,7 +124,7 @@ class GeneticSearch(SearchStrategy):
                 if self._rng.random() < self.mutation:
                     child[k] = self._rng.choice(self._dims[k])
             c = self._by_point.get(self._pkey(child))
-            if c is not None and c.key() not in self.measured:
+            if c is not None and not self.taken(c):
                 return c
         return None
 
@@ -118,9 +132,12 @@ class GeneticSearch(SearchStrategy):
         left = self.unexplored()
         if not left:
             return []
-        if len(self.measured) < self.population:  # the initial random population
+        if self.started() < self.population:  # the initial random population
             self._rng.shuffle(left)
-            return left[: min(n, self.population - len(self.measured))]
+            return left[: min(n, self.population - self.started())]
+        if not self.measured:  # more workers than the population: nothing measured yet to breed from
+            self._rng.shuffle(left)
+            return left[:n]
         # Parents: the best `population` measured so far (elitist steady-state GA).
         pool = sorted(self.measured.values(), key=self._fitness, reverse=True)[: self.population]
         out: list[PTQConfig] = []
@@ -185,9 +202,9 @@ class QuantuneSearch(SearchStrategy):
         left = self.unexplored()
         if not left:
             return []
-        if not self.prior and len(self.measured) < self.init_trials:
+        if not self.prior and (self.started() < self.init_trials or not self.measured):
             self._rng.shuffle(left)
-            return left[: min(n, self.init_trials - len(self.measured))]
+            return left[: max(1, min(n, self.init_trials - self.started()))]
         t0 = time.perf_counter()
         x = list(self._prior_x)
         y = list(self._prior_y)

@@ -75,6 +75,7 @@ def export_tvm_from_onnx(
     verify: bool = True,
     use_database: bool = True,
     device: MeasureDevice | None = None,
+    builds: Any = None,
 ) -> Artifact:
     """Compile an ONNX artifact (fp32 or QDQ) with TVM for ``target`` and write a TVM artifact.
 
@@ -92,6 +93,8 @@ def export_tvm_from_onnx(
         device: the device that times tuning candidates over TVM RPC (``runtimes.tvm_rpc.
             open_measure_device``); required to tune a target whose code does not run here
             (ARM64, GPUs), optional for the host CPU (None: timed in this process).
+        builds: compiles tuning candidates elsewhere (a Ray cluster, ``compress.cluster.RayBuilds``;
+            see :func:`export.tvm.tuning.tune`); None compiles them in this process.
 
     Returns:
         The loaded, hash-verified artifact.
@@ -128,7 +131,7 @@ def export_tvm_from_onnx(
     return _compile_and_write(mod, params, onnx_artifact.manifest, onnx_artifact.hash, target, dest, budget=budget,
                               database_dir=database_dir, batch=batch, inputs=static.inputs, precision=precision,
                               verify=verify, use_database=use_database, check_fn=check_fn, t0=t0,
-                              measure=device)  # fmt: skip
+                              measure=device, builds=builds)  # fmt: skip
 
 
 def require_tuning_device(target: Any, budget: TuneBudget | str | int | None, device: MeasureDevice | None) -> None:
@@ -151,7 +154,7 @@ def _compile_and_write(
     mod: Any, params: list[Any], src: Manifest, parent_hash: str | None, target: Any, dest: str | Path, *,
     budget: TuneBudget | None, database_dir: str | Path | None, batch: int, inputs: list[TensorSpec], precision: str,
     verify: bool, use_database: bool, check_fn: Callable[[Path, Path], dict[str, Any]], t0: float,
-    measure: MeasureDevice | None = None,
+    measure: MeasureDevice | None = None, builds: Any = None,
 ) -> Artifact:  # fmt: skip
     """Fuse, tune or apply tuning records, build, write the library + params + manifest, verify."""
     tgt = tc.tvm_target(target)
@@ -165,7 +168,7 @@ def _compile_and_write(
     if device == "cpu" or budget is not None or (use_database and _has_tuning_records(target, root)):
         mod = tc.fuse_for_cpu(mod, tgt)
         if budget is not None:
-            report = run_tuning(mod, tgt, dict(target.tvm), budget, root=root, device=measure, plan=plan)
+            report = run_tuning(mod, tgt, dict(target.tvm), budget, root=root, device=measure, plan=plan, builds=builds)
             tuning_info["tuning"] = report.to_dict()
             if not report.complete:
                 notes.append(f"tuning budget ran out: {report.tasks_left} of {report.tasks} tasks untuned (rerun to resume)")
@@ -216,6 +219,7 @@ def export_tvm_from_program(
     verify: bool = True,
     use_database: bool = True,
     device: MeasureDevice | None = None,
+    builds: Any = None,
 ) -> Artifact:
     """Compile a ``torch.export`` program (``bundle.exported_program``, a ``.pt2`` input) with TVM's
     PyTorch frontend directly, without going through ONNX, and write a TVM artifact.
@@ -262,7 +266,8 @@ def export_tvm_from_program(
 
     return _compile_and_write(mod, params, src, None, target, dest, budget=budget, database_dir=database_dir,
                               batch=batch, inputs=spec.inputs, precision="fp32", verify=verify,
-                              use_database=use_database, check_fn=check_fn, t0=t0, measure=device)  # fmt: skip
+                              use_database=use_database, check_fn=check_fn, t0=t0, measure=device,
+                              builds=builds)  # fmt: skip
 
 
 def _program_static_batch(program: Any) -> int | None:
@@ -398,9 +403,10 @@ def export_tvm_format(source: Any, target: Any, out: str | Path, **options: Any)
     compiled; a bundle with ``exported_program`` set (a ``.pt2`` input) is imported directly from
     the program instead (:func:`export_tvm_from_program`). Options: ``tune``, ``trials_per_task``,
     ``database_dir``, ``batch``, ``opset``, ``verify``, ``use_database``, ``device`` (a
-    :class:`~export.tvm.rpc_measure.MeasureDevice` that times tuning candidates).
+    :class:`~export.tvm.rpc_measure.MeasureDevice` that times tuning candidates), ``builds`` (compiles
+    them elsewhere, e.g. on a Ray cluster).
     """
-    valid = ("tune", "trials_per_task", "database_dir", "batch", "verify", "use_database", "device")
+    valid = ("tune", "trials_per_task", "database_dir", "batch", "verify", "use_database", "device", "builds")
     opts = {k: v for k, v in options.items() if k in valid and v is not None}
     unknown = set(options) - {*valid, "opset"}
     if unknown:

@@ -137,12 +137,7 @@ def rpc_workers(device: MeasureDevice, plan: Any, device_type: str) -> tuple[Any
     from tvm.s_tir.meta_schedule.runner.rpc_runner import default_alloc_argument
     from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
 
-    from export.tvm import compile as tc
     from export.tvm.tuning import EVALUATOR, done_future, in_process_builder
-
-    def export_candidate(rt_mod: Any) -> str:
-        # a fresh folder per candidate: MetaSchedule removes the artifact's folder after the run
-        return str(tc.export_library(rt_mod, Path(tempfile.mkdtemp(prefix="edgecompress-ms-")), plan))
 
     link = DeviceLink(device)
     config = EvaluatorConfig(enable_cpu_cache_flush=False, **EVALUATOR)
@@ -184,4 +179,16 @@ def rpc_workers(device: MeasureDevice, plan: Any, device_type: str) -> tuple[Any
                     futures.append(done_future(None, f"device lost: {link.lost}"))
             return futures
 
-    return in_process_builder(export_candidate), DeviceRunner(), link
+    return in_process_builder(candidate_packager(plan)), DeviceRunner(), link
+
+
+def candidate_packager(plan: Any) -> Callable[[Any], str]:
+    """How a compiled candidate becomes a file the device loads (per the target's library plan)."""
+    return functools.partial(_package_candidate, plan)
+
+
+def _package_candidate(plan: Any, rt_mod: Any) -> str:
+    from export.tvm import compile as tc
+
+    # a fresh folder per candidate: MetaSchedule removes the artifact's folder after the run
+    return str(tc.export_library(rt_mod, Path(tempfile.mkdtemp(prefix="edgecompress-ms-")), plan))

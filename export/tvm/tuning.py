@@ -106,6 +106,7 @@ class TuningReport:
     seconds: float = 0.0
     task_names: list[str] = field(default_factory=list)
     measured_on: str = "this machine (in process)"
+    built_on: str = "this machine (in process)"
 
     @property
     def complete(self) -> bool:
@@ -213,6 +214,7 @@ def tune(
     seed: int = 0,
     device: MeasureDevice | None = None,
     plan: Any = None,
+    builds: Callable[[Callable[[Any], str] | None], Any] | None = None,
 ) -> TuningReport:
     """Tune the fused module's tasks that the databases do not cover yet, within ``budget``.
 
@@ -226,6 +228,9 @@ def tune(
             here: ARM64, GPUs); None times them in this process.
         plan: with ``device``, how candidates are packaged for it (a
             :class:`export.tvm.compile.LibraryPlan`: the cross compiler, or a ``.tar``).
+        builds: compiles candidates elsewhere (a Ray cluster, :class:`compress.cluster.RayBuilds`):
+            called with how to package a candidate (None: MetaSchedule's ``.tar``), returns the
+            MetaSchedule builder; measurement stays where ``device`` says, records are unchanged.
 
     Returns:
         A :class:`TuningReport` (``trials == 0`` when everything was already in a database).
@@ -235,7 +240,7 @@ def tune(
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from export.tvm.rpc_measure import TuningDeviceError, rpc_workers
+    from export.tvm.rpc_measure import TuningDeviceError, candidate_packager, rpc_workers
 
     _import_tensor_intrinsics()
     user, lookup, folders = open_databases(target_spec, root)
@@ -256,6 +261,9 @@ def tune(
         builder, runner, link = rpc_workers(device, plan, str(tgt.kind.name).replace("llvm", "cpu"))
         workers = (builder, runner)
         report.measured_on = device.where
+    if builds is not None:
+        workers = (builds(None if device is None else candidate_packager(plan)), workers[1])
+        report.built_on = str(getattr(builds, "where", "the builder given by the caller"))
     try:
         for task in tasks:
             mod = task.dispatched[0]
