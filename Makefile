@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/nm_sparsity.py
 	$(BIN)/python bench/tune_rpc.py
 	$(BIN)/python bench/regression_noise.py
+	$(BIN)/python bench/quantune_cluster.py
 
 # An emulated ARM64 device for CI (no phone): a Debian arm64 root run under qemu user mode, built
 # once into the cache (apt-get installs qemu-user-static, debootstrap and the aarch64 cross compiler

@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -52,8 +51,12 @@ def import_ray() -> Any:
     return ray
 
 
+_FLAG = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> tuple[str, bool]:
-    """Join a Ray cluster; returns (where, whether this call started the connection).
+    """Join a Ray cluster; returns (where, whether this call made the connection: then
+    :func:`disconnect` ends it).
 
     Args:
         address: ``HOST:PORT`` of the cluster's head (GCS); default ``RAY_ADDRESS``; without
@@ -62,29 +65,54 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> tuple
     Raises:
         MissingExtraError: Ray is not installed. ClusterError: the address does not answer.
     """
-    if "ray" not in sys.modules and not (address or os.environ.get("RAY_ADDRESS")):
-        # Ray resolves 127.0.0.1 to the machine's routable address and binds its servers to every
-        # interface unless it believes it is alone (its flag for single-machine platforms).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray = import_ray()
-    if ray.is_initialized():
-        return "the Ray cluster this process is already connected to", False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    quiet = {"log_to_driver": False, "include_dashboard": False, "configure_logging": False}
+    saved_env = os.environ.get(_FLAG)
     if address is None:
-        from ray._private import ray_constants  # ray was imported earlier in this process: the same flag
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(num_cpus=num_cpus, **quiet)
-        return f"a private Ray on this machine (127.0.0.1, {int(ray.cluster_resources().get('CPU', 0))} CPUs)", True
+        # Ray resolves 127.0.0.1 to the machine's routable address and binds its servers to every
+        # interface unless it believes it is alone (its flag for single-machine platforms); the
+        # servers it starts now inherit the environment, read when ray is imported.
+        os.environ[_FLAG] = "0"
     try:
-        ray.init(address=address, **{k: v for k, v in quiet.items() if k != "include_dashboard"})
-    except (ConnectionError, TimeoutError, ValueError) as exc:
-        raise ClusterError(
-            f"cannot reach the Ray cluster at {address}: {str(exc).strip().splitlines()[0][:200]}. Start it with "
-            "'ray start --head' on the head node and pass its address (HOST:PORT, the GCS port, 6379 by default)"
-        ) from None
-    return f"the Ray cluster at {address} ({len(ray.nodes())} nodes, {int(ray.cluster_resources().get('CPU', 0))} CPUs)", True
+        ray = import_ray()
+        if ray.is_initialized():
+            return "the Ray cluster this process is already connected to", False
+        quiet = {"log_to_driver": False, "configure_logging": False}
+        if address is None:
+            from ray._private import ray_constants  # ray may have been imported before: the same flag
+
+            _saved_flag.append(ray_constants.ENABLE_RAY_CLUSTER)
+            ray_constants.ENABLE_RAY_CLUSTER = False
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+            cpus = int(ray.cluster_resources().get("CPU", 0))
+            return f"a private Ray on this machine (127.0.0.1, {cpus} CPUs)", True
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, TimeoutError, ValueError) as exc:
+            raise ClusterError(
+                f"cannot reach the Ray cluster at {address}: {str(exc).strip().splitlines()[0][:200]}. Start it with "
+                "'ray start --head' on the head node and pass its address (HOST:PORT, the GCS port, 6379 by default)"
+            ) from None
+        nodes, cpus = len(ray.nodes()), int(ray.cluster_resources().get("CPU", 0))
+        return f"the Ray cluster at {address} ({nodes} nodes, {cpus} CPUs)", True
+    finally:
+        if saved_env is None:
+            os.environ.pop(_FLAG, None)
+        else:
+            os.environ[_FLAG] = saved_env
+
+
+_saved_flag: list[bool] = []
+
+
+def disconnect() -> None:
+    """End the connection :func:`connect` made (a private Ray stops) and restore Ray's address flag."""
+    import ray
+
+    ray.shutdown()
+    if _saved_flag:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = _saved_flag.pop()
 
 
 def _versions() -> tuple[str, ...]:
@@ -210,7 +238,7 @@ class RayTrialExecutor:
     def close(self) -> None:
         self.cancel()
         if self._owns:
-            self._ray.shutdown()
+            disconnect()
 
 
 def _build_on_worker(mod_json: str, target_json: str, package: Callable[[Any], str] | None) -> tuple[str, bytes]:
@@ -279,4 +307,4 @@ class RayBuilds:
 
     def close(self) -> None:
         if self._owns:
-            self._ray.shutdown()
+            disconnect()

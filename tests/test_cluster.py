@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 import ray  # the cluster extra, which `make install` installs: a missing one fails here, never skips
 
 

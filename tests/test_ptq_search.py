@@ -260,3 +260,67 @@ def test_a_trial_whose_worker_was_lost_is_never_cached(evaluator) -> None:
     failed = PTQConfig(calibration="minmax", calib_size=8, per_channel=True)
     evaluator.record(failed, TrialResult(failed, None, error="quantizer rejects it"))  # the config's own failure
     assert evaluator.database.get_trial(evaluator.prepared.model_hash, evaluator.data_hash, failed.key()) is not None
+
+
+class _ShuffledExecutor:
+    """Three trials in flight; ``wait`` finishes them newest first (as a busy cluster might) and
+    advances the fake clock by 10 s per result."""
+
+    workers = 3
+    where = "a fake cluster"
+
+    def __init__(self, clock: list[float], newest_first: bool = True):
+        self.clock, self.newest_first = clock, newest_first
+        self.queue: list[tuple[int, object, object]] = []
+        self.cancelled = 0
+        self.n = 0
+
+    def submit(self, fn, task):
+        self.n += 1
+        self.queue.append((self.n, fn, task))
+        return self.n
+
+    def wait(self, timeout=None):
+        if not self.queue:
+            return []
+        ticket, fn, task = self.queue.pop(-1 if self.newest_first else 0)
+        return [(ticket, fn(task))]
+
+    def cancel(self):
+        self.cancelled += len(self.queue)
+        self.queue.clear()
+
+    def close(self):
+        pass
+
+
+def test_completion_order_does_not_change_what_a_seeded_search_proposes() -> None:
+    from compress.ptq.search import run_search
+    from compress.ptq.strategies import make_strategy
+
+    space = enumerate_space(space_preset("bench"))
+    runs = []
+    for newest_first in (True, False):
+        clock = [0.0]
+        strategy = make_strategy("quantune", space, seed=2, descriptors={"convs": 3.0}, fp32_accuracy=95.0, rounds=20)
+        res = run_search(strategy, _FakeEvaluator(clock), budget_trials=9, executor=_ShuffledExecutor(clock, newest_first))
+        assert res.best is not None
+        runs.append(([t.config.key() for t in res.trials], res.best.config.key()))  # ties broken by proposal order
+        assert res.stopped_by == "trial budget" and len(res.trials) == 9
+    assert runs[0] == runs[1]
+
+
+def test_a_time_budget_that_ends_mid_flight_cancels_the_rest_and_keeps_the_best() -> None:
+    from compress.ptq.search import run_search
+    from compress.ptq.strategies import GridSearch
+
+    clock = [0.0]
+    space = enumerate_space(space_preset("bench"))
+    ex = _ShuffledExecutor(clock)
+    evaluator = _FakeEvaluator(clock)
+    res = run_search(GridSearch(space), evaluator, budget_time_s=35.0, executor=ex, clock=lambda: clock[0])
+    # 0-2 finish at 10-30 s (newest first), 3-5 go out, 5 finishes at 40 s: the budget ends with 3 and 4 in flight
+    assert res.stopped_by == "time budget" and ex.cancelled == 2
+    assert [t.config.key() for t in res.trials] == [space[k].key() for k in (0, 1, 2, 5)]
+    assert len(evaluator.recorded) == 4  # every finished trial is kept and recorded
+    assert res.best is not None and res.best.accuracy == max(t.accuracy for t in res.trials)

@@ -92,8 +92,13 @@ def run_search(
             arrived = loop.collect(timeout if loop.results else None)
             bar.advance(arrived)
     ex.cancel()
-    return SearchResult(strategy.name, loop.trials(), loop.best, loop.stopped_by or "space exhausted",
-                        clock() - start, strategy.overhead_seconds)  # fmt: skip
+    trials = loop.trials()
+    best = None
+    for r in trials:  # proposal order: among equal scores the earliest wins, whatever finished first
+        if _better(r, best):
+            best = r
+    return SearchResult(strategy.name, trials, best, loop.stopped_by or "space exhausted", clock() - start,
+                        strategy.overhead_seconds)  # fmt: skip
 
 
 class _SearchLoop:
@@ -165,8 +170,6 @@ class _SearchLoop:
             k = self.inflight.pop(ticket)
             self.evaluator.record(self.proposed[k], r)
             self.results[k] = r
-            if self.observed < k and _better(r, self.best):  # ahead of its turn: the best counts it already
-                self.best = r
         return len(arrived)
 
     def trials(self) -> list[TrialResult]:
