@@ -37,7 +37,8 @@ def default_candidates(recipe: Recipe, measured: dict[str, dict[str, Any]]) -> l
     auto = recipe.auto
     out = [CandidateSpec(name="fp32", stages=[])]
     if all(t.supports("int8") for t in targets):
-        out.append(CandidateSpec(name="ptq-int8", stages=[{"ptq": {"search": "quantune", "budget_trials": auto.ptq_trials}}]))
+        out.append(CandidateSpec(name="ptq-int8", stages=[{"ptq": {"search": "quantune", "budget_trials": auto.ptq_trials,
+                                                                                 "objective": "accuracy"}}]))
     ptq = measured.get("ptq-int8")
     if ptq is not None and any(f["gate"] == "max_accuracy_drop" for f in ptq.get("failures", [])):
         out.append(CandidateSpec(name="qat-w8a8", stages=[{"qat": {"bits": 8, "act_bits": 8, "method": "gaqat",
@@ -48,7 +49,7 @@ def default_candidates(recipe: Recipe, measured: dict[str, dict[str, Any]]) -> l
     if all(t.supports("2:4-sparse") for t in targets):
         out.append(CandidateSpec(name="sparse24-ptq", stages=[{"sparsify": {"pattern": "2:4", "method": "mdgf",
                                                                             "max_steps": auto.qat_steps}},
-                                                              {"ptq": {"search": "quantune",
+                                                              {"ptq": {"search": "quantune", "objective": "accuracy",
                                                                        "budget_trials": auto.ptq_trials}}]))  # fmt: skip
     return out
 

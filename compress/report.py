@@ -213,6 +213,34 @@ def _training_plot(log_path: Path) -> str | None:
     return _png(fig)
 
 
+def _quantune_plot(trials_path: Path) -> str | None:
+    """Quantune's trials as accuracy against batch-1 latency, the Pareto front joined, fp32 marked."""
+    log = json.loads(trials_path.read_text())
+    pts = [(t["latency_ms"], t["accuracy"]) for t in log.get("trials", [])
+           if t.get("latency_ms") is not None and t.get("accuracy") is not None]  # fmt: skip
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, c="tab:gray", label="trials")
+    front = log.get("pareto_front") or []
+    if front:
+        ax.plot([p["latency_ms"] for p in front], [p["accuracy"] for p in front], "o-", c="tab:blue", label="Pareto front")
+    if log.get("fp32_latency_ms") is not None:
+        ax.scatter([log["fp32_latency_ms"]], [log["fp32_accuracy"]], marker="*", s=150, c="tab:red", label="fp32")
+    chosen = (log.get("choice") or {}).get("chosen")
+    ax.set_title(f"Quantune trials (returned: {chosen})" if chosen else "Quantune trials")
+    ax.set_xlabel("batch-1 p50 latency (ms)")
+    ax.set_ylabel("score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def _stage_sections(run_dir: Path) -> list[str]:
     parts: list[str] = []
     stages = run_dir / "stages"
@@ -224,6 +252,10 @@ def _stage_sections(run_dir: Path) -> list[str]:
             b64 = _training_plot(log)
             if b64:
                 items.append(_img(b64, f"{sd.name}: training curves ({log.relative_to(sd)})"))
+        for trials in sorted(sd.rglob("trials.json")):
+            b64 = _quantune_plot(trials)
+            if b64:
+                items.append(_img(b64, f"{sd.name}: Quantune accuracy vs latency ({trials.relative_to(sd)})"))
         for png in sorted(sd.rglob("*.png")):
             items.append(_img(base64.b64encode(png.read_bytes()).decode(), f"{sd.name}: {png.relative_to(sd)}"))
         for sens in sorted(sd.rglob("sensitivity.json")):

@@ -43,6 +43,18 @@ def cnn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cnn_onnx(cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained example CNN exported to ONNX (the Quantune tests' input)."""
+    from compress.checkpoint import load_checkpoint
+    from export import export_onnx
+
+    b = load_checkpoint(cnn_checkpoint)
+    art = export_onnx(b.module, b.input_shape, tmp_path_factory.mktemp("onnx") / "a", model_name="cnn",
+                      preprocessing=b.preprocessing)  # fmt: skip
+    return art.model_path
+
+
+@pytest.fixture(scope="session")
 def untrained_cnn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example CNN with seeded random weights, for tests where training does not matter
     (compiling, timing, RPC)."""

@@ -62,7 +62,7 @@ def _search(source, splits, tmp: Path, name: str, **options):
     from compress.ptq.config import QuantuneSearchConfig
     from compress.ptq.search import quantize_artifact
 
-    cfg = QuantuneSearchConfig(search="quantune", space="tiny", budget_trials=6, sensitivity=False, val_samples=200,
+    cfg = QuantuneSearchConfig(search="quantune", space="tiny", budget_trials=6, sensitivity=False, val_samples=200, objective="accuracy",
                                seed=1, database=str(tmp / f"{name}.sqlite"), **options)  # fmt: skip
     return quantize_artifact(source, splits, cfg, tmp / name)
 

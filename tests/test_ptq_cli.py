@@ -8,22 +8,11 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="module")
-def cnn_onnx(cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from compress.checkpoint import load_checkpoint
-    from export import export_onnx
-
-    b = load_checkpoint(cnn_checkpoint)
-    art = export_onnx(b.module, b.input_shape, tmp_path_factory.mktemp("onnx") / "a", model_name="cnn",
-                      preprocessing=b.preprocessing)  # fmt: skip
-    return art.model_path
-
-
 def test_cli_quantize_onnx_with_search_writes_artifact_log_and_sensitivity(cli, cnn_onnx: Path, tmp_path: Path) -> None:
     from export import load_artifact
 
     out = tmp_path / "q"
-    code, stdout, err = cli("quantize", cnn_onnx, "--data", "mnist", "--search", "random", "--space", "tiny",
+    code, stdout, err = cli("quantize", cnn_onnx, "--data", "mnist", "--search", "random", "--space", "tiny", "--objective", "accuracy",
                             "--budget-trials", "3", "--val-samples", "100", "--database", tmp_path / "db.sqlite",
                             "-o", out, "--json")  # fmt: skip
     assert code == 0, err
@@ -73,7 +62,7 @@ def test_ptq_stage_is_registered_and_runs_on_a_module(cnn_checkpoint: Path, mnis
 
     spec = get_stage("ptq")
     assert spec.consumes == "module" and spec.produces == "onnx" and spec.config_cls is QuantuneSearchConfig
-    cfg = QuantuneSearchConfig(search="grid", space="tiny", budget_trials=1, sensitivity=False, val_samples=100,
+    cfg = QuantuneSearchConfig(search="grid", space="tiny", budget_trials=1, sensitivity=False, val_samples=100, objective="accuracy",
                                database=str(tmp_path / "db.sqlite"))  # fmt: skip
     out = spec.run(load_checkpoint(cnn_checkpoint), cfg, StageContext(out_dir=tmp_path / "stage", splits=mnist_splits))
     assert out.artifact is not None and out.artifact.manifest.format == "onnx-qdq"
@@ -90,7 +79,8 @@ def test_process_pool_executor_gives_the_same_results(cnn_onnx: Path, mnist_spli
     from compress.ptq.search import quantize_artifact
 
     src = import_onnx_file(cnn_onnx, tmp_path / "src")
-    common = {"search": "grid", "space": "tiny", "budget_trials": 4, "sensitivity": False, "val_samples": 100}
+    common = {"search": "grid", "space": "tiny", "budget_trials": 4, "sensitivity": False, "val_samples": 100,
+              "objective": "accuracy"}
     a = quantize_artifact(src, mnist_splits, QuantuneSearchConfig(**common, database=str(tmp_path / "a.sqlite")), tmp_path / "a")
     b = quantize_artifact(src, mnist_splits, QuantuneSearchConfig(**common, workers=2, database=str(tmp_path / "b.sqlite")),
                           tmp_path / "b")  # fmt: skip

@@ -94,6 +94,10 @@ def register(app: typer.Typer) -> None:
         target: str = typer.Option("x86-64", "--target", "-t", help="Device target (must run int8): see 'compress targets'."),
         workers: int | None = typer.Option(None, "--workers", help="Trials in flight at once (local: a process pool; "
                                            "ray: Ray tasks, default the cluster's CPUs)."),
+        objective: str | None = typer.Option(None, "--objective", help="latency (default: the fastest config within "
+                                             "--max-drop points of fp32, or fp32), accuracy, or pareto."),
+        require_quantized: bool = typer.Option(False, "--require-quantized", help="Exit 4 instead of returning fp32 "
+                                               "when no quantized configuration is faster."),
         executor: str | None = ExecutorOption,
         ray_address: str | None = RayAddressOption,
         seed: int | None = typer.Option(None, "--seed", help="Seed of random/genetic search and the cost model."),
@@ -121,7 +125,8 @@ def register(app: typer.Typer) -> None:
         cfg = _build_config(config_file, {
             "search": search, "space": space, "budget_trials": budget_trials, "budget_time_s": parse_duration(budget_time),
             "target_accuracy": target_accuracy, "workers": workers, "seed": seed, "executor": executor,
-            "ray_address": ray_address,
+            "ray_address": ray_address, "objective": objective, "max_drop": max_drop,
+            "require_quantized": True if require_quantized else None,
             "database": str(database) if database else None, "val_samples": val_samples,
             "use_seed_database": False if no_seed_database else None, "sensitivity": False if no_sensitivity else None,
             "metric": metric,
@@ -149,7 +154,10 @@ def register(app: typer.Typer) -> None:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         m = result.metrics
-        summary = {"artifact": str(result.artifact.path), "format": "onnx-qdq", "config": m["config"],
+        summary = {"artifact": str(result.artifact.path), "format": result.artifact.manifest.format, "config": m["config"],
+                   "objective": m["objective"], "chosen": m["chosen"], "reason": m["reason"], "latency_ms": m["latency_ms"],
+                   "fp32_latency_ms": m["fp32_latency_ms"], "speedup_vs_fp32": m["speedup_vs_fp32"],
+                   "latency_timing": m["latency_timing"], "ptq_algorithms": m["ptq_algorithms"], "notes": m["notes"],
                    "metric": m["metric"], "val_accuracy": m["val_accuracy"], "fp32_val_accuracy": m["fp32_val_accuracy"],
                    "calib_samples": m["calib_samples"], "val_samples": m["val_samples"],
                    "trials": m["trials"], "measured_now": m["measured_now"], "stopped_by": m["stopped_by"],
@@ -176,6 +184,11 @@ def register(app: typer.Typer) -> None:
                         [[r["node"], r["op_type"], r["accuracy_drop"], r["sqnr_db"]] for r in result.sensitivity[:5]])  # fmt: skip
         say(f"data: calibration {m['calib_samples']} samples of {m['calib_source']}; trials scored on "
             f"{m['val_samples']} samples of {m['val_source']} ({m['metric']})")
+        speed = f"{m['speedup_vs_fp32']:.2f}x fp32's speed" if m["speedup_vs_fp32"] else "latency not measured"
+        say(f"returned {m['chosen']} ({m['objective']} objective): {m['reason']}; {m['latency_ms']} ms, {speed} "
+            f"({m['latency_timing']})")
+        for note in m["notes"]:
+            say(f"note: {note}")
         ex = m["executor"]
         lost = f"; {m['lost_trials']} trial(s) lost their worker twice (failed, not cached)" if m["lost_trials"] else ""
         say(f"trials ran on {ex['where']}, {ex['workers']} at a time{lost}")

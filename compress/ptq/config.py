@@ -204,6 +204,15 @@ class QuantuneSearchConfig(BaseModel):
             ``cosine`` (100 x mean cosine similarity of the outputs with fp32) or ``sqnr`` (dB);
             default: top1 with labels, else agreement for logits, else cosine.
         xgb_rounds, xgb_eta, xgb_gamma: the cost model's hyper-parameters (the paper's 200, 0.15, 3).
+        objective: what is returned: ``latency`` (the fastest configuration within ``max_drop``
+            points of fp32; fp32 itself when no quantized one is faster), ``accuracy`` (the most
+            accurate) or ``pareto`` (the ``latency`` pick, with the accuracy/latency front written).
+        max_drop: points of the metric below fp32 that ``latency``/``pareto`` accept (default:
+            the target's accuracy budget, else 1 point).
+        require_quantized: with ``latency``/``pareto``, fail (exit 4) instead of returning fp32.
+        min_sqnr_db: with the ``sqnr`` metric, the SQNR the latency objective accepts (fp32 against
+            itself has no finite score to drop from).
+        latency_seconds: timing per trial after the warm-up (batch 1, the target's threads).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -226,6 +235,11 @@ class QuantuneSearchConfig(BaseModel):
     xgb_rounds: int = Field(200, ge=1)
     xgb_eta: float = Field(0.15, gt=0)
     xgb_gamma: float = Field(3.0, ge=0)
+    objective: Literal["latency", "accuracy", "pareto"] = "latency"
+    max_drop: float | None = Field(None, ge=0)
+    require_quantized: bool = False
+    min_sqnr_db: float = 30.0
+    latency_seconds: float = Field(0.5, gt=0)
 
     @field_validator("space")
     @classmethod

@@ -10,6 +10,7 @@ database built by ``bench/quantune.py`` ships inside the package so a first-time
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -34,7 +35,14 @@ CREATE TABLE IF NOT EXISTS trials (
     seconds REAL NOT NULL, calibration_seconds REAL NOT NULL, calibrated INTEGER NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (model_hash, data_hash, config_key)
 );
+CREATE TABLE IF NOT EXISTS latencies (
+    model_hash TEXT NOT NULL, config_key TEXT NOT NULL, context TEXT NOT NULL, p50_ms REAL NOT NULL,
+    created REAL NOT NULL, PRIMARY KEY (model_hash, config_key, context)
+);
 """
+# ``latencies``: a configuration's batch-1 median on one runtime context (machine, providers, threads),
+# independent of the data; config_key "fp32" is the unquantized model. Added to schema 1 (older
+# files gain the table when opened for writing).
 
 
 @dataclass
@@ -63,6 +71,7 @@ class PriorRow:
     descriptors: dict[str, float]
     config: dict[str, Any]
     accuracy_delta: float  # quantized - fp32 accuracy, in points; -fp32 for failed trials
+    latency_ratio: float | None = None  # quantized / fp32 batch-1 latency in the asked context (None: not timed there)
 
 
 def default_database_path() -> Path:
@@ -148,6 +157,32 @@ class TuningDatabase:
                  trial.calibration_seconds, int(trial.calibrated), time.time()),
             )  # fmt: skip
 
+    def get_latency(self, model_hash: str, config_key: str, context: str) -> float | None:
+        """The stored p50 (ms) of a configuration in a runtime context, or None."""
+        with self._connect() as con:
+            try:
+                row = con.execute("SELECT p50_ms FROM latencies WHERE model_hash=? AND config_key=? AND context=?",
+                                  (model_hash, config_key, context)).fetchone()  # fmt: skip
+            except sqlite3.OperationalError:  # a read-only file from before the table existed
+                return None
+        return None if row is None else float(row[0])
+
+    def put_latency(self, model_hash: str, config_key: str, context: str, p50_ms: float) -> None:
+        with self._connect() as con:
+            con.execute("INSERT OR REPLACE INTO latencies VALUES (?, ?, ?, ?, ?)",
+                        (model_hash, config_key, context, float(p50_ms), time.time()))  # fmt: skip
+
+    def latency_ratios(self, context: str) -> dict[tuple[str, str], float]:
+        """(model hash, config key) -> latency / the model's fp32 latency, for trials timed in ``context``."""
+        with self._connect() as con:
+            try:
+                rows = con.execute("SELECT model_hash, config_key, p50_ms FROM latencies WHERE context=?",
+                                   (context,)).fetchall()  # fmt: skip
+            except sqlite3.OperationalError:  # a read-only file from before the table existed
+                return {}
+        fp32 = {h: ms for h, k, ms in rows if k == "fp32" and ms > 0}
+        return {(h, k): ms / fp32[h] for h, k, ms in rows if k != "fp32" and h in fp32}
+
     def trials(self, model_hash: str | None = None) -> list[StoredTrial]:
         with self._connect() as con:
             if model_hash is None:
@@ -156,9 +191,12 @@ class TuningDatabase:
                 rows = con.execute("SELECT * FROM trials WHERE model_hash=? ORDER BY created", (model_hash,)).fetchall()
         return [_stored(r) for r in rows]
 
-    def prior_rows(self, *, exclude_hashes: set[str] = frozenset(), exclude_names: set[str] = frozenset()) -> list[PriorRow]:  # type: ignore[assignment]
-        """Trials of every model except the excluded ones (leave-this-model-out transfer data)."""
+    def prior_rows(self, *, exclude_hashes: set[str] = frozenset(), exclude_names: set[str] = frozenset(),  # type: ignore[assignment]
+                   latency_context: str | None = None) -> list[PriorRow]:  # fmt: skip
+        """Trials of every model except the excluded ones (leave-this-model-out transfer data), with
+        their latency ratio to fp32 where they were timed in ``latency_context`` (latency is per target)."""
         models = self.models()
+        ratios = self.latency_ratios(latency_context) if latency_context else {}
         rows = []
         for t in self.trials():
             if t.model_hash in exclude_hashes or t.model_hash not in models:
@@ -167,7 +205,9 @@ class TuningDatabase:
             if name in exclude_names:
                 continue
             delta = (t.accuracy if t.accuracy is not None else 0.0) - t.fp32_accuracy
-            rows.append(PriorRow(t.model_hash, name, desc, t.config, delta))
+            if not math.isfinite(delta):  # an SQNR-scored model: fp32 against itself is unbounded, no change to learn
+                continue
+            rows.append(PriorRow(t.model_hash, name, desc, t.config, delta, ratios.get((t.model_hash, t.config_key))))
         return rows
 
     def merge_from(self, other: TuningDatabase) -> int:
@@ -194,6 +234,7 @@ def load_prior(
     use_seed: bool,
     exclude_hashes: set[str] = frozenset(),  # type: ignore[assignment]
     exclude_names: set[str] = frozenset(),  # type: ignore[assignment]
+    latency_context: str | None = None,
 ) -> list[PriorRow]:
     """Transfer rows from ``database`` and (optionally) the shipped seed database, other models only."""
     rows: list[PriorRow] = []
@@ -202,7 +243,7 @@ def load_prior(
     if use_seed and SEED_DATABASE.is_file() and (database is None or database.path.resolve() != SEED_DATABASE.resolve()):
         sources.append(TuningDatabase(SEED_DATABASE, read_only=True))
     for db in sources:
-        for r in db.prior_rows(exclude_hashes=exclude_hashes, exclude_names=exclude_names):
+        for r in db.prior_rows(exclude_hashes=exclude_hashes, exclude_names=exclude_names, latency_context=latency_context):
             k = (r.model_hash, json.dumps(r.config, sort_keys=True))
             if k not in seen:
                 seen.add(k)

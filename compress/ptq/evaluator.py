@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: ``TrialResult.extra`` key set on a trial whose worker was lost (not the configuration's failure: never cached).
 LOST = "worker_lost"
+#: the configuration key under which the unquantized model's latency is stored
+FP32_KEY = "fp32"
 
 
 @dataclass
@@ -46,6 +49,8 @@ class TrialResult:
             the same calibration key).
         calibrated: whether this trial ran the calibration pass itself.
         cached: served from the tuning database instead of measured now.
+        latency_ms: batch-1 median of the quantized model on the target's onnxruntime settings
+            (None when latency was not asked for, or the trial failed).
     """
 
     config: PTQConfig
@@ -57,6 +62,7 @@ class TrialResult:
     calibrated: bool = False
     cached: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    latency_ms: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -66,7 +72,59 @@ class TrialResult:
         return {"label": self.config.label(), "config": self.config.canonical(), "key": self.config.key(),
                 "accuracy": self.accuracy, "sqnr_db": self.sqnr_db, "error": self.error,
                 "seconds": round(self.seconds, 4), "calibration_seconds": round(self.calibration_seconds, 4),
-                "calibrated": self.calibrated, "cached": self.cached}  # fmt: skip
+                "calibrated": self.calibrated, "cached": self.cached,
+                "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 4)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LatencySpec:
+    """How trials time their model: the target's onnxruntime providers and threads, batch 1.
+
+    Attributes:
+        providers, threads: the session, as the target runs it.
+        seconds: timing per model after the warm-up (a screening number: the chosen model is timed
+            again side by side with fp32).
+        context: what the number depends on (machine, providers, threads, onnxruntime), the key
+            of stored latencies.
+    """
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int = 1
+    seconds: float = 0.5
+    context: str = ""
+
+    @classmethod
+    def for_target(cls, target: Any, *, threads: int | None = None, seconds: float = 0.5) -> LatencySpec:
+        import platform
+
+        import onnxruntime
+
+        providers = tuple(getattr(target, "ort_providers", None) or ("CPUExecutionProvider",))
+        n = threads or int(getattr(target, "num_threads", 0) or 0) or len(os.sched_getaffinity(0))
+        cpu = _cpu_name()
+        context = f"{platform.machine()}|{cpu}|{','.join(providers)}|threads={n}|onnxruntime=={onnxruntime.__version__}"
+        return cls(providers, n, seconds, context)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown cpu"
+
+
+def time_model(model_path: Path | str, feeds: dict[str, np.ndarray], spec: LatencySpec) -> float:
+    """Batch-1 p50 (ms) of an ONNX model on onnxruntime as ``spec`` says (warm-up excluded)."""
+    from runtimes.measure import measure_latency
+    from runtimes.ort_runtime import OrtSession
+
+    sess = OrtSession(str(model_path), list(spec.providers), spec.threads)
+    return measure_latency(sess, feeds, warmup=5, min_runs=20, min_seconds=spec.seconds).p50_ms
 
 
 @dataclass(frozen=True)
@@ -80,6 +138,36 @@ class TrialTask:
     calib_cache: Path
     threads: int = 1
     metric: str = "top1"
+    latency: LatencySpec | None = None
+
+
+def _row_digests(feeds: dict[str, np.ndarray]) -> list[bytes]:
+    names = sorted(feeds)
+    n = len(feeds[names[0]]) if names else 0
+    return [hashlib.sha256(b"".join(np.ascontiguousarray(feeds[k][i]).tobytes() for k in names)).digest() for i in range(n)]
+
+
+def disjoint_validation(calib: dict[str, np.ndarray], val: dict[str, np.ndarray],
+                        val_y: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray | None, int]:  # fmt: skip
+    """Validation feeds without the samples that also calibrate (scores on calibration data flatter).
+
+    Returns the kept feeds, their labels and how many samples were dropped.
+
+    Raises:
+        DataError: every validation sample is also a calibration sample (the same data given twice).
+    """
+    seen = set(_row_digests(calib))
+    keep = [i for i, d in enumerate(_row_digests(val)) if d not in seen]
+    dropped = len(next(iter(val.values()))) - len(keep) if val else 0
+    if not dropped:
+        return val, val_y, 0
+    if not keep:
+        from compress.errors import DataError
+
+        raise DataError("every validation sample is also a calibration sample: give separate data for calibration "
+                        "and evaluation (--calib-data and --eval-data, or --data with its own splits)")  # fmt: skip
+    idx = np.asarray(keep)
+    return {k: v[idx] for k, v in val.items()}, None if val_y is None else np.asarray(val_y)[idx], dropped
 
 
 def save_feeds(path: Path, feeds: dict[str, np.ndarray]) -> None:
@@ -121,6 +209,7 @@ def run_trial(task: TrialTask) -> TrialResult:
             info = quantize_to_file(task.prepared, task.config, calib, out, task.calib_cache,
                                     nodes_to_exclude=list(task.exclude))  # fmt: skip
             outputs = model_outputs(out, val, task.threads)
+            latency = None if task.latency is None else time_model(out, load_feeds(task.arrays / "latency.npz"), task.latency)
         except trial_failure_types() as exc:
             msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             log.info("trial %s failed: %s", task.config.label(), msg)
@@ -133,7 +222,8 @@ def run_trial(task: TrialTask) -> TrialResult:
                            calibrated=info["calibrated"])  # fmt: skip
     acc = trial_score(task.metric, outputs, val_y, ref)
     return TrialResult(task.config, acc, sqnr_db=float(compare_all_outputs(ref, outputs)["sqnr_db"]), seconds=seconds,
-                       calibration_seconds=info["calibration_seconds"], calibrated=info["calibrated"])  # fmt: skip
+                       calibration_seconds=info["calibration_seconds"], calibrated=info["calibrated"],
+                       latency_ms=latency)  # fmt: skip
 
 
 class Evaluator:
@@ -148,6 +238,7 @@ class Evaluator:
         workdir: where arrays and calibration caches live.
         sensitive_order: weighted nodes, most sensitive first (for ``keep_float='sensitive'``); a
             callable computing it on first need is accepted.
+        latency: time every trial (and fp32) this way; None measures accuracy only.
     """
 
     def __init__(
@@ -162,6 +253,7 @@ class Evaluator:
         workdir: Path,
         sensitive_order: list[str] | Callable[[], list[str]] | None = None,
         threads: int = 1,
+        latency: LatencySpec | None = None,
     ):
         from compress.ptq.ort_backend import calibration_samples, feeds_hash, model_outputs
         from export.spec import as_feeds
@@ -205,6 +297,15 @@ class Evaluator:
         self.fp32_outputs = model_outputs(prepared.path, val, threads)
         np.savez(self.arrays / "fp32_outputs.npz", **{f"o{k}": o for k, o in enumerate(self.fp32_outputs)})  # type: ignore[arg-type]
         self.fp32_accuracy = trial_score(metric, self.fp32_outputs, val_y, self.fp32_outputs)
+        self.latency = latency
+        self.fp32_latency_ms: float | None = None
+        if latency is not None:
+            from export.spec import slice_feeds
+
+            save_feeds(self.arrays / "latency.npz", slice_feeds(val, 0, 1))
+            self.fp32_latency_ms = self._stored_latency(FP32_KEY) or time_model(prepared.path, slice_feeds(val, 0, 1), latency)
+            if self.database is not None:
+                self.database.put_latency(prepared.model_hash, FP32_KEY, latency.context, self.fp32_latency_ms)
         self._memory: dict[str, TrialResult] = {}
         self.measured = 0
 
@@ -226,7 +327,8 @@ class Evaluator:
 
         order = self.sensitive_order() if config.keep_float == "sensitive" else None
         exclude = tuple(excluded_nodes(self.prepared, config, order))
-        return TrialTask(self.prepared, config, exclude, self.arrays, self.calib_cache, self.threads, self.metric)
+        return TrialTask(self.prepared, config, exclude, self.arrays, self.calib_cache, self.threads, self.metric,
+                         self.latency)  # fmt: skip
 
     def lookup(self, config: PTQConfig) -> TrialResult | None:
         key = config.key()
@@ -237,8 +339,18 @@ class Evaluator:
         row = self.database.get_trial(self.prepared.model_hash, self.data_hash, key)
         if row is None:
             return None
+        latency = None
+        if self.latency is not None and row.accuracy is not None:
+            latency = self._stored_latency(key)
+            if latency is None:  # measured before without timing (or on another machine): measure again
+                return None
         return TrialResult(config, row.accuracy, row.sqnr_db, row.error, row.seconds, row.calibration_seconds,
-                           row.calibrated, cached=True)  # fmt: skip
+                           row.calibrated, cached=True, latency_ms=latency)  # fmt: skip
+
+    def _stored_latency(self, key: str) -> float | None:
+        if self.database is None or self.latency is None:
+            return None
+        return self.database.get_latency(self.prepared.model_hash, key, self.latency.context)
 
     #: what measures a task (the executors call it wherever they run trials)
     trial_fn = staticmethod(run_trial)
@@ -263,6 +375,8 @@ class Evaluator:
         self._memory[config.key()] = r
         if self.database is not None and not r.extra.get(LOST):
             self._store(config, r)
+            if r.latency_ms is not None and self.latency is not None:
+                self.database.put_latency(self.prepared.model_hash, config.key(), self.latency.context, r.latency_ms)
 
     def _store(self, config: PTQConfig, r: TrialResult) -> None:
         if self.database is not None:

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.errors import UnsupportedError
+from compress.errors import GateFailure, UnsupportedError
 from compress.progress import progress
 from compress.ptq.config import PTQConfig, QuantuneSearchConfig
-from compress.ptq.evaluator import LOST, Evaluator, TrialResult
+from compress.ptq.evaluator import LOST, Evaluator, LatencySpec, TrialResult, disjoint_validation
 from compress.ptq.executors import TrialExecutor, make_executor
+from compress.ptq.finalize import finalize, objective_max_drop, resolution_notes
+from compress.ptq.objective import choose
 from compress.ptq.strategies import SearchStrategy
 
 log = logging.getLogger(__name__)
@@ -235,12 +236,11 @@ def quantize_artifact(
         ConfigError: an invalid model, space or database. DataError: empty calibration set.
         UnsupportedError: every measured configuration failed.
     """
-    import onnx
 
     from compress.cache import cache_dir
     from compress.ptq.database import TuningDatabase, load_prior
     from compress.ptq.descriptors import model_descriptors
-    from compress.ptq.ort_backend import prepare_model, quantize_to_file
+    from compress.ptq.ort_backend import prepare_model
     from compress.ptq.sensitivity import layer_sensitivity, sensitivity_markdown
     from compress.ptq.space import enumerate_space
     from compress.ptq.strategies import make_strategy
@@ -260,9 +260,11 @@ def quantize_artifact(
     val_ds = splits.val.head(config.val_samples)
     nval = len(val_ds)
     calib_x, val_x = splits.calib.feeds(inputs), val_ds.feeds(inputs)
-    val_y = val_ds.y
+    val_x, val_y, overlap = disjoint_validation(calib_x, val_x, val_ds.y)
+    nval -= overlap
     metric = config.metric or _default_metric(prepared, val_x, val_y is not None, source.manifest.extra.get("task"))
-    evaluator = Evaluator(prepared, calib_x, val_x, val_y, database=db, metric=metric,
+    spec = LatencySpec.for_target(target, seconds=config.latency_seconds)
+    evaluator = Evaluator(prepared, calib_x, val_x, val_y, database=db, metric=metric, latency=spec,
                           workdir=cache_dir("quantune", "work", prepared.model_hash[:24]))  # fmt: skip
     evaluator.set_sensitivity_source(lambda: _sensitivity_ranking(evaluator, calib_x, val_x, val_y))
     executor = make_executor(config.workers or (0 if config.executor == "ray" else 1), config.executor, config.ray_address)
@@ -273,10 +275,12 @@ def quantize_artifact(
             strategy: SearchStrategy = GridSearch([config.config], seed=config.seed)
         else:
             prior = load_prior(db, use_seed=config.use_seed_database, exclude_hashes={prepared.model_hash},
-                               exclude_names=exclude_prior_names or set())  # fmt: skip
+                               exclude_names=exclude_prior_names or set(), latency_context=spec.context)  # fmt: skip
             strategy = make_strategy(config.search, enumerate_space(config.resolved_space()), seed=config.seed,
                                      descriptors=descriptors, fp32_accuracy=evaluator.fp32_accuracy, prior=prior,
-                                     rounds=config.xgb_rounds, eta=config.xgb_eta, gamma=config.xgb_gamma)  # fmt: skip
+                                     rounds=config.xgb_rounds, eta=config.xgb_eta, gamma=config.xgb_gamma,
+                                     objective=config.objective, max_drop=objective_max_drop(config, target),
+                                     fp32_latency_ms=evaluator.fp32_latency_ms, min_score=config.min_sqnr_db)  # fmt: skip
             log.info("%s search: %d configurations, prior of %d trials", config.search, len(strategy.candidates), len(prior))
         result = run_search(strategy, evaluator, budget_trials=config.budget_trials, budget_time_s=config.budget_time_s,
                             target_accuracy=config.target_accuracy, executor=executor)  # fmt: skip
@@ -291,38 +295,52 @@ def quantize_artifact(
     if best is None:
         errors = sorted({t.error or "" for t in result.trials})
         raise UnsupportedError(f"all {len(result.trials)} PTQ trials failed on {name}; errors: {'; '.join(errors)[:500]}")
+    max_drop = objective_max_drop(config, target)
+    if config.search == "none":  # a configuration given as is is applied as is (its latency is still said)
+        config = config.model_copy(update={"objective": "accuracy"})
+    choice = choose(result.trials, objective=config.objective, fp32_accuracy=evaluator.fp32_accuracy,
+                    fp32_latency_ms=evaluator.fp32_latency_ms, max_drop=max_drop,
+                    min_score=config.min_sqnr_db if metric == "sqnr" else None)  # fmt: skip
     sens: list[dict[str, Any]] = []
     if config.sensitivity:
-        sens = layer_sensitivity(prepared, best.config, calib_x, val_x, val_y, evaluator.fp32_outputs,
+        sens = layer_sensitivity(prepared, (choice.trial or best).config, calib_x, val_x, val_y, evaluator.fp32_outputs,
                                  evaluator.calib_cache, metric=metric)  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="quantune-final-") as tmp:
-        qpath = Path(tmp) / "model.onnx"
-        task = evaluator.task(best.config)
-        quantize_to_file(prepared, best.config, calib_x, qpath, evaluator.calib_cache, nodes_to_exclude=list(task.exclude))
-        qmodel = onnx.load(str(qpath))
+    final = finalize(Path(source.model_path), prepared, choice, evaluator, calib_x, config, spec)
+    chosen = final.trial
+    if chosen is None and config.require_quantized and config.objective != "accuracy":
+        raise GateFailure(f"no quantized model was returned for {name}: {final.reason}. Drop --require-quantized to "
+                          "get the fp32 model, or allow more accuracy loss (--max-drop) or trials",
+                          failures=[{"target": getattr(target, "name", "-"), "gate": "require_quantized",
+                                     "limit": "faster than fp32", "value": final.reason, "excess": None}])  # fmt: skip
     metrics = {
-        "metric": metric, "val_accuracy": best.accuracy, "fp32_val_accuracy": evaluator.fp32_accuracy,
-        "val_samples": nval, "calib_samples": len(splits.calib), "val_source": splits.val.name,
-        "calib_source": splits.calib.name,
-        "sqnr_db_vs_fp32": best.sqnr_db, "trials": len(result.trials), "measured_now": evaluator.measured,
-        "stopped_by": result.stopped_by, "search_seconds": round(result.wall_seconds, 2), "config": best.config.label(),
-        "float_nodes": list(task.exclude), "executor": result.extra["executor"],
-        "lost_trials": sum(1 for t in result.trials if t.extra.get(LOST)),
+        "metric": metric, "val_accuracy": chosen.accuracy if chosen else evaluator.fp32_accuracy,
+        "fp32_val_accuracy": evaluator.fp32_accuracy, "val_samples": nval, "calib_samples": len(splits.calib),
+        "val_source": splits.val.name, "calib_source": splits.calib.name,
+        "sqnr_db_vs_fp32": chosen.sqnr_db if chosen else None, "trials": len(result.trials),
+        "measured_now": evaluator.measured, "stopped_by": result.stopped_by,
+        "search_seconds": round(result.wall_seconds, 2), "config": chosen.config.label() if chosen else "fp32",
+        "float_nodes": final.float_nodes, "executor": result.extra["executor"],
+        "lost_trials": sum(1 for t in result.trials if t.extra.get(LOST)), **final.metrics(config.objective, max_drop),
+        "notes": [*resolution_notes(nval, max_drop, config.objective, metric), *final.notes,
+                  *([f"{overlap} validation sample(s) also in the calibration set were left out of scoring"] if overlap else [])],
     }  # fmt: skip
     log_json = {"model": name, "model_hash": prepared.model_hash, "data_hash": evaluator.data_hash,
-                "fp32_accuracy": evaluator.fp32_accuracy, "search": config.model_dump(mode="json"),
-                **result.to_dict()}  # fmt: skip
+                "fp32_accuracy": evaluator.fp32_accuracy, "fp32_latency_ms": evaluator.fp32_latency_ms,
+                "search": config.model_dump(mode="json"), "choice": final.metrics(config.objective, max_drop),
+                "pareto_front": final.front, **result.to_dict()}  # fmt: skip
+    label = chosen.config.label() if chosen else "fp32"
     files = {
         "trials.json": (json.dumps(log_json, indent=2) + "\n").encode(),
         "sensitivity.json": (json.dumps(sens, indent=2) + "\n").encode(),
-        "sensitivity.md": sensitivity_markdown(sens, best.config.label()).encode(),
+        "sensitivity.md": sensitivity_markdown(sens, label).encode(),
     }
-    stage = StageRecord(stage="ptq", config={**config.model_dump(mode="json"), "chosen": best.config.canonical()},
+    chosen_cfg = chosen.config.canonical() if chosen else "fp32"
+    stage = StageRecord(stage="ptq", config={**config.model_dump(mode="json"), "chosen": chosen_cfg},
                         metrics=metrics, seconds=round(time.perf_counter() - t0, 2))  # fmt: skip
     art = write_onnx_artifact(
-        qmodel, dest, fmt="onnx-qdq", model_name=name, target=target, inputs=list(source.manifest.inputs),
-        preprocessing=source.manifest.preprocessing, stages=[*source.manifest.stages, stage],
-        parent_hash=source.hash, metrics={"ptq": metrics}, extra={**source.manifest.extra, "ptq_config": best.config.canonical()},
-        extra_files=files,
+        final.model, dest, fmt="onnx-qdq" if chosen else "onnx", model_name=name, target=target,
+        inputs=list(source.manifest.inputs), preprocessing=source.manifest.preprocessing,
+        stages=[*source.manifest.stages, stage], parent_hash=source.hash, metrics={"ptq": metrics},
+        extra={**source.manifest.extra, "ptq_config": chosen_cfg}, extra_files=files,
     )  # fmt: skip
     return QuantuneResult(art, result, evaluator.fp32_accuracy, sens, metrics)

@@ -8,6 +8,7 @@ configurations not measured yet, ``observe(results)`` feeds back what was measur
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import Any
 
@@ -165,6 +166,11 @@ class QuantuneSearch(SearchStrategy):
         fp32_accuracy: this model's fp32 validation accuracy (targets are accuracy changes).
         prior: trials of other models (leave-this-model-out), from the tuning database.
         own_weight: sample weight of this model's trials relative to the prior's.
+        objective, max_drop, fp32_latency_ms: with ``latency`` or ``pareto`` a second cost model
+            predicts each configuration's latency ratio to fp32 (log scale, from this model's timed
+            trials and the prior's in the same runtime context), and candidates predicted within
+            ``max_drop`` points (or, for an unbounded fp32 score such as SQNR, at ``min_score`` or
+            more) are proposed fastest first, the others after them by accuracy.
     """
 
     name = "quantune"
@@ -182,6 +188,10 @@ class QuantuneSearch(SearchStrategy):
         gamma: float = 3.0,
         init_trials: int = 3,
         own_weight: float = 3.0,
+        objective: str = "accuracy",
+        max_drop: float = 1.0,
+        fp32_latency_ms: float | None = None,
+        min_score: float = 30.0,
     ):
         super().__init__(candidates, seed=seed)
         self.descriptors = descriptors
@@ -192,9 +202,17 @@ class QuantuneSearch(SearchStrategy):
         self.own_weight = own_weight
         self._rng = random.Random(seed)
         self._tiebreak = {c.key(): self._rng.random() for c in self.candidates}
+        # Scores with an unbounded fp32 (SQNR) have no change to transfer: learn this model's own scores only.
+        self._relative = math.isfinite(fp32_accuracy)
+        if not self._relative:
+            self.prior = []
         self._prior_x = [feature_vector(PTQConfig(**r.config), r.descriptors) for r in self.prior]
         self._prior_y = [r.accuracy_delta for r in self.prior]
         self.predictions: dict[str, float] = {}
+        self.objective, self.max_drop, self.fp32_latency_ms, self.min_score = objective, max_drop, fp32_latency_ms, min_score
+        self.latency_model = CostModel(rounds=rounds, eta=eta, gamma=0.0, seed=seed)
+        self._prior_lat = [(x, math.log(r.latency_ratio)) for x, r in zip(self._prior_x, self.prior, strict=True)
+                           if r.latency_ratio is not None and r.latency_ratio > 0]  # fmt: skip
 
     def propose(self, n: int) -> list[PTQConfig]:
         import time
@@ -211,15 +229,34 @@ class QuantuneSearch(SearchStrategy):
         w = [1.0] * len(x)
         for r in self.measured.values():
             x.append(feature_vector(r.config, self.descriptors))
-            y.append((r.accuracy if r.accuracy is not None else 0.0) - self.fp32_accuracy)
+            score = r.accuracy if r.accuracy is not None else 0.0
+            y.append(score - self.fp32_accuracy if self._relative else score)
             w.append(self.own_weight)
         self.model.fit(x, y, w)
-        pred = self.model.predict([feature_vector(c, self.descriptors) for c in left])
+        feats = [feature_vector(c, self.descriptors) for c in left]
+        pred = self.model.predict(feats)
         self.predictions.update({c.key(): float(p) for c, p in zip(left, pred, strict=True)})
-        # Highest predicted first; a seeded tie-break keeps equal predictions in a reproducible order.
-        order = np.lexsort((np.asarray([self._tiebreak[c.key()] for c in left]), -pred))
+        tiebreak = np.asarray([self._tiebreak[c.key()] for c in left])
+        lat = self._predicted_log_latency(feats)
+        if lat is None:  # highest predicted accuracy first; the seeded tie-break keeps equal ones reproducible
+            order = np.lexsort((tiebreak, -pred))
+        else:  # predicted accurate enough first, fastest first among them; then the rest by accuracy
+            feasible = pred >= (-self.max_drop if self._relative else self.min_score)
+            order = np.lexsort((tiebreak, np.where(feasible, lat, -pred), ~feasible))
         self.overhead_seconds += time.perf_counter() - t0
         return [left[i] for i in order[:n]]
+
+    def _predicted_log_latency(self, feats: list[list[float]]) -> np.ndarray | None:
+        """log(latency / fp32 latency) of each candidate, or None (accuracy objective, or too few timings)."""
+        if self.objective not in ("latency", "pareto") or not self.fp32_latency_ms:
+            return None
+        rows = list(self._prior_lat)
+        rows += [(feature_vector(r.config, self.descriptors), math.log(r.latency_ms / self.fp32_latency_ms))
+                 for r in self.measured.values() if r.latency_ms]  # fmt: skip
+        if len(rows) < 2:
+            return None
+        self.latency_model.fit([x for x, _ in rows], [y for _, y in rows])
+        return self.latency_model.predict(feats)
 
 
 def make_strategy(
@@ -233,6 +270,10 @@ def make_strategy(
     rounds: int = 200,
     eta: float = 0.15,
     gamma: float = 3.0,
+    objective: str = "accuracy",
+    max_drop: float = 1.0,
+    fp32_latency_ms: float | None = None,
+    min_score: float = 30.0,
 ) -> SearchStrategy:
     """Build the strategy called ``name``.
 
@@ -247,5 +288,6 @@ def make_strategy(
         return GeneticSearch(candidates, seed=seed)
     if name == "quantune":
         return QuantuneSearch(candidates, descriptors=descriptors or {}, fp32_accuracy=fp32_accuracy, prior=prior,
-                              seed=seed, rounds=rounds, eta=eta, gamma=gamma)  # fmt: skip
+                              seed=seed, rounds=rounds, eta=eta, gamma=gamma, objective=objective, max_drop=max_drop,
+                              fp32_latency_ms=fp32_latency_ms, min_score=min_score)  # fmt: skip
     raise ConfigError(f"unknown search strategy {name!r}; valid: quantune, random, grid, genetic")
