@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
                                    input_shape=image_shape(source.manifest.inputs))
                 if eval_data is not None and val_samples is None:  # a file given as eval data is used whole
                     cfg = cfg.model_copy(update={"val_samples": len(splits.val)})
-                result = quantize_artifact(source, splits, cfg, out, target=tgt)
+                result = quantize_artifact(source, splits, cfg, out, target=tgt, module=loaded[0].module if loaded else None)
                 check, verdict = guard_quantized(result, splits.test, tgt, loaded[0] if loaded else None,
                                                  max_drop=max_drop, min_sqnr_db=min_sqnr)  # fmt: skip
             finally:

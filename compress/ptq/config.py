@@ -39,6 +39,11 @@ class PTQConfig(BaseModel):
             ``sensitive`` (the ``keep_float_k`` most sensitive weighted layers).
         keep_float_k: how many sensitive layers stay in float (``sensitive`` only).
         exclude_nodes: ONNX node names always left in float.
+        brevitas: ``none`` (onnxruntime's ``quantize_static``) or the brevitas post-training algorithms
+            applied to the torch model (:mod:`compress.ptq.brevitas_backend`): ``calibrate``,
+            ``equalize``, ``bias_correction``, ``gptq``, ``gpfq`` or ``+``-joined sets of them. Brevitas
+            configurations calibrate by percentile (99.999), use symmetric activations and int8
+            symmetric weights, and keep no layer in float.
 
     Example:
         >>> PTQConfig(calibration="percentile", percentile=99.99, per_channel=True).key()[:8]  # doctest: +SKIP
@@ -57,9 +62,21 @@ class PTQConfig(BaseModel):
     keep_float: Literal["none", "first_last", "sensitive"] = "none"
     keep_float_k: int = Field(0, ge=0)
     exclude_nodes: tuple[str, ...] = ()
+    brevitas: str = "none"
 
     @model_validator(mode="after")
     def _cross_field(self) -> PTQConfig:
+        if self.brevitas != "none":
+            from compress.ptq.brevitas_backend import ALGORITHM_SETS
+
+            if self.brevitas not in ALGORITHM_SETS:
+                raise ValueError(f"unknown brevitas algorithms {self.brevitas!r}; valid: none, {', '.join(ALGORITHM_SETS)}")
+            fixed = {"calibration": "percentile", "percentile": 99.999, "activation_symmetric": True,
+                     "weight_symmetric": True, "reduce_range": False, "weight_bits": 8, "keep_float": "none"}  # fmt: skip
+            wrong = [f"{k}={getattr(self, k)!r}" for k, v in fixed.items() if getattr(self, k) != v]
+            if wrong:
+                raise ValueError(f"brevitas configurations fix {', '.join(f'{k}={v!r}' for k, v in fixed.items())}; "
+                                 f"got {', '.join(wrong)}")  # fmt: skip
         if self.keep_float == "sensitive" and self.keep_float_k < 1:
             raise ValueError("keep_float='sensitive' needs keep_float_k >= 1 (how many layers stay in float)")
         if self.keep_float != "sensitive" and self.keep_float_k:
@@ -71,6 +88,8 @@ class PTQConfig(BaseModel):
         d = self.model_dump(mode="json")
         if self.calibration != "percentile":
             d.pop("percentile")
+        if self.brevitas == "none":  # onnxruntime configurations keep the keys they had before brevitas
+            d.pop("brevitas")
         return d
 
     def key(self) -> str:
@@ -99,6 +118,8 @@ class PTQConfig(BaseModel):
             parts.append("rr")
         if self.keep_float != "none":
             parts.append(self.keep_float + (str(self.keep_float_k) if self.keep_float == "sensitive" else ""))
+        if self.brevitas != "none":
+            parts.insert(0, f"brevitas:{self.brevitas}")
         return "/".join(parts)
 
 
@@ -124,6 +145,8 @@ class SearchSpace(BaseModel):
     reduce_range: tuple[bool, ...] = (False,)
     weight_bits: tuple[int, ...] = (8,)
     keep_float: tuple[str, ...] = ("none", "first_last")
+    # brevitas algorithm sets, added (per weight scheme and calibration size) when the torch model is at hand
+    brevitas: tuple[str, ...] = ()
 
     @field_validator("calibration")
     @classmethod
@@ -144,12 +167,13 @@ class SearchSpace(BaseModel):
     @model_validator(mode="after")
     def _non_empty(self) -> SearchSpace:
         for name in type(self).model_fields:
-            if not getattr(self, name):
+            if name != "brevitas" and not getattr(self, name):
                 raise ValueError(f"search space dimension {name!r} is empty")
         return self
 
     def dimensions(self) -> dict[str, tuple[Any, ...]]:
-        return {name: tuple(getattr(self, name)) for name in type(self).model_fields}
+        """The onnxruntime dimensions (their product is that part of the space)."""
+        return {name: tuple(getattr(self, name)) for name in type(self).model_fields if name != "brevitas"}
 
 
 def space_preset(name: str) -> SearchSpace:
@@ -166,15 +190,17 @@ def space_preset(name: str) -> SearchSpace:
     if name == "tiny":
         return SearchSpace(calibration=("minmax", "distribution"), calib_size=(16,), per_channel=(False, True),
                            activation_symmetric=(False, True), weight_symmetric=(True,), keep_float=("none",))  # fmt: skip
+    from compress.ptq.brevitas_backend import ALGORITHM_SETS
+
     if name == "bench":
-        return SearchSpace(calib_size=(1, 100), weight_symmetric=(True,))
+        return SearchSpace(calib_size=(1, 100), weight_symmetric=(True,), brevitas=ALGORITHM_SETS)
     if name == "default":
-        return SearchSpace()
+        return SearchSpace(brevitas=ALGORITHM_SETS)
     if name == "full":
         return SearchSpace(
             calibration=("minmax", "entropy", "percentile99.9", "percentile99.99", "percentile99.999", "distribution"),
             calib_size=(1, 100, 1000), reduce_range=(False, True), weight_bits=(8, 4),
-            keep_float=("none", "first_last", "sensitive2"),
+            keep_float=("none", "first_last", "sensitive2"), brevitas=ALGORITHM_SETS,
         )  # fmt: skip
     raise ConfigError(f"unknown search space {name!r}; valid: {', '.join(SPACE_PRESETS)}")
 

@@ -139,6 +139,23 @@ class TrialTask:
     threads: int = 1
     metric: str = "top1"
     latency: LatencySpec | None = None
+    module: Any = None  # the fp32 torch model, for brevitas configurations
+
+
+def quantize_trial_model(task: TrialTask, calib: dict[str, np.ndarray], out: Path) -> dict[str, Any]:
+    """Write the quantized model of ``task.config`` to ``out``: onnxruntime's quantizer, or brevitas on the
+    torch model; returns the calibration bookkeeping (:func:`compress.ptq.ort_backend.quantize_to_file`)."""
+    if task.config.brevitas == "none":
+        from compress.ptq.ort_backend import quantize_to_file
+
+        return quantize_to_file(task.prepared, task.config, calib, out, task.calib_cache, nodes_to_exclude=list(task.exclude))
+    from compress.ptq.brevitas_backend import BrevitasError, quantize_to_onnx
+
+    if task.module is None:
+        raise BrevitasError("brevitas configurations need the torch model: give the checkpoint, not an ONNX file")
+    t0 = time.perf_counter()
+    quantize_to_onnx(task.module, task.config, calib, task.prepared.input_names, out)
+    return {"calibration_seconds": time.perf_counter() - t0, "calibrated": True}
 
 
 def _row_digests(feeds: dict[str, np.ndarray]) -> list[bytes]:
@@ -194,7 +211,7 @@ def trial_score(metric: str, outputs: list[np.ndarray], labels: np.ndarray | Non
 
 def run_trial(task: TrialTask) -> TrialResult:
     """Measure one configuration (runs in the calling process or in a pool worker)."""
-    from compress.ptq.ort_backend import model_outputs, quantize_to_file, trial_failure_types
+    from compress.ptq.ort_backend import model_outputs, trial_failure_types
     from export.verify import compare_all_outputs
 
     calib = load_feeds(task.arrays / "calib.npz")
@@ -206,8 +223,7 @@ def run_trial(task: TrialTask) -> TrialResult:
     with tempfile.TemporaryDirectory(prefix="quantune-") as tmp:
         out = Path(tmp) / "q.onnx"
         try:
-            info = quantize_to_file(task.prepared, task.config, calib, out, task.calib_cache,
-                                    nodes_to_exclude=list(task.exclude))  # fmt: skip
+            info = quantize_trial_model(task, calib, out)
             outputs = model_outputs(out, val, task.threads)
             latency = None if task.latency is None else time_model(out, load_feeds(task.arrays / "latency.npz"), task.latency)
         except trial_failure_types() as exc:
@@ -239,6 +255,7 @@ class Evaluator:
         sensitive_order: weighted nodes, most sensitive first (for ``keep_float='sensitive'``); a
             callable computing it on first need is accepted.
         latency: time every trial (and fp32) this way; None measures accuracy only.
+        module: the fp32 torch model (brevitas configurations quantize it); None for ONNX-only input.
     """
 
     def __init__(
@@ -254,6 +271,7 @@ class Evaluator:
         sensitive_order: list[str] | Callable[[], list[str]] | None = None,
         threads: int = 1,
         latency: LatencySpec | None = None,
+        module: Any = None,
     ):
         from compress.ptq.ort_backend import calibration_samples, feeds_hash, model_outputs
         from export.spec import as_feeds
@@ -298,6 +316,7 @@ class Evaluator:
         np.savez(self.arrays / "fp32_outputs.npz", **{f"o{k}": o for k, o in enumerate(self.fp32_outputs)})  # type: ignore[arg-type]
         self.fp32_accuracy = trial_score(metric, self.fp32_outputs, val_y, self.fp32_outputs)
         self.latency = latency
+        self.module = module
         self.fp32_latency_ms: float | None = None
         if latency is not None:
             from export.spec import slice_feeds
@@ -328,7 +347,7 @@ class Evaluator:
         order = self.sensitive_order() if config.keep_float == "sensitive" else None
         exclude = tuple(excluded_nodes(self.prepared, config, order))
         return TrialTask(self.prepared, config, exclude, self.arrays, self.calib_cache, self.threads, self.metric,
-                         self.latency)  # fmt: skip
+                         self.latency, self.module if config.brevitas != "none" else None)  # fmt: skip
 
     def lookup(self, config: PTQConfig) -> TrialResult | None:
         key = config.key()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.ptq.config import PTQConfig, QuantuneSearchConfig
-from compress.ptq.evaluator import Evaluator, LatencySpec, TrialResult, load_feeds
+from compress.ptq.evaluator import Evaluator, LatencySpec, TrialResult, load_feeds, quantize_trial_model
 from compress.ptq.objective import Choice
 
 #: trials score top-1 style metrics in whole samples; a threshold under this many is noise
@@ -52,6 +52,13 @@ def _r(v: float | None) -> float | None:
 
 def ptq_algorithms(config: PTQConfig, float_layers: int = 0) -> list[str]:
     """The post-training steps a configuration applies, in words (for the JSON and the report)."""
+    if config.brevitas != "none":
+        names = {"calibrate": "activation calibration (percentile 99.999)", "equalize": "cross-layer graph equalization",
+                 "bias_correction": "bias correction", "gptq": "GPTQ weight rounding", "gpfq": "GPFQ weight rounding"}  # fmt: skip
+        return ["brevitas (QCDQ export)", names["calibrate"],
+                *(names[a] for a in config.brevitas.split("+") if a != "calibrate"),
+                f"{config.calib_size} calibration samples",
+                "per-channel int8 weights" if config.per_channel else "per-tensor int8 weights"]  # fmt: skip
     calib = f"{config.calibration} calibration ({config.calib_size} samples"
     calib += f", percentile {config.percentile})" if config.calibration == "percentile" else ")"
     steps = ["onnxruntime quantize_static (QDQ)", calib,
@@ -101,8 +108,6 @@ def finalize(source_path: Path, prepared: Any, choice: Choice, evaluator: Evalua
     """Build the chosen model (or load fp32) and time it beside fp32; see the module docstring."""
     import onnx
 
-    from compress.ptq.ort_backend import quantize_to_file
-
     feeds = load_feeds(evaluator.arrays / "latency.npz")
     seconds = max(1.0, 4 * spec.seconds)
     timing = f"side by side with fp32, batch 1, {spec.threads} thread(s), onnxruntime {', '.join(spec.providers)}"
@@ -113,7 +118,7 @@ def finalize(source_path: Path, prepared: Any, choice: Choice, evaluator: Evalua
     with tempfile.TemporaryDirectory(prefix="quantune-final-") as tmp:
         qpath = Path(tmp) / "model.onnx"
         task = evaluator.task(trial.config)
-        quantize_to_file(prepared, trial.config, calib, qpath, evaluator.calib_cache, nodes_to_exclude=list(task.exclude))
+        quantize_trial_model(task, calib, qpath)
         fp32_ms, q_ms = side_by_side([source_path, qpath], feeds, spec, seconds)
         model = onnx.load(str(qpath))
     ratio = fp32_ms / q_ms

@@ -219,6 +219,7 @@ def quantize_artifact(
     *,
     target: Any = None,
     exclude_prior_names: set[str] | None = None,
+    module: Any = None,
 ) -> QuantuneResult:
     """Search (or apply) a PTQ configuration for the fp32 ONNX ``source`` artifact and write the best.
 
@@ -231,6 +232,8 @@ def quantize_artifact(
             ``sensitivity.json`` and ``sensitivity.md``.
         target: recorded in the manifest.
         exclude_prior_names: model names left out of the transfer prior (benchmarks' leave-one-out).
+        module: the fp32 torch model ``source`` was exported from: the space then also holds brevitas'
+            post-training algorithms (``SearchSpace.brevitas``); None (an ONNX-only input) leaves them out.
 
     Raises:
         ConfigError: an invalid model, space or database. DataError: empty calibration set.
@@ -264,7 +267,7 @@ def quantize_artifact(
     nval -= overlap
     metric = config.metric or _default_metric(prepared, val_x, val_y is not None, source.manifest.extra.get("task"))
     spec = LatencySpec.for_target(target, seconds=config.latency_seconds)
-    evaluator = Evaluator(prepared, calib_x, val_x, val_y, database=db, metric=metric, latency=spec,
+    evaluator = Evaluator(prepared, calib_x, val_x, val_y, database=db, metric=metric, latency=spec, module=module,
                           workdir=cache_dir("quantune", "work", prepared.model_hash[:24]))  # fmt: skip
     evaluator.set_sensitivity_source(lambda: _sensitivity_ranking(evaluator, calib_x, val_x, val_y))
     executor = make_executor(config.workers or (0 if config.executor == "ray" else 1), config.executor, config.ray_address)
@@ -276,7 +279,8 @@ def quantize_artifact(
         else:
             prior = load_prior(db, use_seed=config.use_seed_database, exclude_hashes={prepared.model_hash},
                                exclude_names=exclude_prior_names or set(), latency_context=spec.context)  # fmt: skip
-            strategy = make_strategy(config.search, enumerate_space(config.resolved_space()), seed=config.seed,
+            space = enumerate_space(config.resolved_space(), brevitas=module is not None)
+            strategy = make_strategy(config.search, space, seed=config.seed,
                                      descriptors=descriptors, fp32_accuracy=evaluator.fp32_accuracy, prior=prior,
                                      rounds=config.xgb_rounds, eta=config.xgb_eta, gamma=config.xgb_gamma,
                                      objective=config.objective, max_drop=objective_max_drop(config, target),
@@ -303,7 +307,9 @@ def quantize_artifact(
                     min_score=config.min_sqnr_db if metric == "sqnr" else None)  # fmt: skip
     sens: list[dict[str, Any]] = []
     if config.sensitivity:
-        sens = layer_sensitivity(prepared, (choice.trial or best).config, calib_x, val_x, val_y, evaluator.fp32_outputs,
+        scheme = (choice.trial or best).config  # each layer alone through onnxruntime's quantizer, with this scheme
+        scheme = SENSITIVITY_REFERENCE if scheme.brevitas != "none" else scheme
+        sens = layer_sensitivity(prepared, scheme, calib_x, val_x, val_y, evaluator.fp32_outputs,
                                  evaluator.calib_cache, metric=metric)  # fmt: skip
     final = finalize(Path(source.model_path), prepared, choice, evaluator, calib_x, config, spec)
     chosen = final.trial

@@ -10,6 +10,7 @@ import itertools
 import math
 from typing import Any
 
+from compress.ptq.brevitas_backend import ALGORITHM_SETS
 from compress.ptq.config import PTQConfig, SearchSpace
 
 
@@ -25,6 +26,7 @@ def _config_from_point(point: dict[str, Any]) -> PTQConfig:
         kw["keep_float"], kw["keep_float_k"] = "sensitive", int(kf[len("sensitive") :])
     else:
         kw["keep_float"] = kf
+    kw.setdefault("brevitas", "none")
     return PTQConfig(**kw)
 
 
@@ -41,14 +43,22 @@ def point_of(config: PTQConfig) -> dict[str, Any]:
         "reduce_range": config.reduce_range,
         "weight_bits": config.weight_bits,
         "keep_float": kf,
+        "brevitas": config.brevitas,
     }
 
 
-def enumerate_space(space: SearchSpace) -> list[PTQConfig]:
-    """Every configuration of ``space`` in grid order (first dimension = outermost loop)."""
+def enumerate_space(space: SearchSpace, *, brevitas: bool = False) -> list[PTQConfig]:
+    """Every configuration of ``space`` in grid order (first dimension = outermost loop); with
+    ``brevitas`` (a torch model is at hand) then the brevitas configurations, per algorithm set,
+    weight scheme and calibration size."""
     dims = space.dimensions()
     names = list(dims)
-    return [_config_from_point(dict(zip(names, values, strict=True))) for values in itertools.product(*dims.values())]
+    out = [_config_from_point(dict(zip(names, values, strict=True))) for values in itertools.product(*dims.values())]
+    if brevitas:
+        out += [PTQConfig(brevitas=algos, calibration="percentile", percentile=99.999, calib_size=n, per_channel=pc,
+                          activation_symmetric=True, weight_symmetric=True)
+                for algos in space.brevitas for pc in space.per_channel for n in space.calib_size]  # fmt: skip
+    return out
 
 
 # The one-hot vocabulary is fixed (not derived from one space) so trials of different spaces and models
@@ -62,6 +72,7 @@ ONE_HOT_VOCABULARY: dict[str, tuple[Any, ...]] = {
     "reduce_range": (False, True),
     "weight_bits": (8, 4),
     "keep_float": ("none", "first_last", "sensitive"),
+    "brevitas": ("none", *ALGORITHM_SETS),
 }
 
 
@@ -85,6 +96,7 @@ def config_features(config: PTQConfig) -> dict[str, float]:
         "reduce_range": config.reduce_range,
         "weight_bits": config.weight_bits,
         "keep_float": config.keep_float,
+        "brevitas": config.brevitas,
     }
     feats: dict[str, float] = {}
     for name, vocab in ONE_HOT_VOCABULARY.items():

@@ -38,7 +38,8 @@ def run_ptq_stage(source: Any, config: QuantuneSearchConfig, ctx: StageContext) 
 
     fp32 = _fp32_artifact(source, ctx.out_dir / "fp32")
     target = ctx.targets[0] if ctx.targets else None
-    result = quantize_artifact(fp32, ctx.splits, config, ctx.out_dir / ARTIFACT_DIR, target=target)
+    module = source.module if isinstance(source, ModelBundle) else None  # brevitas configurations need it
+    result = quantize_artifact(fp32, ctx.splits, config, ctx.out_dir / ARTIFACT_DIR, target=target, module=module)
     art = result.artifact
     return StageOutput(
         artifact=art,
