@@ -50,7 +50,8 @@ def run_model(name: str, work: Path, trials: int) -> dict:
     chk, _ = compress("check", work / f"{name}-onnx", "--data", DATA[name])
     row.update(metric=chk["metric"], fp32_samples=chk["samples"])
     q, row["quantize_seconds"] = compress("quantize", ckpt, "--data", DATA[name], "--budget-trials", trials,
-                                          "--space", "tiny", "--no-sensitivity", "-o", work / f"{name}-int8")  # fmt: skip
+                                          "--space", "tiny", "--no-sensitivity", "--objective", "accuracy",
+                                          "-o", work / f"{name}-int8")  # fmt: skip
     row.update(int8_config=q["config"], int8_val=q["val_accuracy"], trials=q["trials"],
                calib_samples=q["calib_samples"], val_samples=q["val_samples"])
     qchk, _ = compress("check", work / f"{name}-int8", "--data", DATA[name], "--reference", ckpt)
