@@ -75,6 +75,9 @@ class OrtSession:
         self.input_names = [i.name for i in self.inputs]
         self.output_names = [o.name for o in self._sess.get_outputs()]
         self._dtypes = {i.name: numpy_dtype(i.dtype) for i in self.inputs}
+        # a graph traced at a fixed batch (e.g. 1) runs larger batches in slices of that size
+        first = [i.shape[0] for i in self.inputs if i.shape]
+        self.fixed_batch = first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
 
     def run_all(self, x: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Every output for one batch (one array for a single-input model, or feeds by input name).
@@ -90,6 +93,11 @@ class OrtSession:
                 raise SpecError(
                     f"input {spec.name!r} shape {list(a.shape)} does not fit the model's [batch, {', '.join(map(str, want))}]"
                 )
+        n = len(next(iter(feeds.values()))) if feeds else 0
+        step = self.fixed_batch
+        if step is not None and n > step:
+            parts = [self.run_all({k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+            return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
         return list(self._sess.run(None, {k: np.ascontiguousarray(v, dtype=self._dtypes[k]) for k, v in feeds.items()}))
 
     def run(self, x: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:

@@ -68,3 +68,22 @@ def test_checkpoint_search_measures_brevitas_configs_and_onnx_input_has_none(cnn
     onnx_only = quantize_artifact(src, mnist_splits, cfg.model_copy(update={"database": str(tmp_path / "db2.sqlite")}),
                                   tmp_path / "q2")  # fmt: skip
     assert [t.config.brevitas for t in onnx_only.search.trials] == ["none"]
+
+
+def test_a_graph_built_for_batch_1_runs_any_batch_in_slices(tmp_path: Path) -> None:
+    """brevitas graphs that onnxruntime cannot run with a symbolic batch stay at batch 1; sessions slice."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from runtimes.ort_runtime import OrtSession
+
+    w = numpy_helper.from_array(np.arange(32, dtype=np.float32).reshape(8, 4) / 10, "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], initializer=[w])  # fmt: skip
+    path = tmp_path / "b1.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    sess = OrtSession(str(path), ["CPUExecutionProvider"], 1)
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    assert sess.fixed_batch == 1
+    np.testing.assert_allclose(sess.run(x), x @ numpy_helper.to_array(w), rtol=1e-5)

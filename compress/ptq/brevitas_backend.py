@@ -71,7 +71,8 @@ def quantize_module(module: Any, config: Any, calib: dict[str, np.ndarray], name
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = preprocess_for_quantize(copy.deepcopy(module).eval(),
+            # ReLU6 stays ReLU6 (brevitas' default turns it into ReLU, another function)
+            model = preprocess_for_quantize(copy.deepcopy(module).eval(), relu6_to_relu=False,
                                             equalize_iters=EQUALIZE_ITERS if "equalize" in algos else 0)  # fmt: skip
             model = quantize(model, **_maps(config.per_channel)).eval()
             with calibration_mode(model):
@@ -114,13 +115,15 @@ def export_qcdq(model: Any, sample: tuple[Any, ...], names: tuple[str, ...], out
     except Exception as exc:  # the exporter raises many types; a failed trial either way
         raise BrevitasError(f"brevitas cannot export this model to QCDQ ONNX: {type(exc).__name__}: "
                             f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from None  # fmt: skip
-    _free_batch(out)
+    _free_batch(out, sample)
 
 
-def _free_batch(path: Path) -> None:
+def _free_batch(path: Path, sample: tuple[Any, ...]) -> None:
     """Make the traced batch-1 graph's batch dimension symbolic (brevitas' exporter fails with
-    ``dynamic_axes``); a graph that baked the batch into a shape then fails at run time, a failed trial."""
+    ``dynamic_axes``) when onnxruntime still runs it so; otherwise the graph stays at batch 1, which
+    sessions run in slices (onnxruntime fails some symbolic-batch QCDQ graphs, EfficientNet-Lite's)."""
     import onnx
+    import onnxruntime as ort
 
     model = onnx.load(str(path))
     for v in [*model.graph.input, *model.graph.output]:
@@ -129,7 +132,18 @@ def _free_batch(path: Path) -> None:
             dims[0].ClearField("dim_value")
             dims[0].dim_param = "batch"
     del model.graph.value_info[:]  # shapes inferred for batch 1
-    onnx.save(model, str(path))
+    free = path.with_name(path.stem + "-batch.onnx")
+    onnx.save(model, str(free))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(str(free), opts, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        sess.run(None, {n: np.concatenate([t.numpy()] * 2) for n, t in zip(names, sample, strict=True)})
+    except Exception:  # onnxruntime's own error classes: keep the batch-1 graph
+        free.unlink(missing_ok=True)
+        return
+    free.replace(path)
 
 
 def quantize_to_onnx(module: Any, config: Any, calib: dict[str, np.ndarray], names: tuple[str, ...], out: Path) -> Any:
@@ -137,4 +151,32 @@ def quantize_to_onnx(module: Any, config: Any, calib: dict[str, np.ndarray], nam
     fake-quantized torch model (the reference the ONNX graph must match)."""
     model = quantize_module(module, config, calib, names)
     export_qcdq(model, _tensors(calib, names, 0, 1), names, out)
+    _check_export(model, out, calib, names)
     return model
+
+
+#: onnxruntime must compute what brevitas simulated (measured: 58 dB on the example CNN)
+MIN_EXPORT_SQNR_DB = 30.0
+
+
+def _check_export(model: Any, out: Path, calib: dict[str, np.ndarray], names: tuple[str, ...]) -> None:
+    """The exported graph against brevitas' own fake-quantized model on a few calibration samples.
+
+    Raises:
+        BrevitasError: they disagree (seen on EfficientNet-Lite, about 7 dB): the trial fails, named.
+    """
+    import torch
+
+    from export.verify import sqnr_db
+    from runtimes.ort_runtime import OrtSession
+
+    n = min(4, len(next(iter(calib.values()))))
+    with torch.no_grad():
+        ref = model(*_tensors(calib, names, 0, n))
+    ref = ref[0] if isinstance(ref, tuple | list) else ref
+    ref = np.asarray(getattr(ref, "value", ref), dtype=np.float64)
+    got = OrtSession(str(out), ["CPUExecutionProvider"], 1).run_all({k: calib[k][:n] for k in names})[0]
+    db = float(sqnr_db(ref, np.asarray(got, dtype=np.float64)))
+    if not db >= MIN_EXPORT_SQNR_DB:
+        raise BrevitasError(f"brevitas' QCDQ export computes something else in onnxruntime than brevitas' own model "
+                            f"({db:.1f} dB SQNR < {MIN_EXPORT_SQNR_DB:g} dB): not used")  # fmt: skip

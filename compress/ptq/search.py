@@ -198,6 +198,18 @@ class QuantuneResult:
     metrics: dict[str, Any]
 
 
+def _batch_as_built(model: Any, inputs: list[Any]) -> list[Any]:
+    """The inputs with the batch the graph was built for, when it is fixed (a brevitas graph traced
+    at batch 1): runtimes then run larger batches in slices."""
+    fixed = {}
+    for v in model.graph.input:
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            fixed[v.name] = int(dims[0].dim_value)
+    return [spec.model_copy(update={"shape": [fixed[spec.name], *spec.shape[1:]]}) if spec.name in fixed and spec.shape
+            else spec for spec in inputs]  # fmt: skip
+
+
 def _sensitivity_ranking(evaluator: Evaluator, calib: Any, val: Any, val_y: Any) -> list[str]:
     from compress.ptq.sensitivity import layer_sensitivity
 
@@ -345,7 +357,7 @@ def quantize_artifact(
                         metrics=metrics, seconds=round(time.perf_counter() - t0, 2))  # fmt: skip
     art = write_onnx_artifact(
         final.model, dest, fmt="onnx-qdq" if chosen else "onnx", model_name=name, target=target,
-        inputs=list(source.manifest.inputs), preprocessing=source.manifest.preprocessing,
+        inputs=_batch_as_built(final.model, list(source.manifest.inputs)), preprocessing=source.manifest.preprocessing,
         stages=[*source.manifest.stages, stage], parent_hash=source.hash, metrics={"ptq": metrics},
         extra={**source.manifest.extra, "ptq_config": chosen_cfg}, extra_files=files,
     )  # fmt: skip
