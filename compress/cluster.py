@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 from compress.ptq.evaluator import LOST, TrialResult, TrialTask
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> tuple
             ray.init(address=address, **quiet)
         except (ConnectionError, TimeoutError, ValueError) as exc:
             raise ClusterError(
-                f"cannot reach the Ray cluster at {address}: {str(exc).strip().splitlines()[0][:200]}. Start it with "
+                f"cannot reach the Ray cluster at {address}: {first_line(exc, 200)}. Start it with "
                 "'ray start --head' on the head node and pass its address (HOST:PORT, the GCS port, 6379 by default)"
             ) from None
         nodes, cpus = len(ray.nodes()), int(ray.cluster_resources().get("CPU", 0))
@@ -220,7 +220,7 @@ class RayTrialExecutor:
         except self._ray.exceptions.RayTaskError as exc:  # the trial itself raised: a bug, as in process
             raise exc.as_instanceof_cause() from None
         except self._lost as exc:
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc, empty=type(exc).__name__)
             config = getattr(task, "config", task)
             log.warning("trial %s lost its worker twice: %s", getattr(config, "label", lambda: config)(), reason)
             return ticket, TrialResult(config, None, error=f"worker lost (retried once): {type(exc).__name__}: {reason}",

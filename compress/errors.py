@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300, empty: str = "") -> str:
+    """The first line of an exception's message, cut to ``limit`` (``empty`` when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else empty
+
+
 class CompressError(Exception):
     """Base of the errors this package raises on purpose."""
 

@@ -20,6 +20,7 @@ class HostCPU:
     arch: str
     flags: frozenset[str]
     num_cores: int
+    model: str = ""  # the CPU's model name ("model name" in /proc/cpuinfo), empty when unknown
 
     @property
     def has_avx2(self) -> bool:
@@ -58,15 +59,22 @@ class HostCPU:
         return [n for n, present in names if present]
 
 
-def _read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+def _read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[frozenset[str], str]:
+    """The first CPU's feature flags and model name."""
+    flags: frozenset[str] = frozenset()
+    model = ""
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not flags and line.startswith(("flags", "Features")):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                elif not model and line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                if flags and model:
+                    break
     except OSError:
         pass
-    return frozenset()
+    return flags, model
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,7 +82,8 @@ def detect_host() -> HostCPU:
     """Detect the host CPU once per process."""
     arch = platform.machine().lower().replace("amd64", "x86_64")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return HostCPU(arch=arch, flags=_read_cpu_flags(), num_cores=cores)
+    flags, model = _read_cpuinfo()
+    return HostCPU(arch=arch, flags=flags, num_cores=cores, model=model or platform.processor())
 
 
 def runs_on_host(mtriple: str) -> bool:

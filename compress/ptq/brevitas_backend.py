@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from compress.errors import first_line
+
 #: the brevitas algorithm sets the search space offers (``PTQConfig.brevitas``)
 ALGORITHM_SETS = ("calibrate", "equalize", "bias_correction", "equalize+bias_correction", "gptq", "equalize+gptq",
                   "gpfq")  # fmt: skip
@@ -87,7 +89,7 @@ def quantize_module(module: Any, config: Any, calib: dict[str, np.ndarray], name
         raise
     except Exception as exc:  # FX tracing and brevitas' handlers raise many types on unseen architectures
         raise BrevitasError(f"brevitas cannot quantize this model ({config.brevitas}): {type(exc).__name__}: "
-                            f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from None  # fmt: skip
+                            f"{first_line(exc)}") from None  # fmt: skip
     return model
 
 
@@ -114,7 +116,7 @@ def export_qcdq(model: Any, sample: tuple[Any, ...], names: tuple[str, ...], out
                              dynamo=False, input_names=list(names))  # fmt: skip
     except Exception as exc:  # the exporter raises many types; a failed trial either way
         raise BrevitasError(f"brevitas cannot export this model to QCDQ ONNX: {type(exc).__name__}: "
-                            f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from None  # fmt: skip
+                            f"{first_line(exc)}") from None  # fmt: skip
     _free_batch(out, sample)
 
 

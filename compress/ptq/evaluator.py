@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from compress.errors import first_line
 from compress.ptq.config import PTQConfig
 from compress.ptq.database import StoredTrial, TuningDatabase
 
@@ -95,27 +95,16 @@ class LatencySpec:
 
     @classmethod
     def for_target(cls, target: Any, *, threads: int | None = None, seconds: float = 0.5) -> LatencySpec:
-        import platform
-
         import onnxruntime
 
+        from targets.host import detect_host
+
+        host = detect_host()
         providers = tuple(getattr(target, "ort_providers", None) or ("CPUExecutionProvider",))
-        n = threads or int(getattr(target, "num_threads", 0) or 0) or len(os.sched_getaffinity(0))
-        cpu = _cpu_name()
-        context = f"{platform.machine()}|{cpu}|{','.join(providers)}|threads={n}|onnxruntime=={onnxruntime.__version__}"
+        n = threads or int(getattr(target, "num_threads", 0) or 0) or host.num_cores
+        context = (f"{host.arch}|{host.model or 'unknown cpu'}|{','.join(providers)}|threads={n}"
+                   f"|onnxruntime=={onnxruntime.__version__}")  # fmt: skip
         return cls(providers, n, seconds, context)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown cpu"
 
 
 def time_model(model_path: Path | str, feeds: dict[str, np.ndarray], spec: LatencySpec) -> float:
@@ -227,7 +216,7 @@ def run_trial(task: TrialTask) -> TrialResult:
             outputs = model_outputs(out, val, task.threads)
             latency = None if task.latency is None else time_model(out, load_feeds(task.arrays / "latency.npz"), task.latency)
         except trial_failure_types() as exc:
-            msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            msg = f"{type(exc).__name__}: {first_line(exc)}"
             log.info("trial %s failed: %s", task.config.label(), msg)
             return TrialResult(task.config, None, error=msg, seconds=time.perf_counter() - t0,
                                calibration_seconds=info["calibration_seconds"], calibrated=info["calibrated"])  # fmt: skip
@@ -321,10 +310,13 @@ class Evaluator:
         if latency is not None:
             from export.spec import slice_feeds
 
-            save_feeds(self.arrays / "latency.npz", slice_feeds(val, 0, 1))
-            self.fp32_latency_ms = self._stored_latency(FP32_KEY) or time_model(prepared.path, slice_feeds(val, 0, 1), latency)
-            if self.database is not None:
-                self.database.put_latency(prepared.model_hash, FP32_KEY, latency.context, self.fp32_latency_ms)
+            one = slice_feeds(val, 0, 1)
+            save_feeds(self.arrays / "latency.npz", one)
+            self.fp32_latency_ms = self._stored_latency(FP32_KEY)
+            if self.fp32_latency_ms is None:
+                self.fp32_latency_ms = time_model(prepared.path, one, latency)
+                if self.database is not None:
+                    self.database.put_latency(prepared.model_hash, FP32_KEY, latency.context, self.fp32_latency_ms)
         self._memory: dict[str, TrialResult] = {}
         self.measured = 0
 
@@ -392,14 +384,11 @@ class Evaluator:
         """Keep a measured result: in memory, and in the tuning database unless its worker was lost."""
         self.measured += 1
         self._memory[config.key()] = r
-        if self.database is not None and not r.extra.get(LOST):
-            self._store(config, r)
-            if r.latency_ms is not None and self.latency is not None:
-                self.database.put_latency(self.prepared.model_hash, config.key(), self.latency.context, r.latency_ms)
-
-    def _store(self, config: PTQConfig, r: TrialResult) -> None:
-        if self.database is not None:
-            self.database.put_trial(StoredTrial(
-                self.prepared.model_hash, self.data_hash, config.key(), config.canonical(), r.accuracy,
-                self.fp32_accuracy, r.sqnr_db, r.error, r.seconds, r.calibration_seconds, r.calibrated,
-            ))  # fmt: skip
+        if self.database is None or r.extra.get(LOST):
+            return
+        self.database.put_trial(StoredTrial(
+            self.prepared.model_hash, self.data_hash, config.key(), config.canonical(), r.accuracy,
+            self.fp32_accuracy, r.sqnr_db, r.error, r.seconds, r.calibration_seconds, r.calibrated,
+        ))  # fmt: skip
+        if r.latency_ms is not None and self.latency is not None:
+            self.database.put_latency(self.prepared.model_hash, config.key(), self.latency.context, r.latency_ms)

@@ -31,14 +31,20 @@ class Choice:
         return self.trial is None
 
 
-def _key_accuracy(r: TrialResult) -> tuple[float, float]:
-    return (r.accuracy or 0.0, r.sqnr_db or 0.0)
+def better(a: TrialResult, b: TrialResult | None) -> bool:
+    """Whether ``a`` scores strictly higher than ``b`` (accuracy, then SQNR); a failed trial never does."""
+    if a.accuracy is None:
+        return False
+    if b is None or b.accuracy is None:
+        return True
+    return (a.accuracy, a.sqnr_db or 0.0) > (b.accuracy, b.sqnr_db or 0.0)
 
 
 def most_accurate(trials: list[TrialResult]) -> TrialResult | None:
+    """The best-scoring trial; among equals the earliest in ``trials`` (proposal order) wins."""
     best: TrialResult | None = None
-    for r in trials:  # in proposal order: the earliest of equals wins
-        if r.ok and (best is None or _key_accuracy(r) > _key_accuracy(best)):
+    for r in trials:
+        if better(r, best):
             best = r
     return best
 

@@ -22,7 +22,7 @@ from compress.ptq.config import PTQConfig, QuantuneSearchConfig
 from compress.ptq.evaluator import LOST, Evaluator, LatencySpec, TrialResult, disjoint_validation
 from compress.ptq.executors import TrialExecutor, make_executor
 from compress.ptq.finalize import finalize, objective_max_drop, resolution_notes
-from compress.ptq.objective import choose
+from compress.ptq.objective import better, choose, most_accurate
 from compress.ptq.strategies import SearchStrategy
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,6 @@ class SearchResult:
         return {"strategy": self.strategy, "stopped_by": self.stopped_by, "wall_seconds": round(self.wall_seconds, 3),
                 "strategy_overhead_seconds": round(self.overhead_seconds, 3), "trials": [t.to_dict() for t in self.trials],
                 "best": None if self.best is None else self.best.to_dict(), **self.extra}  # fmt: skip
-
-
-def _better(a: TrialResult, b: TrialResult | None) -> bool:
-    if a.accuracy is None:
-        return False
-    if b is None or b.accuracy is None:
-        return True
-    return (a.accuracy, a.sqnr_db or 0.0) > (b.accuracy, b.sqnr_db or 0.0)
 
 
 def run_search(
@@ -93,12 +85,8 @@ def run_search(
             arrived = loop.collect(timeout if loop.results else None)
             bar.advance(arrived)
     ex.cancel()
-    trials = loop.trials()
-    best = None
-    for r in trials:  # proposal order: among equal scores the earliest wins, whatever finished first
-        if _better(r, best):
-            best = r
-    return SearchResult(strategy.name, trials, best, loop.stopped_by or "space exhausted", clock() - start,
+    trials = loop.trials()  # in proposal order: among equal scores the earliest wins, whatever finished first
+    return SearchResult(strategy.name, trials, most_accurate(trials), loop.stopped_by or "space exhausted", clock() - start,
                         strategy.overhead_seconds)  # fmt: skip
 
 
@@ -157,7 +145,7 @@ class _SearchLoop:
                       else "space exhausted")  # fmt: skip
 
     def _consider(self, r: TrialResult) -> None:
-        if _better(r, self.best):
+        if better(r, self.best):
             self.best = r
             log.info("%s trial %d: new best %.2f%% with %s", self.strategy.name, len(self.results), r.accuracy,
                      r.config.label())  # fmt: skip
@@ -282,6 +270,7 @@ def quantize_artifact(
     evaluator = Evaluator(prepared, calib_x, val_x, val_y, database=db, metric=metric, latency=spec, module=module,
                           workdir=cache_dir("quantune", "work", prepared.model_hash[:24]))  # fmt: skip
     evaluator.set_sensitivity_source(lambda: _sensitivity_ranking(evaluator, calib_x, val_x, val_y))
+    max_drop = objective_max_drop(config, target)
     executor = make_executor(config.workers or (0 if config.executor == "ray" else 1), config.executor, config.ray_address)
     try:
         if config.search == "none":
@@ -295,7 +284,7 @@ def quantize_artifact(
             strategy = make_strategy(config.search, space, seed=config.seed,
                                      descriptors=descriptors, fp32_accuracy=evaluator.fp32_accuracy, prior=prior,
                                      rounds=config.xgb_rounds, eta=config.xgb_eta, gamma=config.xgb_gamma,
-                                     objective=config.objective, max_drop=objective_max_drop(config, target),
+                                     objective=config.objective, max_drop=max_drop,
                                      fp32_latency_ms=evaluator.fp32_latency_ms, min_score=config.min_sqnr_db)  # fmt: skip
             log.info("%s search: %d configurations, prior of %d trials", config.search, len(strategy.candidates), len(prior))
         result = run_search(strategy, evaluator, budget_trials=config.budget_trials, budget_time_s=config.budget_time_s,
@@ -311,7 +300,6 @@ def quantize_artifact(
     if best is None:
         errors = sorted({t.error or "" for t in result.trials})
         raise UnsupportedError(f"all {len(result.trials)} PTQ trials failed on {name}; errors: {'; '.join(errors)[:500]}")
-    max_drop = objective_max_drop(config, target)
     if config.search == "none":  # a configuration given as is is applied as is (its latency is still said)
         config = config.model_copy(update={"objective": "accuracy"})
     choice = choose(result.trials, objective=config.objective, fp32_accuracy=evaluator.fp32_accuracy,
