@@ -32,6 +32,7 @@ the background for the full set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import tempfile
@@ -96,18 +97,18 @@ def demo_onnx_artifacts(work: Path) -> list[Path]:
 @contextmanager
 def _without_shipped(enabled: bool) -> Any:
     """Hide the shipped database from :func:`tune` so that every task is tuned anew."""
-    from export.tvm import tuning
+    from export.tvm import records
 
     if not enabled:
         yield
         return
-    saved = tuning.SHIPPED_DIR
+    saved = records.SHIPPED_DIR
     with tempfile.TemporaryDirectory() as empty:
-        tuning.SHIPPED_DIR = Path(empty)
+        records.SHIPPED_DIR = Path(empty)
         try:
             yield
         finally:
-            tuning.SHIPPED_DIR = saved
+            records.SHIPPED_DIR = saved
 
 
 def refine(modules: dict[str, Any], tgt: Any, target_spec: dict[str, Any], root: Path, *, trials: int,
@@ -125,11 +126,12 @@ def refine(modules: dict[str, Any], tgt: Any, target_spec: dict[str, Any], root:
 
     from tvm.s_tir import meta_schedule as ms
 
-    from export.tvm import tuning
+    from export.tvm import records, tuning
 
     tuning._import_tensor_intrinsics()
-    user, _, folders = tuning.open_databases(target_spec, root)
-    ledger_path = folders[0] / "refined.json"
+    folder = root / records.database_key(target_spec)
+    user = records.open_json_database(folder, create=True, target_spec=target_spec)
+    ledger_path = folder / "refined.json"
     ledger: dict[str, int] = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
     chosen: dict[str, tuple[Any, float]] = {}
     for mod in modules.values():
@@ -154,7 +156,7 @@ def refine(modules: dict[str, Any], tgt: Any, target_spec: dict[str, Any], root:
             logger=logging.getLogger("tune_examples.metaschedule"), rand_state=seed + 1,
             num_threads=int(target_spec.get("num-cores") or 1),
         ).clone()  # fmt: skip
-        ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(folders[0] / "logs"), max_trials_global=trials,
+        ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(folder / "logs"), max_trials_global=trials,
                       max_trials_per_task=trials, num_trials_per_iter=16, database=user, builder=builder,
                       runner=runner, cost_model="random")  # fmt: skip
         ledger[f"random:{key}"] = trials
@@ -197,7 +199,7 @@ def best_records(modules: dict[str, Any], tgt: Any, folders: list[Path], *, keep
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from export.tvm.tuning import RECORD_FILE, WORKLOAD_FILE, workload_hash
+    from export.tvm.records import RECORD_FILE, WORKLOAD_FILE, check_record, workload_hash
 
     def open_db(f: Path) -> Any:
         return ms.database.JSONDatabase(path_workload=str(f / WORKLOAD_FILE), path_tuning_record=str(f / RECORD_FILE),
@@ -215,7 +217,7 @@ def best_records(modules: dict[str, Any], tgt: Any, folders: list[Path], *, keep
             if key in out:
                 continue
             found = [r for r in (db.query_tuning_record(task_mod, tgt, task.task_name) for db in dbs)
-                     if r is not None and r.run_secs]  # fmt: skip
+                     if r is not None and r.run_secs and _right(task_mod, r, tgt, check_record)]  # fmt: skip
             if not found:
                 log.warning("%s: task %s has no record (untunable or not tuned yet)", name, task.task_name)
                 continue
@@ -240,13 +242,29 @@ def best_records(modules: dict[str, Any], tgt: Any, folders: list[Path], *, keep
     return [(m, r) for m, r, _ in out.values()]
 
 
-def write_database(records: list[tuple[Any, Any]], tgt: Any, dest: Path) -> int:
-    """Write ``records`` as a fresh JSON database in ``dest`` (replacing its two files)."""
+def _right(task_mod: Any, rec: Any, tgt: Any, check: Any) -> bool:
+    """Whether a record computes its task right (never ship one that does not)."""
+    reason, _ = check(task_mod, rec, tgt)
+    if reason:
+        log.warning("record of a %s task computes a wrong result (%s): not shipped", task_mod.get_global_vars()[0], reason)
+    return reason is None
+
+
+def write_database(records: list[tuple[Any, Any]], tgt: Any, dest: Path, target_spec: dict[str, Any]) -> int:
+    """Write ``records`` as a fresh JSON database in ``dest`` (replacing its files, with ``target.json``)."""
+    import json
     import os
 
     from tvm.s_tir import meta_schedule as ms
 
-    from export.tvm.tuning import RECORD_FILE, WORKLOAD_FILE
+    from export.tvm.records import (
+        CHECKS_FILE,
+        RECORD_FILE,
+        TARGET_FILE,
+        WORKLOAD_FILE,
+        record_id,
+        workload_hash,
+    )
 
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp_s:
@@ -257,7 +275,14 @@ def write_database(records: list[tuple[Any, Any]], tgt: Any, dest: Path) -> int:
             workload = db.commit_workload(task_mod)
             db.commit_tuning_record(ms.database.TuningRecord(rec.trace, workload, rec.run_secs, tgt, rec.args_info))
         _compact_workloads(tmp / WORKLOAD_FILE)
-        for f in (WORKLOAD_FILE, RECORD_FILE):
+        (tmp / TARGET_FILE).write_text(json.dumps(target_spec, sort_keys=True))
+        # Every record passed check_record (best_records): ship the verdicts for this key.
+        reloaded = ms.database.JSONDatabase(path_workload=str(tmp / WORKLOAD_FILE),
+                                            path_tuning_record=str(tmp / RECORD_FILE), allow_missing=False)  # fmt: skip
+        verdicts = {f"{workload_hash(r.workload.mod)}:{record_id(r)}": {"ok": True, "source": "shipped"}
+                    for r in reloaded.get_all_tuning_records()}  # fmt: skip
+        (tmp / CHECKS_FILE).write_text(json.dumps(verdicts, indent=1, sort_keys=True))
+        for f in (WORKLOAD_FILE, RECORD_FILE, TARGET_FILE, CHECKS_FILE):
             os.replace(tmp / f, dest / f)
     return len(records)
 
@@ -302,6 +327,9 @@ def main() -> None:
     ap.add_argument("--demo", action="store_true",
                     help="also tune the ONNX artifacts of examples/demo.yaml (runs the demo once into the work folder)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mcpu", default="haswell",
+                    help="LLVM CPU the records are tuned for (default haswell: they transfer to every AVX2 CPU); "
+                         "'' for this host's own")
     args = ap.parse_args()
     args.work = args.work or _default_work_dir()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -314,10 +342,12 @@ def main() -> None:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
     from export.tvm import compile as tc
-    from export.tvm.tuning import SHIPPED_DIR, TuneBudget, database_key, tune
+    from export.tvm.records import SHIPPED_DIR, database_key
+    from export.tvm.tuning import TuneBudget, tune
     from targets import get_target
 
     host = get_target("x86-64")
+    host = dataclasses.replace(host, tvm={**host.tvm, "mcpu": args.mcpu}) if args.mcpu else host
     tgt = tc.tvm_target(host)
     key = database_key(dict(host.tvm))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -342,7 +372,7 @@ def main() -> None:
     # Without --from-scratch the shipped workloads of models not given here are kept; with it, the
     # folder holds exactly the tasks of the modules tuned in this run.
     records = best_records(modules, tgt, [args.work / key, shipped], keep=None if args.from_scratch else shipped)
-    n = write_database(records, tgt, shipped)
+    n = write_database(records, tgt, shipped, dict(host.tvm))
     size = sum(f.stat().st_size for f in shipped.iterdir() if f.is_file())
     log.info("wrote %d records to %s (%.1f MB) in %.0f s", n, shipped, size / 1e6, time.perf_counter() - t0)
 

@@ -17,3 +17,8 @@ class UnsupportedExportError(NotImplementedError):
 
 class SpecError(ValueError):
     """Model inputs/outputs, or data that must fit them, are malformed or do not match (exit code 2)."""
+
+
+class CompiledOutputError(ExportError, NotImplementedError):
+    """Compiled code computes something other than the reference it was built from (exit code 3):
+    the compiler cannot export this model correctly for this target."""

@@ -93,3 +93,19 @@ def cli(capsys: pytest.CaptureFixture[str]):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def shipped_tuned() -> bool | str:
+    """What ``extra["tuned"]`` must say for an example model on this host with the shipped records
+    alone: True where the host's key is the shipped one, "transferred" on any other x86-64 CPU
+    that runs the shipped CPU's code (an AVX-512 host, another core count)."""
+    from export.tvm.records import SHIPPED_DIR, database_key, folder_target, transfer_rank
+    from targets import get_target
+
+    host = dict(get_target("x86-64").tvm)
+    ranks = [transfer_rank(spec, host) for f in SHIPPED_DIR.iterdir() if (spec := folder_target(f)) is not None]
+    usable = [r for r in ranks if r is not None]
+    if not usable:
+        pytest.skip(f"no shipped database runs on this CPU ({database_key(host)})")
+    return True if min(usable) == 0 else "transferred"

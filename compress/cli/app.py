@@ -39,6 +39,7 @@ COMMAND_MODULES = [
     "compress.cli.sparsify_cmd",
     "compress.cli.codebook_cmd",
     "compress.cli.device_server_cmd",
+    "compress.cli.tuning_cmd",
 ]
 
 _state = {"debug": False}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -40,6 +41,9 @@ def register(app: typer.Typer) -> None:
         tracker: str | None = typer.Option(None, "--tracker", help="TVM tuning: get a device from the tracker at HOST:PORT."),
         key: str | None = typer.Option(None, "--key", help="Device key (the server's --key, or the tracker's device key)."),
         timeout: float = typer.Option(60.0, "--timeout", min=1.0, help="Seconds one remote step may take while tuning."),
+        no_tuned_records: bool = typer.Option(
+            False, "--no-tuned-records", help="TVM: build without any tuning record (untuned, slow, always as TVM computes it)."
+        ),
         executor: str | None = ExecutorOption,
         ray_address: str | None = RayAddressOption,
         model_factory: str | None = ModelFactoryOption,
@@ -59,8 +63,11 @@ def register(app: typer.Typer) -> None:
         from targets import get_target
 
         tgt = get_target(target)
-        device = {"rpc": rpc, "tracker": tracker, "key": key, "timeout": timeout if (rpc or tracker) else None,
-                  "executor": executor, "ray_address": ray_address}
+        device: dict[str, Any] = {"rpc": rpc, "tracker": tracker, "key": key,
+                                  "timeout": timeout if (rpc or tracker) else None, "executor": executor,
+                                  "ray_address": ray_address}  # fmt: skip
+        if fmt == "tvm":
+            device.update(use_database=not no_tuned_records, progress=lambda line: typer.echo(line, err=True))
         with cli_progress(not json_out):
             if is_onnx_file(model):
                 from compress.exporting import onnx_file_or_checkpoint

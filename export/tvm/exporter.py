@@ -29,12 +29,14 @@ from export.artifact import (
     load_artifact,
     write_manifest,
 )
-from export.errors import ExportError, UnsupportedExportError
+from export.errors import CompiledOutputError, ExportError, UnsupportedExportError
 from export.onnx_export import bundle_source_info
 from export.spec import ModelSpec
 from export.tvm import compile as tc
+from export.tvm.records import has_any_records
 from export.tvm.rpc_measure import MeasureDevice, TuningNeedsDeviceError
-from export.tvm.tuning import TuneBudget, has_records, open_databases
+from export.tvm.safe_build import build_verified, choose_records, describe
+from export.tvm.tuning import TuneBudget
 from export.tvm.tuning import tune as run_tuning
 from export.verify import compare_all_outputs
 
@@ -76,6 +78,7 @@ def export_tvm_from_onnx(
     use_database: bool = True,
     device: MeasureDevice | None = None,
     builds: Any = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Artifact:
     """Compile an ONNX artifact (fp32 or QDQ) with TVM for ``target`` and write a TVM artifact.
 
@@ -95,6 +98,8 @@ def export_tvm_from_onnx(
             (ARM64, GPUs), optional for the host CPU (None: timed in this process).
         builds: compiles tuning candidates elsewhere (a Ray cluster, ``compress.cluster.RayBuilds``;
             see :func:`export.tvm.tuning.tune`); None compiles them in this process.
+        progress: called with a line of text per tuning round (task, trials, best, time left);
+            None logs them.
 
     Returns:
         The loaded, hash-verified artifact.
@@ -103,7 +108,9 @@ def export_tvm_from_onnx(
         UnsupportedExportError: an operator TVM cannot import or compile for the target (exit 3).
         TuningNeedsDeviceError: ``tune`` for a cross target without ``device`` (exit 2).
         TuningDeviceError: the device stopped answering while tuning; records so far are kept (exit 3).
-        ExportError: the compiled code disagrees with onnxruntime, or linking failed.
+        CompiledOutputError: the compiled code disagrees with onnxruntime even without tuning
+            records (exit 3; wrong records are quarantined and the model rebuilt without them).
+        ExportError: linking failed.
     """
     import onnx
 
@@ -131,7 +138,7 @@ def export_tvm_from_onnx(
     return _compile_and_write(mod, params, onnx_artifact.manifest, onnx_artifact.hash, target, dest, budget=budget,
                               database_dir=database_dir, batch=batch, inputs=static.inputs, precision=precision,
                               verify=verify, use_database=use_database, check_fn=check_fn, t0=t0,
-                              measure=device, builds=builds)  # fmt: skip
+                              measure=device, builds=builds, progress=progress)  # fmt: skip
 
 
 def require_tuning_device(target: Any, budget: TuneBudget | str | int | None, device: MeasureDevice | None) -> None:
@@ -154,7 +161,7 @@ def _compile_and_write(
     mod: Any, params: list[Any], src: Manifest, parent_hash: str | None, target: Any, dest: str | Path, *,
     budget: TuneBudget | None, database_dir: str | Path | None, batch: int, inputs: list[TensorSpec], precision: str,
     verify: bool, use_database: bool, check_fn: Callable[[Path, Path], dict[str, Any]], t0: float,
-    measure: MeasureDevice | None = None, builds: Any = None,
+    measure: MeasureDevice | None = None, builds: Any = None, progress: Callable[[str], None] | None = None,
 ) -> Artifact:  # fmt: skip
     """Fuse, tune or apply tuning records, build, write the library + params + manifest, verify."""
     tgt = tc.tvm_target(target)
@@ -165,23 +172,22 @@ def _compile_and_write(
     plan = tc.library_plan(target)
     # GPU code is scheduled by TVM's default GPU pipeline; it goes through the tuning tasks only when
     # tuning, or when the target's database holds records to apply.
-    if device == "cpu" or budget is not None or (use_database and _has_tuning_records(target, root)):
+    selection = None
+    if device == "cpu" or budget is not None or (use_database and has_any_records(dict(target.tvm), root)):
         mod = tc.fuse_for_cpu(mod, tgt)
         if budget is not None:
-            report = run_tuning(mod, tgt, dict(target.tvm), budget, root=root, device=measure, plan=plan, builds=builds)
+            report = run_tuning(mod, tgt, dict(target.tvm), budget, root=root, device=measure, plan=plan, builds=builds,
+                                progress=progress)  # fmt: skip
             tuning_info["tuning"] = report.to_dict()
             if not report.complete:
                 notes.append(f"tuning budget ran out: {report.tasks_left} of {report.tasks} tasks untuned (rerun to resume)")
         if use_database:
-            _, lookup, folders = open_databases(dict(target.tvm), root)
-            before = mod
-            mod = tc.apply_database(mod, tgt, lookup)
-            applied = _count_applied(before, mod, tgt, lookup)
-            tuning_info.update(tuned=applied["tasks"] > 0 and applied["applied"] == applied["tasks"],
-                               tuned_tasks=applied["applied"], tasks=applied["tasks"],
-                               databases=[str(f) for f in folders])  # fmt: skip
-            if 0 < applied["applied"] < applied["tasks"]:
-                notes.append(f"partly tuned: {applied['applied']} of {applied['tasks']} operators have tuned schedules")
+            selection = choose_records(mod, tgt, target, root)
+            info, more = describe(selection, dict(target.tvm))
+            tuning_info.update(info)
+            notes.extend(more)
+        else:
+            notes.append("tuning records not used (--no-tuned-records)")
         if device == "cpu" and not tuning_info["tuned"]:
             how = " on the device (--rpc HOST:PORT or --tracker HOST:PORT with --key)" if tc.is_cross(target) else ""
             notes.append(
@@ -190,15 +196,17 @@ def _compile_and_write(
             )
     if plan.note:
         notes.append(plan.note)
-    executable = tc.build(mod, tgt)
+    checking = verify and not tc.is_cross(target)
+    if verify and not checking:
+        notes.append(f"outputs not verified here: the {target.name} code needs the device (compress check --rpc)")
     with artifact_writer(dest) as tmp:
-        lib_path = tc.export_library(executable, tmp, plan)
         tc.save_params(params, tmp)
-        check: dict[str, Any] = {}
-        if verify and not tc.is_cross(target):
-            check = check_fn(tmp, lib_path)
-        elif verify:
-            notes.append(f"outputs not verified here: the {target.name} code needs the device (compress check --rpc)")
+        built = build_verified(mod, tgt, selection, tmp, plan, check_fn if checking else None, target.name)
+        lib_path, check = built.lib_path, built.check
+        notes.extend(built.notes)
+        if built.notes and selection is not None:
+            info, _ = describe(selection, dict(target.tvm))
+            tuning_info.update(info)
         manifest = _manifest(src, parent_hash, target, lib_path, plan, device, precision, batch, inputs,
                              tuning_info, notes, check, time.perf_counter() - t0)  # fmt: skip
         write_manifest(tmp, manifest)
@@ -220,6 +228,7 @@ def export_tvm_from_program(
     use_database: bool = True,
     device: MeasureDevice | None = None,
     builds: Any = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Artifact:
     """Compile a ``torch.export`` program (``bundle.exported_program``, a ``.pt2`` input) with TVM's
     PyTorch frontend directly, without going through ONNX, and write a TVM artifact.
@@ -267,7 +276,7 @@ def export_tvm_from_program(
     return _compile_and_write(mod, params, src, None, target, dest, budget=budget, database_dir=database_dir,
                               batch=batch, inputs=spec.inputs, precision="fp32", verify=verify,
                               use_database=use_database, check_fn=check_fn, t0=t0, measure=device,
-                              builds=builds)  # fmt: skip
+                              builds=builds, progress=progress)  # fmt: skip
 
 
 def _program_static_batch(program: Any) -> int | None:
@@ -292,26 +301,11 @@ def _verify_against_torch(folder: Path, lib_path: Path, reference: Any, batch: i
     out = run_local(lib_path, folder / tc.PARAMS_FILE, feeds, batch, spec)
     check: dict[str, Any] = {**compare_all_outputs(ref, out), "reference": "torch (torch.export program)"}
     if check["sqnr_db"] < MIN_SQNR_DB["fp32"]:
-        raise ExportError(
+        raise CompiledOutputError(
             f"TVM output differs from torch: SQNR {check['sqnr_db']:.1f} dB < {MIN_SQNR_DB['fp32']} dB "
             f"(max abs error {check['max_abs_error']:.3g}) for this torch.export program"
         )
     return check
-
-
-def _has_tuning_records(target: Any, root: Path | None) -> bool:
-    user, _, folders = open_databases(dict(target.tvm), root)
-    return has_records(user, folders)
-
-
-def _count_applied(before: Any, after: Any, tgt: Any, database: Any) -> dict[str, int]:
-    """How many tuning tasks of ``before`` found a schedule in ``database``."""
-    from tvm.s_tir import meta_schedule as ms
-
-    tasks = ms.relax_integration.extract_tasks(before, tgt)
-    hits = sum(1 for t in tasks if database.query_tuning_record(t.dispatched[0], tgt, t.task_name) is not None)
-    del after
-    return {"tasks": len(tasks), "applied": hits}
 
 
 def _static_inputs(spec: ModelSpec, batch: int) -> ModelSpec:
@@ -330,7 +324,7 @@ def _verify_against_onnxruntime(
     out = run_local(lib_path, folder / tc.PARAMS_FILE, feeds, batch, spec)
     check: dict[str, Any] = {**compare_all_outputs(ref, out), "reference": "onnxruntime"}
     if check["sqnr_db"] < MIN_SQNR_DB[precision]:
-        raise ExportError(
+        raise CompiledOutputError(
             f"TVM output differs from onnxruntime: SQNR {check['sqnr_db']:.1f} dB < {MIN_SQNR_DB[precision]} dB "
             f"(max abs error {check['max_abs_error']:.3g}) for this {precision} model"
         )
@@ -406,7 +400,7 @@ def export_tvm_format(source: Any, target: Any, out: str | Path, **options: Any)
     :class:`~export.tvm.rpc_measure.MeasureDevice` that times tuning candidates), ``builds`` (compiles
     them elsewhere, e.g. on a Ray cluster).
     """
-    valid = ("tune", "trials_per_task", "database_dir", "batch", "verify", "use_database", "device", "builds")
+    valid = ("tune", "trials_per_task", "database_dir", "batch", "verify", "use_database", "device", "builds", "progress")
     opts = {k: v for k, v in options.items() if k in valid and v is not None}
     unknown = set(options) - {*valid, "opset"}
     if unknown:

@@ -8,6 +8,12 @@ arguments. Weights kept as inputs (``keep_params_in_input``) carry their ONNX in
 and torch's exporter names constants after module paths (``/blocks/blocks_0/attn/Pow_output_0``),
 which is no C identifier: ``nvcc`` then rejects the kernels of every transformer model. CPU
 code generation does not care, so the renaming is only visible in CUDA source.
+* **Zero padding folded into convolutions.** ``Pad`` (constant zero, spatial axes only) whose
+  every consumer is a ``Conv`` becomes that convolution's own (possibly asymmetric) padding, as
+  onnxruntime's optimizer does. TF-style "same" padding (EfficientNet-Lite, MobileNet ports) is
+  exported as such ``Pad`` nodes; fused into the preceding convolution's task, a pad larger than
+  its producer is what MetaSchedule schedules wrongly in TVM 0.27 (the padded last row and column
+  left unwritten, see :mod:`export.tvm.records`), and a separate pad is a wasted pass anyway.
 * **Small integer initializers become constants.** The weights are imported as function
   parameters (``keep_params_in_input``) so that they can be saved apart from the code; an integer
   initializer used as a shape, an axis list or a bound is then a run-time value too, and every
@@ -34,7 +40,7 @@ def prepare_for_tvm(model: Any) -> Any:
         import onnx.inliner
 
         model = onnx.inliner.inline_local_functions(model)
-    return sanitize_onnx_names(fold_constant_nodes(small_integer_initializers_as_constants(model)))
+    return sanitize_onnx_names(fold_pad_into_conv(fold_constant_nodes(small_integer_initializers_as_constants(model))))
 
 
 def _has_subgraph(node: Any) -> bool:
@@ -155,3 +161,79 @@ def sanitize_onnx_names(model: Any) -> Any:
     for vi in g.value_info:
         vi.name = mapping.get(vi.name, vi.name)
     return out
+
+
+def _constant_values(model: Any) -> dict[str, Any]:
+    """Values of ``Constant`` node outputs and initializers, by name."""
+    from onnx import numpy_helper
+
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            attr = next((a for a in node.attribute if a.name == "value"), None)
+            if attr is not None:
+                values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def _spatial_zero_pads(node: Any, values: dict[str, Any]) -> list[int] | None:
+    """The pads of a ``Pad`` node as [begin..., end...] over all axes when it pads with zeros on
+    axes 2.. only (never the batch or channel axis) and by known, non-negative amounts; else None."""
+    from onnx import helper
+
+    mode = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "mode"), b"constant")
+    inputs = list(node.input) + [""] * 4
+    if mode not in (b"constant", "constant") or inputs[3] or inputs[1] not in values:
+        return None
+    if inputs[2] and (inputs[2] not in values or values[inputs[2]].size and float(values[inputs[2]].reshape(-1)[0]) != 0.0):
+        return None
+    pads = [int(p) for p in values[inputs[1]].reshape(-1)]
+    rank = len(pads) // 2
+    if rank < 3 or len(pads) != 2 * rank or min(pads) < 0 or pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
+        return None
+    return pads
+
+
+def fold_pad_into_conv(model: Any) -> Any:
+    """A copy of ``model`` where a zero ``Pad`` feeding only ``Conv`` nodes is folded into their
+    ``pads`` (exact: a convolution pads with zeros). Graphs without such a pad are returned as is."""
+    import onnx
+    from onnx import helper
+
+    if not any(n.op_type == "Pad" for n in model.graph.node):
+        return model
+    work = onnx.ModelProto()
+    work.CopyFrom(model)  # the Conv nodes are edited in place: never the caller's model
+    graph = work.graph
+    values = _constant_values(work)
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    folded: set[int] = set()
+    for node in graph.node:
+        pads = _spatial_zero_pads(node, values) if node.op_type == "Pad" else None
+        users = consumers.get(node.output[0], []) if pads is not None else []
+        ok = bool(users) and node.output[0] not in outputs and all(
+            u.op_type == "Conv" and u.input[0] == node.output[0] and node.output[0] not in u.input[1:]
+            and next((helper.get_attribute_value(a) for a in u.attribute if a.name == "auto_pad"), b"NOTSET") == b"NOTSET"
+            for u in users
+        )  # fmt: skip
+        if not ok or pads is None:
+            continue
+        rank = len(pads) // 2
+        spatial = rank - 2
+        for conv in users:
+            old = next((list(helper.get_attribute_value(a)) for a in conv.attribute if a.name == "pads"), [0] * 2 * spatial)
+            new = [old[k] + pads[2 + k] for k in range(spatial)] + [old[spatial + k] + pads[rank + 2 + k] for k in range(spatial)]
+            kept = [a for a in conv.attribute if a.name != "pads"]
+            del conv.attribute[:]
+            conv.attribute.extend([*kept, helper.make_attribute("pads", new)])
+            conv.input[0] = node.input[0]
+        folded.add(id(node))
+    if not folded:
+        return model
+    nodes = [n for n in graph.node if id(n) not in folded]
+    used = {i for n in nodes for i in n.input} | outputs
+    return _copy_with(work, nodes=[n for n in nodes if n.op_type != "Constant" or any(o in used for o in n.output)])

@@ -8,7 +8,10 @@ Optimization with Probabilistic Programs", NeurIPS 2022) searches schedules per 
 How this module uses it:
 
 * one database folder per target (kind, triple, CPU), so a workload tuned for one model is
-  found again for any other model that contains the same operator;
+  found again for any other model that contains the same operator; databases of older x86-64
+  CPUs apply too, and every record is verified before use (:mod:`export.tvm.records`);
+* the budget is spread over tasks by their FLOPs, each task tuned in rounds that stop early
+  when they stop improving, with a progress line per round;
 * tasks are tuned one at a time and each task's records are committed before the next starts,
   so an interrupted tune keeps what it finished and the next run resumes with the rest;
 * a ledger (``attempted.json``) records the tasks already given their trials, so a second run
@@ -36,17 +39,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from export.errors import ExportError
+from export.tvm import records
+from export.tvm.records import (  # noqa: F401  (the database helpers' old home: re-exported)
+    RECORD_FILE,
+    SHIPPED_DIR,
+    WORKLOAD_FILE,
+    database_key,
+    default_database_root,
+    workload_hash,
+)
 
 if TYPE_CHECKING:
     from export.tvm.rpc_measure import MeasureDevice
 
 log = logging.getLogger(__name__)
 
-SHIPPED_DIR = Path(__file__).parent / "tuned"
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
 LEDGER_FILE = "attempted.json"
 DEFAULT_TRIALS_PER_TASK = 16
+#: The cap per task under a time budget (the time shares and early stopping decide before it).
+TIMED_TRIALS_PER_TASK = 512
 #: How a candidate is timed, on this machine or on a device: 3 calls per measurement and at least
 #: 20 ms, enough to rank schedules (the artifact's latency is measured later by `compress profile`).
 EVALUATOR = {"number": 3, "repeat": 1, "min_repeat_ms": 20}
@@ -57,7 +68,8 @@ _BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*$")
 class TuneBudget:
     """How much tuning to do: a number of trials, a time limit, or both (whichever ends first).
 
-    ``trials_per_task`` caps the trials of one task, so a budget is spread over the tasks.
+    ``trials_per_task`` caps the trials of one task (default 16 with a trial budget, 512 with a
+    time budget, where each task's share of the time and early stopping end it first).
     """
 
     trials: int | None = None
@@ -86,7 +98,8 @@ class TuneBudget:
             trials = int(number)
             return cls(trials=trials, trials_per_task=min(per_task, trials)) if trials > 0 else None
         scale = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[unit]
-        return cls(seconds=number * scale, trials_per_task=per_task) if number > 0 else None
+        timed_cap = trials_per_task or TIMED_TRIALS_PER_TASK
+        return cls(seconds=number * scale, trials_per_task=timed_cap) if number > 0 else None
 
 
 class TuneBudgetError(ExportError, ValueError):
@@ -118,69 +131,6 @@ class TuningReport:
         return d
 
 
-def default_database_root() -> Path:
-    """Where tuning databases live: ``$EDGECOMPRESS_CACHE/tvm-tuning`` or the user cache folder."""
-    root = os.environ.get("EDGECOMPRESS_CACHE")
-    if root:
-        return Path(root) / "tvm-tuning"
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("edgecompress")) / "tvm-tuning"
-
-
-def database_key(target_spec: dict[str, Any]) -> str:
-    """A folder name identifying the code a target runs: kind, triple, CPU, features, GPU arch.
-
-    Example:
-        >>> database_key({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "num-cores": 2})
-        'llvm-x86_64-linux-gnu-haswell-2c'
-    """
-    parts = [str(target_spec.get("kind", "llvm"))]
-    for k in ("mtriple", "mcpu", "arch", "device"):
-        if target_spec.get(k):
-            parts.append(str(target_spec[k]))
-    mattr = target_spec.get("mattr")
-    if mattr:
-        parts.append("".join(sorted(str(a) for a in mattr)))
-    if target_spec.get("num-cores"):
-        parts.append(f"{target_spec['num-cores']}c")
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))
-
-
-def _open_json_db(folder: Path) -> Any:
-    from tvm.s_tir import meta_schedule as ms
-
-    folder.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(
-        path_workload=str(folder / WORKLOAD_FILE), path_tuning_record=str(folder / RECORD_FILE), allow_missing=True
-    )
-
-
-def open_databases(target_spec: dict[str, Any], root: Path | None = None) -> tuple[Any, Any, list[Path]]:
-    """(user database, database for lookups = user + shipped, folders read) for a target."""
-    from tvm.s_tir import meta_schedule as ms
-
-    key = database_key(target_spec)
-    user_dir = (root or default_database_root()) / key
-    user = _open_json_db(user_dir)
-    folders = [user_dir]
-    shipped_dir = SHIPPED_DIR / key
-    if (shipped_dir / RECORD_FILE).is_file():
-        shipped = ms.database.JSONDatabase(
-            path_workload=str(shipped_dir / WORKLOAD_FILE),
-            path_tuning_record=str(shipped_dir / RECORD_FILE),
-            allow_missing=False,
-        )
-        folders.append(shipped_dir)
-        return user, ms.database.UnionDatabase(user, shipped), folders
-    return user, user, folders
-
-
-def has_records(database: Any, folders: list[Path]) -> bool:
-    """Whether any of the database folders holds at least one tuning record."""
-    return any((f / RECORD_FILE).is_file() and (f / RECORD_FILE).stat().st_size > 0 for f in folders)
-
-
 def _ledger(folder: Path) -> dict[str, int]:
     path = folder / LEDGER_FILE
     if not path.is_file():
@@ -198,12 +148,6 @@ def _save_ledger(folder: Path, ledger: dict[str, int]) -> None:
     os.replace(tmp, folder / LEDGER_FILE)
 
 
-def workload_hash(task_mod: Any) -> str:
-    from tvm.s_tir.meta_schedule.utils import shash2hex
-
-    return str(shash2hex(task_mod))
-
-
 def tune(
     fused_mod: Any,
     tgt: Any,
@@ -215,13 +159,19 @@ def tune(
     device: MeasureDevice | None = None,
     plan: Any = None,
     builds: Callable[[Callable[[Any], str] | None], Any] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> TuningReport:
     """Tune the fused module's tasks that the databases do not cover yet, within ``budget``.
 
-    Tasks are visited heaviest first (FLOPs times occurrences). Each task gets
-    ``budget.trials_per_task`` trials (fewer when the trial budget runs out); the time budget is
-    checked before each task. Records are committed to the user database as they are measured,
-    and the ledger as each task ends.
+    Tasks are visited heaviest first (FLOPs times occurrences) and tuned in rounds of
+    :data:`ROUND_TRIALS` trials: the first samples schedules at random, later rounds evolve the
+    best ones (XGBoost cost model kept across a task's rounds). A time budget is spread over the
+    tasks by their share of the model's FLOPs, time a task leaves unused goes to the next ones, and
+    a task stops early after :data:`PATIENCE` rounds that improve it by less than
+    :data:`MIN_GAIN`. A task whose only records were tuned for another CPU (transferred) has that
+    record timed here first, so tuning continues from it. Records are committed to the user
+    database as they are measured, and the ledger as each task ends; every round reports a line
+    (``progress``, or the log).
 
     Args:
         device: time candidates on this device over TVM RPC (required for code that does not run
@@ -231,6 +181,7 @@ def tune(
         builds: compiles candidates elsewhere (a Ray cluster, :class:`compress.cluster.RayBuilds`):
             called with how to package a candidate (None: MetaSchedule's ``.tar``), returns the
             MetaSchedule builder; measurement stays where ``device`` says, records are unchanged.
+        progress: called with one line of text per round; None logs it.
 
     Returns:
         A :class:`TuningReport` (``trials == 0`` when everything was already in a database).
@@ -243,76 +194,180 @@ def tune(
     from export.tvm.rpc_measure import TuningDeviceError, candidate_packager, rpc_workers
 
     _import_tensor_intrinsics()
-    user, lookup, folders = open_databases(target_spec, root)
-    user_dir = folders[0]
+    say = progress or (lambda line: log.info("%s", line))
+    user_dir = records.sources(target_spec, root)[0].folder
+    user = records.open_json_database(user_dir, create=True, target_spec=target_spec)
     ledger = _ledger(user_dir)
     report = TuningReport(database=str(user_dir))
-    tasks = ms.relax_integration.extract_tasks(fused_mod, tgt)
-    tasks = sorted(tasks, key=lambda t: -float(t.weight) * _flops(t.dispatched[0]))
+    tasks = sorted(ms.relax_integration.extract_tasks(fused_mod, tgt), key=lambda t: -_weight(t))
     report.tasks = len(tasks)
-    start = time.perf_counter()
-    trials_left = budget.trials
+    selection = records.select_records(tasks, tgt, target_spec, root, verify=device is None)
+    todo = []
+    for task, choice in zip(tasks, selection.choices, strict=True):
+        if (choice.source is not None and choice.source.kind != "transferred") or ledger.get(choice.workload, 0) >= budget.trials_per_task:
+            report.tasks_from_database += 1  # tuned already, or given its trials (none built: e.g. a layout op)
+        else:
+            todo.append((task, choice))
     link = None
     if device is None:
         workers = _in_process_workers()
     else:
         if plan is None:
             raise ValueError("tuning on a device needs the target's library plan (how to package candidates)")
-        builder, runner, link = rpc_workers(device, plan, str(tgt.kind.name).replace("llvm", "cpu"))
+        builder, runner, link = rpc_workers(device, plan, _device_type(tgt))
         workers = (builder, runner)
         report.measured_on = device.where
     if builds is not None:
         workers = (builds(None if device is None else candidate_packager(plan)), workers[1])
         report.built_on = str(getattr(builds, "where", "the builder given by the caller"))
+    clock = _Clock(budget)
     try:
-        for task in tasks:
-            mod = task.dispatched[0]
-            key = workload_hash(mod)
-            if lookup.query_tuning_record(mod, tgt, task.task_name) is not None:
-                report.tasks_from_database += 1
-                continue
-            if ledger.get(key, 0) >= budget.trials_per_task:
-                report.tasks_from_database += 1  # already given its trials; none built (e.g. a layout op)
-                continue
-            out_of_time = budget.seconds is not None and time.perf_counter() - start >= budget.seconds
-            if out_of_time or (trials_left is not None and trials_left <= 0):
+        weights = [_weight(t) for t, _ in todo]
+        for i, (task, choice) in enumerate(todo):
+            if clock.out_of_time() or (clock.trials_left is not None and clock.trials_left <= 0):
                 report.tasks_left += 1
                 continue
-            n = budget.trials_per_task if trials_left is None else min(budget.trials_per_task, trials_left)
-            log.info("tuning %s with %d trials (%s)", task.task_name, n, target_spec.get("kind"))
-            # TuneContext built here rather than by extracted_tasks_to_tune_contexts: that helper
-            # reconfigures file loggers per call and fails on the second call in a process.
-            ctx = ms.TuneContext(
-                mod=mod, target=task.target, space_generator="post-order-apply", search_strategy=_strategy(n),
-                task_name=task.task_name, logger=logging.getLogger(f"{__name__}.metaschedule"), rand_state=seed,
-                num_threads=int(target_spec.get("num-cores") or 1),
-            ).clone()  # fmt: skip
-            ctxs, weights = [ctx], [float(task.weight)]
-            ms.tune_tasks(
-                tasks=ctxs, task_weights=weights, work_dir=str(user_dir / "logs"), max_trials_global=n,
-                max_trials_per_task=n, num_trials_per_iter=min(n, 16), database=user, builder=workers[0],
-                runner=workers[1], cost_model="random" if n < 32 else "xgb",  # replay-trace ignores the model
-            )  # fmt: skip
+            cap = budget.trials_per_task - ledger.get(choice.workload, 0)
+            if clock.trials_left is not None:
+                cap = min(cap, clock.trials_left)
+            if choice.source is not None:  # transferred from another CPU: time it here, tune on from it
+                _remeasure(choice, tgt, workers, user)
+            share = weights[i] / sum(weights[i:])
+            label = f"[{i + 1}/{len(todo)}] {task.task_name}"
+            done = _tune_task(task, user, workers, target_spec, cap, clock.seconds_for(share), clock, label, say, seed)
             if link is not None and link.lost is not None:
                 report.tasks_left += 1
-                report.seconds = round(time.perf_counter() - start, 2)
+                report.seconds = round(clock.elapsed(), 2)
                 raise TuningDeviceError(
                     f"the device {link.device.where} stopped answering while tuning {task.task_name} "
                     f"({link.lost}). The {report.tasks_tuned} task(s) finished before and the candidates measured so far "
                     f"are saved in {user_dir}; rerun the same command to resume"
                 )
-            ledger[key] = ledger.get(key, 0) + n
+            ledger[choice.workload] = ledger.get(choice.workload, 0) + done
             _save_ledger(user_dir, ledger)
             report.tasks_tuned += 1
-            report.trials += n
+            report.trials += done
             report.task_names.append(task.task_name)
-            if trials_left is not None:
-                trials_left -= n
     finally:
         if link is not None:
             link.close()
-    report.seconds = round(time.perf_counter() - start, 2)
+    report.seconds = round(clock.elapsed(), 2)
     return report
+
+
+#: Trials per tuning round; a task's budget is spent in rounds so it can stop early.
+ROUND_TRIALS = 16
+#: A task stops after this many rounds in a row that improve its best time by less than MIN_GAIN.
+PATIENCE = 2
+MIN_GAIN = 0.02
+
+
+class _Clock:
+    """The budget as it is spent: elapsed time, trials left, and a task's share of the time left."""
+
+    def __init__(self, budget: TuneBudget) -> None:
+        self.budget = budget
+        self.start = time.perf_counter()
+        self.trials_left = budget.trials
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def out_of_time(self) -> bool:
+        return self.budget.seconds is not None and self.elapsed() >= self.budget.seconds
+
+    def seconds_for(self, share: float) -> float | None:
+        return None if self.budget.seconds is None else max(0.0, self.budget.seconds - self.elapsed()) * share
+
+    def left(self) -> str:
+        if self.budget.seconds is not None:
+            return f"{max(0.0, self.budget.seconds - self.elapsed()):.0f} s left"
+        return f"{self.trials_left} trials left"
+
+    def spend(self, trials: int) -> None:
+        if self.trials_left is not None:
+            self.trials_left -= trials
+
+
+def _tune_task(task: Any, user: Any, workers: tuple[Any, Any], target_spec: dict[str, Any], cap: int,
+               seconds: float | None, clock: _Clock, label: str, say: Callable[[str], None], seed: int) -> int:  # fmt: skip
+    """Tune one task in rounds until ``cap`` trials, its time share, or no more gain; returns the trials run."""
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = task.dispatched[0]
+    cores = int(target_spec.get("num-cores") or 1)
+    cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=cores) if cap > ROUND_TRIALS else "random"
+    start, done, stale = time.perf_counter(), 0, 0
+    best = _best_seconds(user, mod)
+    while done < cap:
+        n = min(ROUND_TRIALS, cap - done)
+        # TuneContext built here rather than by extracted_tasks_to_tune_contexts: that helper
+        # reconfigures file loggers per call and fails on the second call in a process.
+        ctx = ms.TuneContext(
+            mod=mod, target=task.target, space_generator="post-order-apply",
+            search_strategy=_strategy(evolve=best is not None and cap > ROUND_TRIALS), task_name=task.task_name,
+            logger=logging.getLogger(f"{__name__}.metaschedule"), rand_state=seed + done, num_threads=cores,
+        ).clone()  # fmt: skip
+        ms.tune_tasks(
+            tasks=[ctx], task_weights=[float(task.weight)], work_dir=str(Path(str(user.path_workload)).parent / "logs"),
+            max_trials_global=n, max_trials_per_task=n, num_trials_per_iter=n, database=user, builder=workers[0],
+            runner=workers[1], cost_model=cost_model,
+        )  # fmt: skip
+        done += n
+        clock.spend(n)
+        new = _best_seconds(user, mod)
+        gain = 0.0 if new is None else (1.0 if best is None else (best - new) / best)
+        best = new if new is not None else best
+        stale = stale + 1 if gain < MIN_GAIN else 0
+        best_text = f"best {best * 1e3:.3f} ms" if best is not None else "no candidate built"
+        say(f"tuning {label}: {done} trials, {best_text}, {clock.elapsed():.0f} s elapsed, {clock.left()}")
+        if stale >= PATIENCE and done < cap:
+            say(f"tuning {label}: stopped early ({PATIENCE} rounds under {MIN_GAIN:.0%} gain)")
+            break
+        if clock.out_of_time() or (seconds is not None and time.perf_counter() - start >= seconds):
+            break
+    return done
+
+
+def _weight(task: Any) -> float:
+    """A task's share of the model's work: FLOPs times occurrences (at least 1)."""
+    return max(float(task.weight) * _flops(task.dispatched[0]), 1.0)
+
+
+def _device_type(tgt: Any) -> str:
+    return str(tgt.kind.name).replace("llvm", "cpu")
+
+
+def _best_seconds(db: Any, mod: Any) -> float | None:
+    """The mean time of the best record of ``mod`` in ``db`` (None: none yet)."""
+    if not db.has_workload(mod):
+        return None
+    top = db.get_top_k(db.commit_workload(mod), 1)
+    secs = [float(s) for s in (top[0].run_secs or [])] if top else []
+    return sum(secs) / len(secs) if secs else None
+
+
+def _remeasure(choice: Any, tgt: Any, workers: tuple[Any, Any], user: Any) -> None:
+    """Time a record tuned for another CPU here and commit it to this target's database."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    sch = tvm.s_tir.Schedule(choice.mod)
+    try:
+        choice.record.trace.apply_to_schedule(sch, remove_postproc=False)
+    except Exception:  # a schedule that does not replay: tune from scratch
+        return
+    (built,) = workers[0].build([BuilderInput(sch.mod, tgt)])
+    if built.error_msg:
+        return
+    args = ms.arg_info.ArgInfo.from_prim_func(choice.mod["main"])
+    (future,) = workers[1].run([RunnerInput(built.artifact_path, _device_type(tgt), args)])
+    res = future.result()
+    if not res.error_msg and res.run_secs:
+        user.commit_tuning_record(ms.database.TuningRecord(choice.record.trace, user.commit_workload(choice.mod),
+                                                           res.run_secs, tgt, args))  # fmt: skip
 
 
 def _import_tensor_intrinsics() -> None:
@@ -351,15 +406,16 @@ def _import_tensor_intrinsics() -> None:
         inspect.stack = original  # type: ignore[assignment]
 
 
-def _strategy(trials: int) -> Any:
-    """Random schedule sampling for small budgets; evolutionary search with a small population otherwise.
+def _strategy(*, evolve: bool) -> Any:
+    """Random schedule sampling (a task's first round, small budgets); otherwise evolutionary search
+    from the best measured schedules, with a small population.
 
     The default evolutionary population (2,048 candidates per round) costs minutes of CPU before
     the first measurement on a busy machine, which is wasted when only a few trials are allowed.
     """
     from tvm.s_tir import meta_schedule as ms
 
-    if trials < 32:
+    if not evolve:
         return ms.search_strategy.ReplayTrace()
     return ms.search_strategy.EvolutionarySearch(population_size=256, genetic_num_iters=2)
 
