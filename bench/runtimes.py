@@ -18,6 +18,10 @@ Default (fits well under 15 minutes on a busy 2-core machine):
 Options:
     python bench/runtimes.py --models cnn --min-seconds 2 --threads 2 --no-rpc --tune 64
     python bench/runtimes.py --no-rpc --no-int8 --rounds 10 --output runtimes_fp32
+    python bench/runtimes.py --models efficientnet-lite1,efficientnet-lite2 --threads 2 --no-rpc --output runtimes_lite
+
+``efficientnet-lite1``/``-lite2`` are the ImageNet-pretrained models of the ``examples`` extra (3x240x240
+and 3x260x260), their int8 graphs calibrated on 32 crops of scikit-image's photographs.
 
 Checkpoints are the cached built-in examples when present (trained weights); otherwise the
 model is randomly initialised (latency does not depend on the weights) and the table says so.
@@ -41,10 +45,18 @@ from bench.common import machine_info, markdown_table, write_results  # noqa: E4
 MODELS = ["cnn", "mobilenetv2", "resnet", "squeezenet", "shufflenet", "vit"]
 
 
+PRETRAINED = ("efficientnet-lite1", "efficientnet-lite2")
+
+
 def _bundle(name: str) -> tuple[Any, str]:
     from compress.cache import cache_dir
     from compress.checkpoint import ModelBundle, load_checkpoint
     from compress.models import create_model
+
+    if name in PRETRAINED:  # ImageNet weights from the 'examples' extra
+        from compress.examples import pretrained_example
+
+        return load_checkpoint(pretrained_example(name, cache_dir("examples", "pretrained"))), "ImageNet pretrained"
 
     path = cache_dir("examples", "seed0") / f"{name}.pt"
     if path.is_file():
@@ -75,6 +87,13 @@ def _qdq(onnx_art: Any, calib: Any, folder: Path) -> Any:
                                model_name=onnx_art.manifest.model_name, inputs=onnx_art.manifest.inputs)  # fmt: skip
 
 
+def _photos(bundle: Any) -> Any:
+    """32 calibration crops of scikit-image's photographs at the model's input size (ImageNet models)."""
+    from compress.data import load_splits
+
+    return load_splits("photos", input_shape=tuple(bundle.input_shape), preprocessing=bundle.preprocessing or None).calib
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,7 +120,6 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, thre
     torch.set_num_threads(threads)
     host = get_target("x86-64")
     calib = load_splits("mnist").calib
-    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
     server = DeviceServer(_free_port(), key="bench").start() if rpc else None
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -110,9 +128,10 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, thre
             tmp = Path(tmp_s)
             for name in models:
                 bundle, weights = _bundle(name)
+                x = np.random.default_rng(0).standard_normal((1, *bundle.input_shape)).astype(np.float32)
                 t0 = time.perf_counter()
                 onnx_art = export_model(bundle, "onnx", host, tmp / name / "onnx")
-                qdq = _qdq(onnx_art, calib, tmp / name) if int8 else None
+                qdq = _qdq(onnx_art, calib if name not in PRETRAINED else _photos(bundle), tmp / name) if int8 else None
                 # Without --tune: the shipped databases only (an empty user database), so the numbers
                 # do not depend on what this machine's user cache happens to hold.
                 db = None if tune else tmp / "no-user-database"

@@ -327,6 +327,9 @@ def main() -> None:
     ap.add_argument("--demo", action="store_true",
                     help="also tune the ONNX artifacts of examples/demo.yaml (runs the demo once into the work folder)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget", default=None,
+                    help="a time budget per model ('20m'): spread over its tasks by FLOPs, early stopping "
+                         "(default: --trials-per-task for every task)")
     ap.add_argument("--mcpu", default="haswell",
                     help="LLVM CPU the records are tuned for (default haswell: they transfer to every AVX2 CPU); "
                          "'' for this host's own")
@@ -359,7 +362,8 @@ def main() -> None:
         for path in [*args.onnx, *(demo_onnx_artifacts(args.work) if args.demo else [])]:
             modules[f"onnx:{path}"] = fused_module_from_onnx(path, host)
     if not args.prune_only:
-        budget = TuneBudget(trials=None, trials_per_task=args.trials_per_task)
+        budget = (TuneBudget.parse(args.budget) if args.budget
+                  else TuneBudget(trials=None, trials_per_task=args.trials_per_task))  # fmt: skip
         for name, mod in modules.items():
             with _without_shipped(args.from_scratch):
                 report = tune(mod, tgt, dict(host.tvm), budget, root=args.work, seed=args.seed)
