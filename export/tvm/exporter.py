@@ -183,17 +183,8 @@ def _compile_and_write(
                 notes.append(f"tuning budget ran out: {report.tasks_left} of {report.tasks} tasks untuned (rerun to resume)")
         if use_database:
             selection = choose_records(mod, tgt, target, root)
-            info, more = describe(selection, dict(target.tvm))
-            tuning_info.update(info)
-            notes.extend(more)
         else:
             notes.append("tuning records not used (--no-tuned-records)")
-        if device == "cpu" and not tuning_info["tuned"]:
-            how = " on the device (--rpc HOST:PORT or --tracker HOST:PORT with --key)" if tc.is_cross(target) else ""
-            notes.append(
-                "untuned TVM CPU code: expect it to be many times slower than onnxruntime; "
-                f"export with --tune 10m (or more){how} to tune it"
-            )
     if plan.note:
         notes.append(plan.note)
     checking = verify and not tc.is_cross(target)
@@ -203,10 +194,17 @@ def _compile_and_write(
         tc.save_params(params, tmp)
         built = build_verified(mod, tgt, selection, tmp, plan, check_fn if checking else None, target.name)
         lib_path, check = built.lib_path, built.check
-        notes.extend(built.notes)
-        if built.notes and selection is not None:
-            info, _ = describe(selection, dict(target.tvm))
+        if selection is not None:  # described after the build: a repair may have refused records
+            info, more = describe(selection, dict(target.tvm))
             tuning_info.update(info)
+            notes.extend(more)
+        notes.extend(built.notes)
+        if device == "cpu" and not tuning_info["tuned"]:
+            how = " on the device (--rpc HOST:PORT or --tracker HOST:PORT with --key)" if tc.is_cross(target) else ""
+            notes.append(
+                "untuned TVM CPU code: expect it to be many times slower than onnxruntime; "
+                f"export with --tune 10m (or more){how} to tune it"
+            )
         manifest = _manifest(src, parent_hash, target, lib_path, plan, device, precision, batch, inputs,
                              tuning_info, notes, check, time.perf_counter() - t0)  # fmt: skip
         write_manifest(tmp, manifest)

@@ -201,7 +201,10 @@ class RecordChecks:
         return self.data.get(f"{workload}:{rid}")
 
     def put(self, workload: str, rid: str, verdict: dict[str, Any]) -> None:
+        """Record a verdict (in memory; :meth:`save` writes the file)."""
         self.data[f"{workload}:{rid}"] = verdict
+
+    def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{CHECKS_FILE}.tmp")
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
@@ -309,6 +312,7 @@ class Selection:
         """Mark a chosen record wrong (found by checking the whole model) and quarantine it."""
         self.checks.put(choice.workload, record_id(choice.record), {"ok": False, "task": choice.task, "reason": reason,
                                                                     "source": choice.source.label if choice.source else ""})  # fmt: skip
+        self.checks.save()
         if choice.source is not None and choice.source.kind == "own":
             quarantine(self.own, {record_id(choice.record)}, {record_id(choice.record): reason})
         choice.refused = [*(choice.refused or []), {"source": choice.source.label if choice.source else "", "reason": reason}]
@@ -373,6 +377,8 @@ def select_records(tasks: list[Any], tgt: Any, target_spec: dict[str, Any], root
             if source.kind == "own":
                 wrong_own[rid] = str(verdict.get("reason", ""))
         choices.append(choice)
+    if checks.data:
+        checks.save()  # once per model, not once per verdict
     if wrong_own:
         quarantine(srcs[0].folder, set(wrong_own), wrong_own)
     return Selection(choices, checks, srcs[0].folder)
