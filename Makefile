@@ -25,8 +25,8 @@ demo: install
 	$(BIN)/compress run examples/demo.yaml -o demo-out
 
 lint: install
-	$(BIN)/ruff check compress export runtimes targets tests bench tools
-	$(BIN)/mypy targets export runtimes compress
+	$(BIN)/ruff check edgecompress compress export runtimes targets tests bench tools
+	$(BIN)/python tools/typecheck.py
 
 # pytest exits 5 when it collects nothing: treat that as a failure with a clear message.
 test: lint browser

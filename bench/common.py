@@ -15,7 +15,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine_info() -> dict[str, Any]:
     import os
 
-    from targets import detect_host
+    from edgecompress.targets import detect_host
 
     host = detect_host()
     return {

@@ -71,13 +71,13 @@ def _summarise_conflict(records: list[dict[str, Any]]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from compress.data import load_dataset
-    from compress.models import create_model
-    from compress.qat import GAQATConfig
-    from compress.qat.gaqat import QATHooks
-    from compress.qat.onnx_qdq import export_qdq_onnx
-    from compress.qat.train import onnx_agreement, quantize_model, train_quantized
-    from compress.training import TrainConfig, Trainer, TrainingHooks, evaluate_accuracy
+    from edgecompress.compress.data import load_dataset
+    from edgecompress.compress.models import create_model
+    from edgecompress.compress.qat import GAQATConfig
+    from edgecompress.compress.qat.gaqat import QATHooks
+    from edgecompress.compress.qat.onnx_qdq import export_qdq_onnx
+    from edgecompress.compress.qat.train import onnx_agreement, quantize_model, train_quantized
+    from edgecompress.compress.training import TrainConfig, Trainer, TrainingHooks, evaluate_accuracy
 
     torch.set_num_threads(args.threads)
     ds = load_dataset("rotated-mnist")

@@ -52,8 +52,8 @@ def prepare(folder: Path, models: list[str]) -> int:
 
     import numpy as np
 
-    from compress.cache import cache_dir
-    from compress.data import load_splits
+    from edgecompress.compress.cache import cache_dir
+    from edgecompress.compress.data import load_splits
 
     folder.mkdir(parents=True, exist_ok=True)
     compress_cli = str(Path(sys.executable).with_name("compress"))
@@ -84,7 +84,7 @@ def prepare(folder: Path, models: list[str]) -> int:
     src = folder / "src"  # the project's code as committed, next to the files it reads
     shutil.rmtree(src, ignore_errors=True)
     src.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", "compress", "export", "runtimes", "targets",
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", "edgecompress", "compress", "export", "runtimes", "targets",
                               "bench", "pyproject.toml"], check=True, capture_output=True).stdout  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     shutil.copy2(ROOT / "bench" / "gpu_device.sh", folder / "run.sh")
@@ -112,10 +112,10 @@ def _run_model(folder: Path, name: str, x: Any, y: Any) -> dict[str, Any]:
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    from compress.checkpoint import load_checkpoint
-    from export.artifact import load_artifact
-    from export.tvm.compile import load_params
-    from runtimes.cuda_jit import register_cuda_jit
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.export.artifact import load_artifact
+    from edgecompress.export.tvm.compile import load_params
+    from edgecompress.runtimes.cuda_jit import register_cuda_jit
 
     row: dict[str, Any] = {"model": name}
     bundle = load_checkpoint(folder / f"{name}.pt")
@@ -161,10 +161,10 @@ def _rpc_profile(folder: Path, name: str) -> dict[str, Any]:
     """Profile one artifact through ``compress device-server``'s RPC path on the GPU machine's loopback."""
     import tempfile
 
-    from export.artifact import load_artifact
-    from runtimes.cuda_jit import write_server_python
-    from runtimes.tvm_rpc import DeviceServer, profile_remote
-    from targets import get_target
+    from edgecompress.export.artifact import load_artifact
+    from edgecompress.runtimes.cuda_jit import write_server_python
+    from edgecompress.runtimes.tvm_rpc import DeviceServer, profile_remote
+    from edgecompress.targets import get_target
 
     art = load_artifact(folder / f"{name}-{TARGET}")
     with tempfile.TemporaryDirectory() as tmp:

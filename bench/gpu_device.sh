@@ -25,5 +25,5 @@ timeout 330 python3 bench/gpu_check.py run --dir .. --out "$OUT" ${GPU_MODELS:+-
 [ -n "${SKIP_NM:-}" ] || timeout 100 python3 bench/gpu_nm_check.py --out "$OUT"; echo "gpu_nm_check rc=$?"
 # The product path on the GPU machine: compress check / profile with the runtime-only TVM.
 export EDGECOMPRESS_CACHE=/tmp/ec-cache
-timeout 150 python3 -m compress.cli.app check ../cnn-cuda-sm90 -d ../digits.npz --reference ../cnn.pt; echo "check rc=$?"
-timeout 120 python3 -m compress.cli.app profile ../vit-cuda-sm90; echo "profile rc=$?"
+timeout 150 python3 -m edgecompress.compress.cli.app check ../cnn-cuda-sm90 -d ../digits.npz --reference ../cnn.pt; echo "check rc=$?"
+timeout 120 python3 -m edgecompress.compress.cli.app profile ../vit-cuda-sm90; echo "profile rc=$?"

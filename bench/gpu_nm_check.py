@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from compress.sparsity.masks import nm_mask
+    from edgecompress.compress.sparsity.masks import nm_mask
 
     if not torch.cuda.is_available():
         print("no CUDA device: nothing measured")

@@ -39,7 +39,7 @@ METHODS = ["rtn", "kmeans", "jlcm-nogroup", "jlcm-ste", "jlcm"]
 
 
 def method_config(method: str, bits: int, groups: int, steps: int, calib: int, e2e: int) -> Any:
-    from compress.codebook.config import JLCMConfig, kmeans_config, rtn_config
+    from edgecompress.compress.codebook.config import JLCMConfig, kmeans_config, rtn_config
 
     if method == "rtn":
         return rtn_config(bits)
@@ -146,12 +146,12 @@ def perplexity(model: Any, evalset: Any) -> float:
 def run_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     import torch
 
-    from compress.checkpoint import ModelBundle, load_checkpoint
-    from compress.codebook.api import apply_jlcm
-    from compress.codebook.artifact import export_codebook_artifact, fp32_onnx
-    from compress.data import load_splits
-    from compress.examples import example_checkpoint
-    from compress.training import evaluate_accuracy
+    from edgecompress.compress.checkpoint import ModelBundle, load_checkpoint
+    from edgecompress.compress.codebook.api import apply_jlcm
+    from edgecompress.compress.codebook.artifact import export_codebook_artifact, fp32_onnx
+    from edgecompress.compress.data import load_splits
+    from edgecompress.compress.examples import example_checkpoint
+    from edgecompress.compress.training import evaluate_accuracy
 
     t0 = time.perf_counter()
     if name == "lm":
@@ -160,8 +160,8 @@ def run_model(name: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -
         bundle, splits = None, None
     else:
         if name == "vit" and args.vit_train_steps:
-            from compress.cache import cache_dir
-            from compress.examples import train_example
+            from edgecompress.compress.cache import cache_dir
+            from edgecompress.compress.examples import train_example
 
             path = cache_dir("bench-jlcm") / f"vit{args.vit_train_steps}" / "vit.pt"
             if not path.exists():

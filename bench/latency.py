@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from compress.models import create_model, list_models
-    from export import export_onnx
-    from runtimes import measure_latency, runtime_for
-    from runtimes.torch_runtime import TorchSession
+    from edgecompress.compress.models import create_model, list_models
+    from edgecompress.export import export_onnx
+    from edgecompress.runtimes import measure_latency, runtime_for
+    from edgecompress.runtimes.torch_runtime import TorchSession
 
     torch.manual_seed(0)
     rows, records = [], []

@@ -38,8 +38,8 @@ ARMS = {
 
 def base_model(name: str, steps: int, seed: int, folder: Path):
     """A dense model trained for ``steps`` (cached in ``folder``)."""
-    from compress.checkpoint import load_checkpoint
-    from compress.examples import DEFAULT_STEPS, example_checkpoint, train_example
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.examples import DEFAULT_STEPS, example_checkpoint, train_example
 
     if steps == DEFAULT_STEPS.get(name):
         return load_checkpoint(example_checkpoint(name, seed=seed))  # the shared, cached example
@@ -51,8 +51,8 @@ def base_model(name: str, steps: int, seed: int, folder: Path):
 
 def run_arm(bundle, splits, arm: str, pattern: str, steps: int, seed: int, lr: float,
             overrides: dict | None = None) -> dict:  # fmt: skip
-    from compress.sparsity import NMSparsityConfig
-    from compress.sparsity.api import apply_nm_sparsity, check_module_pattern
+    from edgecompress.compress.sparsity import NMSparsityConfig
+    from edgecompress.compress.sparsity.api import apply_nm_sparsity, check_module_pattern
 
     cfg = NMSparsityConfig(pattern=pattern, max_steps=steps, lr=lr, seed=seed, eval_every=10**6,
                            checkpoint_every=10**6, **{**ARMS[arm], **(overrides or {})})  # fmt: skip
@@ -67,7 +67,7 @@ def dense_finetune(bundle, splits, steps: int, seed: int, lr: float) -> float:
     """Control arm: the dense model trained for the same steps and learning rate, no sparsity."""
     import copy
 
-    from compress.training import TrainConfig, Trainer, evaluate_accuracy
+    from edgecompress.compress.training import TrainConfig, Trainer, evaluate_accuracy
 
     model = copy.deepcopy(bundle.module)
     cfg = TrainConfig(max_steps=steps, batch_size=64, lr=lr, optimizer="adamw", seed=seed, eval_every=10**6,
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from compress.data import load_splits
-    from compress.training import evaluate_accuracy
+    from edgecompress.compress.data import load_splits
+    from edgecompress.compress.training import evaluate_accuracy
 
     torch.set_num_threads(args.threads)
     overrides: dict = {}
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
              "vit_base_steps": args.vit_base_steps, "lr": args.lr, "threads": args.threads,
              "dense_control": args.dense_control, "overrides": overrides}  # fmt: skip
     result: dict = {"scale": scale, "dense": {}, "rows": [], "command": " ".join(sys.argv)}
-    from compress.cache import cache_dir
+    from edgecompress.compress.cache import cache_dir
 
     cache = Path(args.cache) if args.cache else cache_dir("bench", "nm_sparsity")
     splits = load_splits("mnist")

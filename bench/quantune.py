@@ -80,21 +80,21 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from compress.cache import cache_dir
-    from compress.checkpoint import load_checkpoint
-    from compress.data import load_splits
-    from compress.examples import example_checkpoint
-    from compress.ptq.config import ORT_DEFAULT, space_preset
-    from compress.ptq.database import TuningDatabase, load_prior
-    from compress.ptq.descriptors import model_descriptors
-    from compress.ptq.evaluator import Evaluator
-    from compress.ptq.ort_backend import model_outputs, prepare_model, quantize_to_file
-    from compress.ptq.search import run_search
-    from compress.ptq.space import enumerate_space
-    from compress.ptq.strategies import GeneticSearch, GridSearch, QuantuneSearch, RandomSearch
-    from export import export_onnx
-    from runtimes.measure import measure_latency
-    from runtimes.ort_runtime import OrtSession
+    from edgecompress.compress.cache import cache_dir
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.data import load_splits
+    from edgecompress.compress.examples import example_checkpoint
+    from edgecompress.compress.ptq.config import ORT_DEFAULT, space_preset
+    from edgecompress.compress.ptq.database import TuningDatabase, load_prior
+    from edgecompress.compress.ptq.descriptors import model_descriptors
+    from edgecompress.compress.ptq.evaluator import Evaluator
+    from edgecompress.compress.ptq.ort_backend import model_outputs, prepare_model, quantize_to_file
+    from edgecompress.compress.ptq.search import run_search
+    from edgecompress.compress.ptq.space import enumerate_space
+    from edgecompress.compress.ptq.strategies import GeneticSearch, GridSearch, QuantuneSearch, RandomSearch
+    from edgecompress.export import export_onnx
+    from edgecompress.runtimes.measure import measure_latency
+    from edgecompress.runtimes.ort_runtime import OrtSession
 
     t_start = time.perf_counter()
     splits = load_splits("mnist")

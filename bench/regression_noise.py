@@ -39,7 +39,7 @@ def _summary(stats: Any, digest: str) -> dict[str, Any]:
 
 
 def _judge(base: Any, new: Any) -> tuple[bool, float]:
-    from compress.regression import compare_runs
+    from edgecompress.compress.regression import compare_runs
 
     res = compare_runs(_summary(base, "a"), _summary(new, "b"))
     return bool(res["failures"]), new.p50_ms / base.p50_ms
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from compress.models import create_model
-    from export import export_onnx, load_artifact
-    from export.spec import ModelSpec
-    from runtimes import measure_interleaved, runtime_for
+    from edgecompress.compress.models import create_model
+    from edgecompress.export import export_onnx, load_artifact
+    from edgecompress.export.spec import ModelSpec
+    from edgecompress.runtimes import measure_interleaved, runtime_for
 
     torch.manual_seed(0)
     rows, records = [], []

@@ -49,12 +49,12 @@ PRETRAINED = ("efficientnet-lite1", "efficientnet-lite2")
 
 
 def _bundle(name: str) -> tuple[Any, str]:
-    from compress.cache import cache_dir
-    from compress.checkpoint import ModelBundle, load_checkpoint
-    from compress.models import create_model
+    from edgecompress.compress.cache import cache_dir
+    from edgecompress.compress.checkpoint import ModelBundle, load_checkpoint
+    from edgecompress.compress.models import create_model
 
     if name in PRETRAINED:  # ImageNet weights from the 'examples' extra
-        from compress.examples import pretrained_example
+        from edgecompress.compress.examples import pretrained_example
 
         return load_checkpoint(pretrained_example(name, cache_dir("examples", "pretrained"))), "ImageNet pretrained"
 
@@ -72,7 +72,7 @@ def _qdq(onnx_art: Any, calib: Any, folder: Path) -> Any:
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from export import write_onnx_artifact
+    from edgecompress.export import write_onnx_artifact
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -89,7 +89,7 @@ def _qdq(onnx_art: Any, calib: Any, folder: Path) -> Any:
 
 def _photos(bundle: Any) -> Any:
     """32 calibration crops of scikit-image's photographs at the model's input size (ImageNet models)."""
-    from compress.data import load_splits
+    from edgecompress.compress.data import load_splits
 
     return load_splits("photos", input_shape=tuple(bundle.input_shape), preprocessing=bundle.preprocessing or None).calib
 
@@ -108,14 +108,14 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, thre
     import numpy as np
     import torch
 
-    from compress.data import load_splits
-    from compress.exporting import export_model
-    from export.errors import ExportError, UnsupportedExportError
-    from export.tvm import export_tvm_from_onnx
-    from runtimes import measure_interleaved, runtime_for
-    from runtimes.torch_runtime import TorchSession
-    from runtimes.tvm_rpc import DeviceServer, profile_remote
-    from targets import get_target
+    from edgecompress.compress.data import load_splits
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.export.errors import ExportError, UnsupportedExportError
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.runtimes import measure_interleaved, runtime_for
+    from edgecompress.runtimes.torch_runtime import TorchSession
+    from edgecompress.runtimes.tvm_rpc import DeviceServer, profile_remote
+    from edgecompress.targets import get_target
 
     torch.set_num_threads(threads)
     host = get_target("x86-64")

@@ -47,7 +47,7 @@ MODELS = ["cnn", "squeezenet", "mobilenetv2", "resnet", "shufflenet", "vit"]
 
 
 def _default_work_dir() -> Path:
-    from export.tvm.tuning import default_database_root
+    from edgecompress.export.tvm.tuning import default_database_root
 
     return default_database_root().parent / "tune-examples"
 
@@ -58,7 +58,7 @@ log = logging.getLogger("tune_examples")
 def fused_module(name: str, host: Any, tmp: Path) -> Any:
     """The fused Relax module of example ``name``, as the TVM exporter builds it for ``host``."""
     from bench.runtimes import _bundle
-    from compress.exporting import export_model
+    from edgecompress.compress.exporting import export_model
 
     bundle, _ = _bundle(name)
     return fused_module_from_onnx(export_model(bundle, "onnx", host, tmp / name), host)
@@ -68,8 +68,8 @@ def fused_module_from_onnx(artifact: Any, host: Any) -> Any:
     """The fused Relax module of an ONNX artifact (fp32 or QDQ), as the TVM exporter builds it."""
     import onnx
 
-    from export import load_artifact
-    from export.tvm import compile as tc
+    from edgecompress.export import load_artifact
+    from edgecompress.export.tvm import compile as tc
 
     art = load_artifact(artifact) if isinstance(artifact, (str, Path)) else artifact
     spec = art.manifest.inputs[0]
@@ -97,7 +97,7 @@ def demo_onnx_artifacts(work: Path) -> list[Path]:
 @contextmanager
 def _without_shipped(enabled: bool) -> Any:
     """Hide the shipped database from :func:`tune` so that every task is tuned anew."""
-    from export.tvm import records
+    from edgecompress.export.tvm import records
 
     if not enabled:
         yield
@@ -126,7 +126,7 @@ def refine(modules: dict[str, Any], tgt: Any, target_spec: dict[str, Any], root:
 
     from tvm.s_tir import meta_schedule as ms
 
-    from export.tvm import records, tuning
+    from edgecompress.export.tvm import records, tuning
 
     tuning._import_tensor_intrinsics()
     folder = root / records.database_key(target_spec)
@@ -199,7 +199,7 @@ def best_records(modules: dict[str, Any], tgt: Any, folders: list[Path], *, keep
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from export.tvm.records import RECORD_FILE, WORKLOAD_FILE, check_record, workload_hash
+    from edgecompress.export.tvm.records import RECORD_FILE, WORKLOAD_FILE, check_record, workload_hash
 
     def open_db(f: Path) -> Any:
         return ms.database.JSONDatabase(path_workload=str(f / WORKLOAD_FILE), path_tuning_record=str(f / RECORD_FILE),
@@ -257,7 +257,7 @@ def write_database(records: list[tuple[Any, Any]], tgt: Any, dest: Path, target_
 
     from tvm.s_tir import meta_schedule as ms
 
-    from export.tvm.records import (
+    from edgecompress.export.tvm.records import (
         CHECKS_FILE,
         RECORD_FILE,
         TARGET_FILE,
@@ -336,7 +336,7 @@ def main() -> None:
     args = ap.parse_args()
     args.work = args.work or _default_work_dir()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("export.tvm.tuning.metaschedule", "tune_examples.metaschedule", "tvm.s_tir.meta_schedule"):
+    for noisy in ("edgecompress.export.tvm.tuning.metaschedule", "tune_examples.metaschedule", "tvm.s_tir.meta_schedule"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import os
 
@@ -344,10 +344,10 @@ def main() -> None:
     # benchmark uses (a 2-thread spinning pool on a busy 2-core machine times noise).
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
-    from export.tvm import compile as tc
-    from export.tvm.records import SHIPPED_DIR, database_key
-    from export.tvm.tuning import TuneBudget, tune
-    from targets import get_target
+    from edgecompress.export.tvm import compile as tc
+    from edgecompress.export.tvm.records import SHIPPED_DIR, database_key
+    from edgecompress.export.tvm.tuning import TuneBudget, tune
+    from edgecompress.targets import get_target
 
     host = get_target("x86-64")
     host = dataclasses.replace(host, tvm={**host.tvm, "mcpu": args.mcpu}) if args.mcpu else host

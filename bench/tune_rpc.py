@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from compress.checkpoint import ModelBundle
-    from compress.exporting import export_model
-    from compress.models import create_model
-    from runtimes.tvm_rpc import DeviceServer
-    from targets import get_target
+    from edgecompress.compress.checkpoint import ModelBundle
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.compress.models import create_model
+    from edgecompress.runtimes.tvm_rpc import DeviceServer
+    from edgecompress.targets import get_target
 
     torch.manual_seed(0)
     bundle = ModelBundle(create_model("cnn", num_classes=7, in_chans=3).eval(), "cnn", (3, 28, 28), {}, 7, {})

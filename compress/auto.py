@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compress.errors import GateFailure
-from compress.pipeline import _gates_for, run_recipe
-from compress.recipe import CandidateSpec, Recipe, parse_recipe, resolved_dict
-from export.fileio import write_json_atomic
+from edgecompress.compress.errors import GateFailure
+from edgecompress.compress.pipeline import _gates_for, run_recipe
+from edgecompress.compress.recipe import CandidateSpec, Recipe, parse_recipe, resolved_dict
+from edgecompress.export.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def default_candidates(recipe: Recipe, measured: dict[str, dict[str, Any]]) -> l
     a codebook only when some candidate misses the size gate; 2:4 sparsity + PTQ only for targets
     with sparse tensor cores.
     """
-    from targets import get_target
+    from edgecompress.targets import get_target
 
     targets = [get_target(t) for t in recipe.targets]
     auto = recipe.auto
@@ -81,7 +81,7 @@ def pareto_front(points: list[dict[str, Any]]) -> list[bool]:
 
 def select(recipe: Recipe, candidates: list[dict[str, Any]]) -> dict[str, Any]:
     """Per target: the Pareto flags, the chosen candidate, or the gates nobody met and the nearest miss."""
-    from targets import get_target
+    from edgecompress.targets import get_target
 
     selection: dict[str, Any] = {}
     for tname in recipe.targets:
@@ -165,7 +165,7 @@ def _write_summary(recipe: Recipe, out: Path, rows: list[dict[str, Any]], skippe
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     write_json_atomic(out / "summary.json", summary)
-    from compress.report import write_report
+    from edgecompress.compress.report import write_report
 
     write_report(out)
     return summary

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from compress.errors import CheckpointError
-from export.artifact import TensorSpec
-from export.errors import SpecError
-from export.spec import ModelSpec
+from edgecompress.compress.errors import CheckpointError
+from edgecompress.export.artifact import TensorSpec
+from edgecompress.export.errors import SpecError
+from edgecompress.export.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class ModelBundle:
         """``classification``, ``embedding`` or ``other`` when known (recorded, or the built-in model's)."""
         if self.metadata.get("task"):
             return str(self.metadata["task"])
-        from compress.models import builtin_model_task
+        from edgecompress.compress.models import builtin_model_task
 
         return builtin_model_task(self.model_name)
 
@@ -101,7 +101,7 @@ def resolve_factory(spec: str, *, allow_import: bool) -> Callable[..., Any]:
     Raises:
         CheckpointError: unknown name, import failure, or import not allowed.
     """
-    from compress.models import create_model, list_models
+    from edgecompress.compress.models import create_model, list_models
 
     if ":" not in spec:
         if spec not in list_models():
@@ -179,16 +179,16 @@ def restore_structure(module: Any, metadata: dict[str, Any], state: dict[str, An
     weights saved with their parametrization). So every technique's checkpoint loads here."""
     record = metadata.get("nm_sparsity")
     if record and any(".parametrizations.weight.original" in k for k in state):
-        from compress.sparsity.lock import lock_nm_pattern
+        from edgecompress.compress.sparsity.lock import lock_nm_pattern
 
         lock_nm_pattern(module, record)
     if "qat" in metadata and not metadata.get("codebook_layout"):
-        from compress.qat.config import GAQATConfig
-        from compress.qat.prepare import prepare
+        from edgecompress.compress.qat.config import GAQATConfig
+        from edgecompress.compress.qat.prepare import prepare
 
         module = prepare(module, GAQATConfig.model_validate(metadata["qat"]["config"]))
     if metadata.get("codebook_layout"):
-        from compress.codebook.api import rebuild_codebook_model
+        from edgecompress.compress.codebook.api import rebuild_codebook_model
 
         module = rebuild_codebook_model(module, metadata["codebook_layout"])
     return module
@@ -198,16 +198,16 @@ def mark_technique(module: Any, metadata: dict[str, Any]) -> None:
     """After loading: an N:M sparse model is marked again, so exporting it re-verifies the pattern."""
     record = metadata.get("nm_sparsity")
     if record:  # layers another technique replaced (QAT, codebooks) are left to that technique's exporter
-        from compress.sparsity.export import mark_sparse_module
+        from edgecompress.compress.sparsity.export import mark_sparse_module
 
         mark_sparse_module(module, record)
     if hasattr(module, "eval"):
         module.eval()
 
 
-def _check_inputs(bundle: ModelBundle) -> None:
+def check_inputs(bundle: ModelBundle) -> None:
     """Run the model once on example inputs: a mismatch fails here, named, and the outputs are recorded."""
-    from export.torch_io import forward_order, probe_outputs
+    from edgecompress.export.torch_io import forward_order, probe_outputs
 
     spec = forward_order(bundle.module, bundle.spec)
     if any(not isinstance(d, int) for i in spec.inputs for d in i.shape[1:]):
@@ -271,7 +271,7 @@ def load_checkpoint(
     if suffix != ".pt2":  # modules of torch.export programs refuse .eval(); they are exported in eval mode
         bundle.module.eval()
     if check_shape:
-        _check_inputs(bundle)
+        check_inputs(bundle)
     return bundle
 
 
@@ -284,7 +284,7 @@ def _spec_from(recorded: Any, override: ModelSpec | None, name: str, source: Pat
     elif isinstance(recorded, (list, tuple)) and recorded:
         spec = ModelSpec.single(tuple(int(s) for s in recorded))
     else:
-        from compress.models import builtin_model_spec
+        from edgecompress.compress.models import builtin_model_spec
 
         spec = builtin_model_spec(name)
     if override is not None:
@@ -384,7 +384,7 @@ def _load_safetensors(p: Path, factory: str | None, allow_code: bool, override: 
 def _load_exported_program(p: Path, override: ModelSpec | None) -> ModelBundle:
     import torch
 
-    from export.spec import dtype_name
+    from edgecompress.export.spec import dtype_name
 
     try:
         program = torch.export.load(str(p))
@@ -420,7 +420,7 @@ def save_checkpoint(
     """
     import torch
 
-    from export.fileio import atomic_path
+    from edgecompress.export.fileio import atomic_path
 
     p = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or bundle.module.state_dict()).items()}

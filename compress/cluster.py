@@ -26,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compress.errors import CompressError, first_line
-from compress.ptq.evaluator import LOST, TrialResult, TrialTask
+from edgecompress.compress.errors import CompressError, first_line
+from edgecompress.compress.ptq.evaluator import LOST, TrialResult, TrialTask
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress.errors import UnsupportedError
+from edgecompress.compress.errors import UnsupportedError
 
 # (earlier stage, later stage) -> why that order cannot work
 FORBIDDEN_ORDERS: dict[tuple[str, str], str] = {

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.errors import DataError
+from edgecompress.compress.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ class Dataset:
         Raises:
             DataError: the arrays do not fit the model (named: which array, which dim, which dtype).
         """
-        from export.errors import SpecError
-        from export.spec import INTEGER_DTYPES, ModelSpec
+        from edgecompress.export.errors import SpecError
+        from edgecompress.export.spec import INTEGER_DTYPES, ModelSpec
 
         if not isinstance(spec, ModelSpec):
             spec = ModelSpec(list(spec))
@@ -291,7 +291,7 @@ def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
 
 def _builtin(name: str, preprocessing: dict[str, Any] | None = None, input_shape: tuple[int, ...] | None = None) -> Dataset:
     if name == "photos":
-        from compress.realdata import photo_crops
+        from edgecompress.compress.realdata import photo_crops
 
         size = int(input_shape[-1]) if input_shape else 224
         if input_shape and (len(input_shape) != 3 or input_shape[0] != 3 or input_shape[1] != input_shape[2]):
@@ -300,7 +300,7 @@ def _builtin(name: str, preprocessing: dict[str, Any] | None = None, input_shape
         pre["source"] = f"{PHOTO_CROPS} random crops of scikit-image's photographs at {size}x{size}"
         return Dataset({"x": _normalize(photo_crops(size, PHOTO_CROPS, seed=0), pre)}, None, "photos", None, pre)
     if name == "text":
-        from compress.realdata import text_tokens
+        from edgecompress.compress.realdata import text_tokens
 
         tokens = text_tokens(TEXT_SNIPPETS, 64, seed=0, split="eval")
         pre = {"tokenizer": "bytes+4 (0 PAD, 1 CLS, 2 SEP, 3 MASK)", "source": "Python standard library, held-out files"}
@@ -412,7 +412,7 @@ def _load_folder(path: Path, preprocessing: dict[str, Any] | None, input_shape: 
 
 
 def load_dataset(
-    spec: str | Path,
+    spec: str | Path | Dataset,
     *,
     preprocessing: dict[str, Any] | None = None,
     input_shape: tuple[int, ...] | None = None,
@@ -432,6 +432,8 @@ def load_dataset(
         >>> ds = load_dataset("digits"); ds.x.shape
         (1797, 1, 28, 28)
     """
+    if isinstance(spec, Dataset):  # data built in Python (edgecompress.compress.api): already the model's inputs
+        return spec
     text = str(spec)
     if text in BUILTIN_DATASETS:
         ds = _builtin(text, preprocessing, input_shape)
@@ -455,7 +457,7 @@ def load_dataset(
     return ds
 
 
-def load_splits(spec: str | Path, *, seed: int = 0, **kwargs: Any) -> Splits:
+def load_splits(spec: str | Path | Dataset, *, seed: int = 0, **kwargs: Any) -> Splits:
     """:func:`load_dataset` then :func:`split_dataset` (the usual entry point)."""
     return split_dataset(load_dataset(spec, **kwargs), seed=seed)
 
@@ -470,10 +472,10 @@ def image_shape(inputs: Any) -> tuple[int, ...] | None:
 
 
 def load_data(
-    data: str | Path | None = None,
+    data: str | Path | Dataset | None = None,
     *,
-    calib_data: str | Path | None = None,
-    eval_data: str | Path | None = None,
+    calib_data: str | Path | Dataset | None = None,
+    eval_data: str | Path | Dataset | None = None,
     seed: int = 0,
     **kwargs: Any,
 ) -> Splits:

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 
 def first_line(exc: BaseException, limit: int = 300, empty: str = "") -> str:
     """The first line of an exception's message, cut to ``limit`` (``empty`` when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else empty
+
+
+def describe_validation(exc: Any, model: Any = None, *, model_at: Callable[[tuple[str, ...]], Any] | None = None) -> str:
+    """One line per problem of a pydantic ``ValidationError``: where, what, and for an unknown key
+    the valid keys of the model it appeared in (``model`` at the top level; ``model_at(parent_loc)``
+    finds nested ones)."""
+    parts = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            cls = model_at(loc[:-1]) if model_at is not None else (model if len(loc) == 1 else None)
+            if cls is not None:
+                msg = f"unknown key {loc[-1]!r}; valid keys: {', '.join(cls.model_fields)}"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg += f" (got {err['input']!r})"
+        parts.append(f"{'.'.join(loc) or '(top level)'}: {msg}")
+    return "; ".join(parts)
 
 
 class CompressError(Exception):

@@ -1,7 +1,7 @@
 """Accuracy checks and latency profiles of artifacts on the runtime that will run them.
 
 Used by ``compress check``, ``compress profile`` and the recipe pipeline, so every number the
-toolchain prints comes from the same code (:mod:`runtimes.measure`).
+toolchain prints comes from the same code (:mod:`edgecompress.runtimes.measure`).
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from compress.checkpoint import ModelBundle, load_checkpoint
-from compress.data import Dataset
-from compress.errors import CheckpointError
-from export import Artifact, sha256_file
-from runtimes import LatencyStats, measure_latency, run_all_batched, runtime_for
-from runtimes.measure import score_outputs
-from runtimes.torch_runtime import TorchSession
+from edgecompress.compress.checkpoint import ModelBundle, load_checkpoint
+from edgecompress.compress.data import Dataset
+from edgecompress.compress.errors import CheckpointError
+from edgecompress.export import Artifact, sha256_file
+from edgecompress.runtimes import LatencyStats, measure_latency, run_all_batched, runtime_for
+from edgecompress.runtimes.measure import score_outputs
+from edgecompress.runtimes.torch_runtime import TorchSession
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def reference_session(artifact: Artifact, reference: ModelBundle | None) -> Any:
     extra = artifact.manifest.extra
     src = extra.get("source_onnx")
     if src and Path(src).is_file() and sha256_file(Path(src)) == extra.get("source_sha256"):
-        from runtimes.ort_runtime import OrtSession
+        from edgecompress.runtimes.ort_runtime import OrtSession
 
         sess = OrtSession(str(src), ["CPUExecutionProvider"], 0)
         sess.runtime = "onnxruntime fp32 source"
@@ -100,9 +100,9 @@ def check_artifact(
     """
     from dataclasses import replace
 
-    from compress.data import check_labels
-    from compress.errors import DataError
-    from runtimes.measure import check_metric
+    from edgecompress.compress.data import check_labels
+    from edgecompress.compress.errors import DataError
+    from edgecompress.runtimes.measure import check_metric
 
     feeds = data.feeds(artifact.manifest.inputs)
     check_labels(data, artifact.manifest.outputs)
@@ -130,7 +130,7 @@ def check_artifact(
     local = [runtime.prepare(artifact, target, threads=threads)] if runtime.supports(artifact, target) else []
     all_sessions = [*local, *(sessions or [])]
     if not all_sessions:
-        from runtimes import RuntimeUnavailableError
+        from edgecompress.runtimes import RuntimeUnavailableError
 
         raise RuntimeUnavailableError(
             f"artifact {artifact.path} ({artifact.manifest.format}) cannot run on this machine; "
@@ -157,7 +157,7 @@ def check_artifact(
         result["accuracy_drop"] = float(rows[0]["score"]) - float(main["score"])
     # Pairwise agreement across artifact runtimes (e.g. onnxruntime vs TVM), without a torch model too.
     if len(all_sessions) > 1:
-        from export.verify import compare_all_outputs
+        from edgecompress.export.verify import compare_all_outputs
 
         result["cross_runtime"] = [
             {"a": all_sessions[0].runtime, "b": s.runtime, **compare_all_outputs(outputs[0], out)}
@@ -168,7 +168,7 @@ def check_artifact(
 
 def _example_feeds(artifact: Artifact, batch: int) -> Any:
     """Timing inputs of the artifact's recorded input spec (a dynamic non-batch dim is a SpecError)."""
-    from export.spec import ModelSpec
+    from edgecompress.export.spec import ModelSpec
 
     if not artifact.manifest.inputs:
         raise CheckpointError(f"artifact {artifact.path} does not record its inputs; re-export it")
@@ -211,7 +211,7 @@ def profile_side_by_side(
     Raises:
         SpecError: an input has a dynamic non-batch dim (the message names it; re-export with it fixed).
     """
-    from runtimes import measure_interleaved
+    from edgecompress.runtimes import measure_interleaved
 
     feeds = [_example_feeds(a, batch) for a in artifacts]
     sessions = [runtime_for(a).prepare(a, target, threads=threads) for a in artifacts]

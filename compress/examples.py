@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from compress.cache import cache_dir
-from compress.checkpoint import ModelBundle, save_checkpoint
-from compress.data import load_splits
-from compress.models import create_model
-from compress.training import TrainConfig, Trainer, evaluate_accuracy
+from edgecompress.compress.cache import cache_dir
+from edgecompress.compress.checkpoint import ModelBundle, save_checkpoint
+from edgecompress.compress.data import load_splits
+from edgecompress.compress.models import create_model
+from edgecompress.compress.training import TrainConfig, Trainer, evaluate_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ def pretrained_example(name: str, out_dir: str | Path) -> Path:
     Raises:
         CheckpointError: the extra is not installed (the message names ``pip install -e '.[examples]'``).
     """
-    from compress.models.pretrained import PRETRAINED_INFO, pretrained_state_dict
-    from export.spec import ModelSpec
+    from edgecompress.compress.models.pretrained import PRETRAINED_INFO, pretrained_state_dict
+    from edgecompress.export.spec import ModelSpec
 
     info = PRETRAINED_INFO[name]
     model = create_model(name)
@@ -46,8 +46,8 @@ def text_encoder_example(out_dir: str | Path, *, steps: int | None = None, seed:
     """Train the built-in byte-level text encoder by masked-language modelling on the Python standard
     library's sources and write ``out_dir/text-encoder.pt`` (inputs ``input_ids`` and ``attention_mask``,
     int64, 64 tokens; output the mean-pooled embedding)."""
-    from compress.models import builtin_model_spec
-    from compress.realdata import train_text_encoder
+    from edgecompress.compress.models import builtin_model_spec
+    from edgecompress.compress.realdata import train_text_encoder
 
     model, metrics = train_text_encoder(steps=steps or TEXT_ENCODER_STEPS, seed=seed)
     bundle = ModelBundle(model.eval(), TEXT_ENCODER, metadata={"trained_on": "python stdlib sources (MLM)",

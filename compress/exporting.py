@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compress.checkpoint import ModelBundle
-from compress.errors import ConfigError, UnsupportedError
-from export import Artifact, StageRecord, TensorSpec, sha256_file, write_onnx_artifact
-from export.onnx_export import bundle_source_info as source_info  # noqa: F401  (used by the techniques)
-from export.onnx_export import export_bundle_onnx
+from edgecompress.compress.checkpoint import ModelBundle
+from edgecompress.compress.errors import ConfigError, UnsupportedError
+from edgecompress.export import Artifact, StageRecord, TensorSpec, sha256_file, write_onnx_artifact
+from edgecompress.export.onnx_export import bundle_source_info as source_info  # noqa: F401  (used by the techniques)
+from edgecompress.export.onnx_export import export_bundle_onnx
 
 # name -> fn(source: ModelBundle | Artifact, target, out, **options) -> Artifact
 _FORMATS: dict[str, Callable[..., Artifact]] = {}
@@ -67,7 +67,7 @@ def import_onnx_file(
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as exc:  # protobuf DecodeError, ValidationError, OSError: all mean a bad file
         raise ConfigError(f"{p} is not a valid ONNX model: {str(exc).splitlines()[0][:200]}") from None
-    from export.spec import ModelSpec
+    from edgecompress.export.spec import ModelSpec
 
     spec = ModelSpec.from_onnx(model).with_overrides(inputs or [])
     return write_onnx_artifact(
@@ -87,12 +87,12 @@ def onnx_file_or_checkpoint(
     Raises:
         ArtifactError: the ONNX file does not exist.
     """
-    from compress.checkpoint import is_onnx_file, load_checkpoint
+    from edgecompress.compress.checkpoint import is_onnx_file, load_checkpoint
 
     p = Path(model)
     if is_onnx_file(p):
         if not p.is_file():
-            from export import ArtifactError
+            from edgecompress.export import ArtifactError
 
             raise ArtifactError(f"ONNX file {str(p)!r} does not exist")
         return import_onnx_file(p, out, target=target, inputs=inputs)
@@ -135,7 +135,7 @@ def _with_build_cluster(fmt: str, options: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("--ray-address names a Ray cluster: add --executor ray")
     if fmt != "tvm" or rest.get("tune") is None:
         raise ConfigError("--executor ray builds TVM tuning candidates on a Ray cluster: use it with --format tvm --tune")
-    from compress.cluster import RayBuilds
+    from edgecompress.compress.cluster import RayBuilds
 
     return {**rest, "builds": RayBuilds(address)}
 
@@ -166,7 +166,7 @@ def _with_tuning_device(fmt: str, target: Any, options: dict[str, Any]) -> dict[
         raise ConfigError("give either rpc (one device server) or tracker (a TVM tracker of devices), not both")
     if rest.get("tune") is None:
         raise ConfigError("a device (rpc/tracker) is used to time tuning candidates: add a tuning budget (--tune 10m)")
-    from runtimes.tvm_rpc import open_measure_device
+    from edgecompress.runtimes.tvm_rpc import open_measure_device
 
     device = open_measure_device(target, rpc=given.get("rpc"), tracker=given.get("tracker"), key=given.get("key"),
                                  timeout=float(given.get("timeout", 60.0)))  # fmt: skip
@@ -177,11 +177,13 @@ def _ensure_builtins() -> None:
     if "onnx" in _FORMATS:
         return
     register_export_format("onnx", _export_onnx_format)
-    from export.ort_mobile import export_ort_format  # onnxruntime's mobile format (.ort, XNNPACK settings)
+    from edgecompress.export.ort_mobile import (
+        export_ort_format,  # onnxruntime's mobile format (.ort, XNNPACK settings)
+    )
 
     register_export_format("ort", export_ort_format)
     try:
-        from export.tvm import export_tvm_format  # the TVM backend, when present
+        from edgecompress.export.tvm import export_tvm_format  # the TVM backend, when present
     except ImportError:
         return
     register_export_format("tvm", export_tvm_format)

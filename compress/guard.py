@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.errors import GateFailure
+from edgecompress.compress.errors import GateFailure
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def refuse_failed(status: str | None, what: str, *, allow_failed: bool) -> None:
     if allow_failed:
         log.warning("%s failed its accuracy guard; using it anyway (--allow-failed)", what)
         return
-    from compress.errors import ConfigError
+    from edgecompress.compress.errors import ConfigError
 
     raise ConfigError(f"{what} failed its accuracy guard when it was written (its metadata says guard: failed); "
                       "fix the compression, or pass --allow-failed to use it anyway")  # fmt: skip
@@ -151,8 +151,8 @@ def layer_sensitivity(compressed: Any, reference: Any, inputs: Any, *, limit: in
     """
     import torch
 
-    from compress.training import forward
-    from export.verify import sqnr_db
+    from edgecompress.compress.training import forward
+    from edgecompress.export.verify import sqnr_db
 
     ref_mods = dict(reference.named_modules())
     names = [n for n, m in compressed.named_modules()
@@ -207,8 +207,8 @@ def guard_module_result(artifact: Any, data: Any, *, technique: str, reference: 
     Returns ``(check, verdict, worst_layers)``; raising is left to :func:`enforce` (after the
     command has written its outputs).
     """
-    from compress.evaluation import check_artifact
-    from compress.training import dataset_tensors
+    from edgecompress.compress.evaluation import check_artifact
+    from edgecompress.compress.training import dataset_tensors
 
     check = check_artifact(artifact, data, target=target, reference=reference, metric=metric)
     verdict = judge(check, target=target, max_drop=max_drop, min_sqnr_db=min_sqnr_db)

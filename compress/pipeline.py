@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compress.checkpoint import ModelBundle, load_checkpoint
-from compress.data import Splits, image_shape, load_data
-from compress.errors import ConfigError, GateFailure, UnsupportedError
-from compress.recipe import ExportSpec, Recipe, resolved_dict
-from compress.regression import REGRESSION_GATES, thin_samples
-from compress.stages import StageContext, StageOutput, get_stage
-from export.fileio import write_json_atomic
+from edgecompress.compress.checkpoint import ModelBundle, load_checkpoint
+from edgecompress.compress.data import Splits, image_shape, load_data
+from edgecompress.compress.errors import ConfigError, GateFailure, UnsupportedError
+from edgecompress.compress.recipe import ExportSpec, Recipe, resolved_dict
+from edgecompress.compress.regression import REGRESSION_GATES, thin_samples
+from edgecompress.compress.stages import StageContext, StageOutput, get_stage
+from edgecompress.export.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,12 @@ def load_recipe_model(recipe: Recipe, *, allow_code: bool = False, allow_failed:
     """
     spec = recipe.model
     if spec.example:
-        from compress.examples import example_checkpoint
+        from edgecompress.compress.examples import example_checkpoint
 
         path = example_checkpoint(spec.example, seed=recipe.seed)
         return load_checkpoint(path)
     assert spec.checkpoint is not None  # guaranteed by ModelSpec's validator
-    from compress.guard import refuse_failed
+    from edgecompress.compress.guard import refuse_failed
 
     bundle = load_checkpoint(
         spec.checkpoint,
@@ -140,7 +140,7 @@ def _device_sessions(e: ExportSpec, art: Any, target: Any) -> list[Any]:
     """The export entry's device (``rpc``/``tracker``), as a session that runs the artifact there."""
     if e.rpc is None and e.tracker is None:
         return []
-    from runtimes.tvm_rpc import remote_session
+    from edgecompress.runtimes.tvm_rpc import remote_session
 
     return [remote_session(art, e.rpc, key=e.key, target=target, tracker=e.tracker)]
 
@@ -155,8 +155,8 @@ def _export_result(recipe: Recipe, e: ExportSpec, art: Any, target: Any, splits:
     ``baseline_art``, the baseline run's artifact of the same row, is timed side by side with ``art``
     (``baseline_latency``), so that a comparison is not a comparison of two machines or two moments.
     """
-    from compress.evaluation import check_artifact, profile_side_by_side
-    from runtimes import runtime_for
+    from edgecompress.compress.evaluation import check_artifact, profile_side_by_side
+    from edgecompress.runtimes import runtime_for
 
     sessions = _device_sessions(e, art, target)
     metrics: dict[str, Any] = {"size_bytes": art.size_bytes}
@@ -203,7 +203,7 @@ def baseline_artifact(base: dict[str, Any], where: str | Path, target: str, fmt:
     It is looked for in the baseline folder (``artifacts/<target>-<format>``, where a restored run keeps
     it) and then at the path the baseline recorded.
     """
-    from export import ArtifactError, load_artifact
+    from edgecompress.export import ArtifactError, load_artifact
 
     row = next((r for r in base.get("results", []) if r["target"] == target and r["format"] == fmt), None)
     if row is None:
@@ -230,9 +230,9 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False, all
         GateFailure: after writing every output, when a gate failed or a measure regressed beyond its
             gate (exit code 4).
     """
-    from compress.exporting import export_model
-    from compress.regression import compare_runs, load_run
-    from targets import get_target
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.compress.regression import compare_runs, load_run
+    from edgecompress.targets import get_target
 
     out = Path(out)
     base = load_run(baseline) if baseline is not None else None  # a bad baseline fails before any work
@@ -269,7 +269,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False, all
         failures += comparison["failures"]
     summary.update(passed=not failures, failures=failures, wall_seconds=round(time.perf_counter() - t_start, 1))
     _write_json(out / "summary.json", summary)
-    from compress.report import write_report
+    from edgecompress.compress.report import write_report
 
     write_report(out)
     if failures:
@@ -291,11 +291,11 @@ def check_recipe_inputs(recipe: Recipe) -> None:
     if recipe.model.checkpoint and not Path(recipe.model.checkpoint).is_file():
         raise ConfigError(f"recipe model checkpoint {recipe.model.checkpoint!r} does not exist")
     if recipe.model.example:
-        from compress.models import list_models
+        from edgecompress.compress.models import list_models
 
         if recipe.model.example not in list_models():
             raise ConfigError(f"unknown example model {recipe.model.example!r}; known: {', '.join(list_models())}")
-    from compress.data import BUILTIN_DATASETS
+    from edgecompress.compress.data import BUILTIN_DATASETS
 
     for role, value in (("data", recipe.data), ("calib_data", recipe.calib_data), ("eval_data", recipe.eval_data)):
         if value and value not in BUILTIN_DATASETS and not Path(value).exists():

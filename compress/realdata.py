@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from compress.errors import DataError
+from edgecompress.compress.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ def train_text_encoder(steps: int = 600, seed: int = 0, seq_len: int = 64, *, ba
         >>> metrics["final_loss"] < metrics["initial_loss"]  # doctest: +SKIP
         True
     """
-    from compress.models.encoder import MaskedLanguageModel, TextEncoder
+    from edgecompress.compress.models.encoder import MaskedLanguageModel, TextEncoder
 
     if steps < 1 or batch_size < 1:
         raise DataError(f"train_text_encoder needs steps >= 1 and batch_size >= 1, got {steps}, {batch_size}")

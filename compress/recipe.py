@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from compress.errors import ConfigError
+from edgecompress.compress.errors import ConfigError
 
 RECIPE_VERSION = 1
 
@@ -48,7 +48,7 @@ class ModelSpec(BaseModel):
     @field_validator("inputs")
     @classmethod
     def _inputs(cls, v: list[str]) -> list[str]:
-        from export.spec import parse_input_option
+        from edgecompress.export.spec import parse_input_option
 
         for text in v:
             parse_input_option(text)  # SpecError (a ValueError) names the bad entry
@@ -65,7 +65,7 @@ class ModelSpec(BaseModel):
 
     def input_specs(self) -> list[Any] | None:
         """``inputs`` as ``TensorSpec`` (None when not given)."""
-        from export.spec import parse_input_option
+        from edgecompress.export.spec import parse_input_option
 
         return [parse_input_option(t) for t in self.inputs] or None
 
@@ -125,14 +125,14 @@ class ExportSpec(BaseModel):
 
 def _runs_elsewhere(target_name: str) -> bool:
     """Whether the target's code runs on another device (ARM64, GPUs); unknown targets are reported elsewhere."""
-    from targets import get_target
-    from targets.errors import UnknownTargetError
+    from edgecompress.targets import get_target
+    from edgecompress.targets.errors import UnknownTargetError
 
     try:
         target = get_target(target_name)
     except UnknownTargetError:  # Recipe._cross_checks names it with the known ones
         return False
-    from export.tvm.compile import is_cross
+    from edgecompress.export.tvm.compile import is_cross
 
     return is_cross(target)
 
@@ -153,7 +153,7 @@ class GateSpec(BaseModel):
     @field_validator("max_latency_regression", "max_size_regression", mode="before")
     @classmethod
     def _percent(cls, v: Any) -> float | None:
-        from compress.regression import parse_percent
+        from edgecompress.compress.regression import parse_percent
 
         return parse_percent(v)
 
@@ -212,7 +212,7 @@ class Recipe(BaseModel):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str | None) -> str | None:
-        from runtimes.measure import METRICS
+        from edgecompress.runtimes.measure import METRICS
 
         if v is not None and v not in METRICS:
             raise ValueError(f"unknown metric {v!r}; use one of {', '.join(METRICS)}")
@@ -228,7 +228,7 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
-        from targets import get_target
+        from edgecompress.targets import get_target
 
         if self.data is None and self.calib_data is None:
             raise ValueError("the recipe needs data: (split four ways) or calib_data: (with eval_data:)")
@@ -253,7 +253,7 @@ class Recipe(BaseModel):
         Raises:
             ConfigError: an unknown stage or an invalid stage config (naming the stage and the field).
         """
-        from compress.stages import get_stage
+        from edgecompress.compress.stages import get_stage
 
         out = []
         for i, entry in enumerate(self.stages):
@@ -312,8 +312,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_valid_keys_hint(exc)}") from None
-    from compress.compat import check_stage_order, check_targets
-    from targets import get_target
+    from edgecompress.compress.compat import check_stage_order, check_targets
+    from edgecompress.targets import get_target
 
     names = [name for name, _ in recipe.resolved_stages()]
     check_stage_order(names)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.errors import ConfigError
+from edgecompress.compress.errors import ConfigError
 
 REGRESSION_GATES = ("max_accuracy_regression", "max_latency_regression", "max_size_regression")
 REGRESSED = "REGRESSED"

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compress.errors import ConfigError
+from edgecompress.compress.errors import ConfigError
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -67,7 +67,7 @@ def _md_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _comparison_md(summary: dict[str, Any], level: str) -> list[str]:
-    from compress.regression import COMPARISON_COLUMNS, comparison_table
+    from edgecompress.compress.regression import COMPARISON_COLUMNS, comparison_table
 
     comp = summary.get("comparison")
     if not comp:
@@ -271,7 +271,7 @@ def _stage_sections(run_dir: Path) -> list[str]:
 
 
 def _lineage(summary: dict[str, Any]) -> str:
-    from export import ArtifactError, load_artifact
+    from edgecompress.export import ArtifactError, load_artifact
 
     rows = []
     for r in summary.get("results", []):
@@ -317,7 +317,7 @@ def render_html(summary: dict[str, Any], run_dir: Path) -> str:
                  [[f["target"], f["gate"], f["limit"], f["value"], f["excess"]] for f in summary["failures"]], "gates")]  # fmt: skip
     comp = summary.get("comparison")
     if comp:
-        from compress.regression import COMPARISON_COLUMNS, comparison_table
+        from edgecompress.compress.regression import COMPARISON_COLUMNS, comparison_table
 
         body += [f"<h2>Against the baseline</h2><p>{html.escape(str(comp.get('baseline')))}</p>",
                  _table(COMPARISON_COLUMNS, comparison_table(comp["rows"]), "comparison")]  # fmt: skip

@@ -17,16 +17,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from compress.checkpoint import ModelBundle
-from compress.data import Splits
-from compress.errors import ConfigError
+from edgecompress.compress.checkpoint import ModelBundle
+from edgecompress.compress.data import Splits
+from edgecompress.compress.errors import ConfigError
 
 # Technique packages whose stage.py registers a stage (imported on first use, when present).
 STAGE_MODULES = (
-    "compress.sparsity.stage",
-    "compress.qat.stage",
-    "compress.codebook.stage",
-    "compress.ptq.stage",
+    "edgecompress.compress.sparsity.stage",
+    "edgecompress.compress.qat.stage",
+    "edgecompress.compress.codebook.stage",
+    "edgecompress.compress.ptq.stage",
 )
 
 

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from compress.data import Dataset
-from compress.progress import progress
+from edgecompress.compress.data import Dataset
+from edgecompress.compress.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def distillation_loss(student: Any, teacher: list[Any], temperature: float = DIS
     import torch
     import torch.nn.functional as F
 
-    from export.torch_io import flatten_outputs
+    from edgecompress.export.torch_io import flatten_outputs
 
     outs = [t for _, t in flatten_outputs(student)]
     if len(outs) != len(teacher):
@@ -178,7 +178,7 @@ def teacher_outputs(teacher: Any, x: Any) -> list[Any]:
     """The fp32 teacher's outputs for a batch (no gradients), flattened."""
     import torch
 
-    from export.torch_io import flatten_outputs
+    from edgecompress.export.torch_io import flatten_outputs
 
     with torch.no_grad():
         return [t.detach() for _, t in flatten_outputs(forward(teacher, x))]
@@ -220,9 +220,9 @@ def evaluate_accuracy(model: Any, ds: Dataset, batch_size: int = 256, teacher: A
     """
     import torch
 
-    from compress.errors import DataError
-    from export.torch_io import flatten_outputs
-    from runtimes.measure import default_metric, score
+    from edgecompress.compress.errors import DataError
+    from edgecompress.export.torch_io import flatten_outputs
+    from edgecompress.runtimes.measure import default_metric, score
 
     if metric == "top1" and ds.y is None:
         raise DataError(f"metric 'top1' needs labels; dataset {ds.name!r} has none")
@@ -250,7 +250,7 @@ def evaluate_accuracy(model: Any, ds: Dataset, batch_size: int = 256, teacher: A
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    from export.fileio import atomic_path
+    from edgecompress.export.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -285,7 +285,7 @@ class Trainer:
         teacher: Any = None,
         task: str | None = None,
     ):
-        from compress.errors import DataError
+        from edgecompress.compress.errors import DataError
 
         if train.y is None and teacher is None:
             raise DataError(

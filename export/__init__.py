@@ -3,7 +3,7 @@
 Heavy libraries (torch, onnx, onnxruntime) are imported inside the functions that use them.
 """
 
-from export.artifact import (
+from edgecompress.export.artifact import (
     Artifact,
     Manifest,
     StageRecord,
@@ -13,9 +13,14 @@ from export.artifact import (
     sha256_file,
     write_manifest,
 )
-from export.errors import ArtifactError, ExportError, UnsupportedExportError
-from export.onnx_export import OnnxExporter, export_onnx, register_onnx_exporter, write_onnx_artifact
-from export.verify import compare_outputs, sqnr_db
+from edgecompress.export.errors import ArtifactError, ExportError, UnsupportedExportError
+from edgecompress.export.onnx_export import (
+    OnnxExporter,
+    export_onnx,
+    register_onnx_exporter,
+    write_onnx_artifact,
+)
+from edgecompress.export.verify import compare_outputs, sqnr_db
 
 __all__ = [
     "Artifact",

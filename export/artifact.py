@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from export.errors import ArtifactError
-from export.fileio import write_json_atomic
+from edgecompress.export.errors import ArtifactError
+from edgecompress.export.fileio import write_json_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

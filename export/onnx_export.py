@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from export.artifact import (
+from edgecompress.export.artifact import (
     Artifact,
     Manifest,
     StageRecord,
@@ -27,10 +27,10 @@ from export.artifact import (
     load_artifact,
     write_manifest,
 )
-from export.errors import ExportError, UnsupportedExportError
-from export.spec import Feeds, ModelSpec, as_feeds
-from export.torch_io import ExportIO
-from export.verify import compare_all_outputs
+from edgecompress.export.errors import ExportError, UnsupportedExportError
+from edgecompress.export.spec import Feeds, ModelSpec, as_feeds
+from edgecompress.export.torch_io import ExportIO
+from edgecompress.export.verify import compare_all_outputs
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def torch_onnx_export(module: Any, io: ExportIO, path: Path, opset: int, **kwarg
 
     import torch
 
-    from export.torch_io import flat_outputs_module
+    from edgecompress.export.torch_io import flat_outputs_module
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -98,6 +98,20 @@ def _exported_program_export(program: Any, io: ExportIO, path: Path, opset: int)
         warnings.simplefilter("ignore")
         torch.onnx.export(program, io.args, str(path), dynamo=True, opset_version=max(opset, 18),
                           input_names=io.input_names, output_names=io.output_names, verbose=False)  # fmt: skip
+
+
+def _sort_initializers(model: Any) -> None:
+    """Initializers in name order: the same weights give the same file, whatever order the module
+    registered its parameters in (a model reloaded from its checkpoint, or the one still in memory)."""
+    import onnx
+
+    ordered = []
+    for init in sorted(model.graph.initializer, key=lambda i: i.name):
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        ordered.append(copy)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(ordered)
 
 
 def _program_batch(program: Any) -> int | None:
@@ -128,8 +142,8 @@ def onnx_outputs(onnx_path: Path | str, inputs: Feeds | np.ndarray, *, batch_siz
     """
     import onnxruntime as ort
 
-    from export.spec import batch_size as feeds_batch
-    from export.spec import dtype_name, numpy_dtype, slice_feeds
+    from edgecompress.export.spec import batch_size as feeds_batch
+    from edgecompress.export.spec import dtype_name, numpy_dtype, slice_feeds
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -148,7 +162,7 @@ def onnx_outputs(onnx_path: Path | str, inputs: Feeds | np.ndarray, *, batch_siz
 def verify_onnx_against_torch(module: Any, onnx_path: Path, inputs: Feeds | np.ndarray,
                               spec: ModelSpec | None = None) -> dict[str, float]:  # fmt: skip
     """Run ``inputs`` through torch and onnxruntime and compare every output."""
-    from export.torch_io import run_module
+    from edgecompress.export.torch_io import run_module
 
     spec = spec or ModelSpec.single(np.asarray(inputs).shape[1:])
     feeds = as_feeds(inputs, spec.input_names)
@@ -192,7 +206,7 @@ def export_onnx(
     import onnx
     import torch
 
-    from export.torch_io import ExportIO, model_spec_for
+    from edgecompress.export.torch_io import ExportIO, model_spec_for
 
     if opset < 17:
         raise ExportError(f"opset {opset} is too old; use 17 or newer")
@@ -230,6 +244,7 @@ def export_onnx(
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"exported ONNX graph is invalid: {exc}") from None
         model = onnx.shape_inference.infer_shapes(model)
+        _sort_initializers(model)
         onnx.save(model, str(onnx_path))
         check = verify_onnx_against_torch(module, onnx_path, check_feeds, spec)
         if check["sqnr_db"] < exporter.min_sqnr_db:
@@ -314,7 +329,7 @@ def write_onnx_artifact(
 def bundle_source_info(bundle: Any) -> dict[str, Any]:
     """Where a loaded checkpoint came from (duck-typed ``ModelBundle``), recorded in manifests so
     ``compress check`` can rebuild the fp32 torch reference."""
-    from export.artifact import sha256_file
+    from edgecompress.export.artifact import sha256_file
 
     info: dict[str, Any] = {"model_name": bundle.model_name, "model_spec": bundle.spec.to_json()}
     if getattr(bundle, "task", None):

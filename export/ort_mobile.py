@@ -23,9 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from export.artifact import Artifact, Manifest, StageRecord, artifact_writer, load_artifact, write_manifest
-from export.errors import ExportError
-from export.verify import compare_outputs
+from edgecompress.export.artifact import (
+    Artifact,
+    Manifest,
+    StageRecord,
+    artifact_writer,
+    load_artifact,
+    write_manifest,
+)
+from edgecompress.export.errors import ExportError
+from edgecompress.export.verify import compare_outputs
 
 FORMAT = "ort"
 MODEL_FILE = "model.ort"
@@ -110,7 +117,7 @@ def convert_to_ort(onnx_path: Path, out_dir: Path, *, runtime_optimizations: boo
 def open_session(model_path: Path, settings: dict[str, Any]) -> Any:
     """An onnxruntime session for the ``.ort`` file with ``settings`` (providers this onnxruntime
     build lacks, such as XNNPACK in the x86 wheels, are skipped)."""
-    from runtimes.ort_runtime import build_session
+    from edgecompress.runtimes.ort_runtime import build_session
 
     return build_session(str(model_path), [str(p) for p in settings["providers"]], 0, settings)
 
@@ -209,7 +216,7 @@ def export_ort_format(source: Any, target: Any, out: str | Path, **options: Any)
         return export_ort_from_onnx(source, target, out, verify=verify)
     if not hasattr(source, "module"):
         raise ExportError(f"cannot export a {type(source).__name__} to ort; give a checkpoint bundle or an ONNX artifact")
-    from export.onnx_export import export_bundle_onnx
+    from edgecompress.export.onnx_export import export_bundle_onnx
 
     with tempfile.TemporaryDirectory(prefix="edgecompress-ort-") as tmp:
         onnx_art = export_bundle_onnx(source, Path(tmp) / "onnx", target=target, opset=options.get("opset"))

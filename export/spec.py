@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from export.artifact import TensorSpec
-from export.errors import SpecError
+from edgecompress.export.artifact import TensorSpec
+from edgecompress.export.errors import SpecError
 
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 BATCH = "batch"

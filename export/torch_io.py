@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from export.artifact import TensorSpec
-from export.errors import SpecError
-from export.spec import BATCH, Feeds, ModelSpec, as_feeds, dtype_name
+from edgecompress.export.artifact import TensorSpec
+from edgecompress.export.errors import SpecError
+from edgecompress.export.spec import BATCH, Feeds, ModelSpec, as_feeds, dtype_name
 
 
 def _flatten(out: Any, prefix: str) -> list[tuple[str, Any]]:

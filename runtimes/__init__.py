@@ -3,9 +3,16 @@
 Heavy libraries are imported inside the runtime modules, never here.
 """
 
-from runtimes.base import Runtime, Session, get_runtime, list_runtimes, register_runtime, runtime_for
-from runtimes.errors import DeviceConnectionError, RuntimeExecutionError, RuntimeUnavailableError
-from runtimes.measure import (
+from edgecompress.runtimes.base import (
+    Runtime,
+    Session,
+    get_runtime,
+    list_runtimes,
+    register_runtime,
+    runtime_for,
+)
+from edgecompress.runtimes.errors import DeviceConnectionError, RuntimeExecutionError, RuntimeUnavailableError
+from edgecompress.runtimes.measure import (
     LatencyStats,
     evaluate,
     measure_interleaved,

@@ -3,7 +3,7 @@
 A runtime runs artifacts: ``is_available()``, ``supports(artifact, target)`` and
 ``prepare(artifact, target) -> Session``; a session runs a batch of feeds (``{input name: array}``,
 or one array for a one-input model): ``run_all(feeds) -> [outputs]``, ``run(feeds) -> first output``. Timing and
-accuracy are measured for every runtime alike by :mod:`runtimes.measure`.
+accuracy are measured for every runtime alike by :mod:`edgecompress.runtimes.measure`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from runtimes.errors import RuntimeUnavailableError
+from edgecompress.runtimes.errors import RuntimeUnavailableError
 
 
 @runtime_checkable
@@ -86,13 +86,13 @@ def runtime_for(artifact: Any) -> Runtime:
 def _ensure_builtins() -> None:
     if "onnxruntime" in _RUNTIMES:
         return
-    from runtimes.ort_runtime import OrtRuntime
-    from runtimes.torch_runtime import TorchRuntime
+    from edgecompress.runtimes.ort_runtime import OrtRuntime
+    from edgecompress.runtimes.torch_runtime import TorchRuntime
 
     register_runtime("onnxruntime", OrtRuntime)
     register_runtime("torch", TorchRuntime)
     try:
-        from runtimes.tvm_runtime import TvmRuntime  # added by the TVM backend
+        from edgecompress.runtimes.tvm_runtime import TvmRuntime  # added by the TVM backend
 
         register_runtime("tvm", TvmRuntime)
     except ImportError:

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from runtimes.errors import RuntimeUnavailableError
+from edgecompress.runtimes.errors import RuntimeUnavailableError
 
 _registered: dict[str, str | None] = {}
 
@@ -135,8 +135,8 @@ _WRAPPER = """#!{python}
 # CUDA JIT registered, so CUDA artifacts built without the CUDA runtime load on this GPU.
 import runpy, sys
 sys.path[:0] = {paths!r}
-import runtimes.cuda_jit
-runtimes.cuda_jit.register_cuda_jit(None, load_runtime=False)
+from edgecompress.runtimes import cuda_jit
+cuda_jit.register_cuda_jit(None, load_runtime=False)
 sys.executable = {wrapper!r}
 flag, what, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
 if flag == "-m":
@@ -177,7 +177,9 @@ def write_server_python(folder: Path, python: str) -> Path:
     cuda_lib = ""
     if cuda_driver_present():
         cuda_lib = str(Path(base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so")
-    root = str(Path(__file__).resolve().parents[1])
+    import edgecompress
+
+    root = str(Path(edgecompress.__file__).resolve().parents[1])  # the folder that holds the package
     paths = [root, str(Path(tvm.__file__).resolve().parents[1])]
     wrapper = folder / "python-cuda-jit"
     wrapper.write_text(_WRAPPER.format(python=python, paths=paths, wrapper=str(wrapper), cuda_lib=cuda_lib))

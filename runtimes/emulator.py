@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.errors import RuntimeExecutionError, RuntimeUnavailableError
+from edgecompress.runtimes.errors import RuntimeExecutionError, RuntimeUnavailableError
 
 #: The architectures that can be emulated (``--emulate`` values), with their qemu program.
 QEMU_PROGRAMS = {"arm64": "qemu-aarch64-static"}
@@ -155,7 +155,7 @@ class EmulatedDevice:
         return {"PYTHONNOUSERSITE": "1", "TVM_NUM_THREADS": "1"}
 
     def warning(self) -> str:
-        from targets import detect_host
+        from edgecompress.targets import detect_host
 
         return EMULATION_WARNING.format(arch=self.arch, host=detect_host().arch)
 
@@ -199,7 +199,7 @@ class EmulatedDevice:
         Raises:
             RuntimeUnavailableError: as :meth:`require`.
         """
-        from runtimes.tvm_rpc import DeviceServer
+        from edgecompress.runtimes.tvm_rpc import DeviceServer
 
         self.require()
         return DeviceServer(port, key=key, host=host, tracker=tracker, python=str(self.python),

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from export.spec import Feeds, as_feeds, slice_feeds
-from export.spec import batch_size as batch_size_of
-from export.verify import compare_all_outputs, cosine_similarity, sqnr_db
+from edgecompress.export.spec import Feeds, as_feeds, slice_feeds
+from edgecompress.export.spec import batch_size as batch_size_of
+from edgecompress.export.verify import compare_all_outputs, cosine_similarity, sqnr_db
 
 
 @dataclass

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from export.artifact import TensorSpec
-from export.errors import SpecError
-from export.spec import as_feeds, numpy_dtype
-from runtimes.errors import RuntimeExecutionError, RuntimeUnavailableError
+from edgecompress.export.artifact import TensorSpec
+from edgecompress.export.errors import SpecError
+from edgecompress.export.spec import as_feeds, numpy_dtype
+from edgecompress.runtimes.errors import RuntimeExecutionError, RuntimeUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def build_session(model_path: str, providers: list[str], threads: int, settings: dict[str, Any] | None = None) -> Any:
     """An ``InferenceSession`` with the providers this onnxruntime has, in the order given.
 
-    ``settings`` is an artifact's recorded ``ort_session`` (see :mod:`export.ort_mobile`): provider
+    ``settings`` is an artifact's recorded ``ort_session`` (see :mod:`edgecompress.export.ort_mobile`): provider
     options, session config entries and thread counts are applied as recorded. A provider that
     this build lacks is skipped; when it was the one holding the threads (XNNPACK's own pool, with
     onnxruntime's intra-op pool at one thread), its thread count goes to the intra-op pool instead,
@@ -63,7 +63,7 @@ class OrtSession:
     runtime = "onnxruntime"
 
     def __init__(self, model_path: str, providers: list[str], threads: int, settings: dict[str, Any] | None = None):
-        from export.spec import dtype_name
+        from edgecompress.export.spec import dtype_name
 
         self._sess = build_session(model_path, providers, threads, settings)
         self.providers = self._sess.get_providers()

@@ -17,7 +17,7 @@ class TorchSession:
     def __init__(self, module: Any, threads: int = 0, spec: Any = None):
         import torch
 
-        from export.spec import ModelSpec
+        from edgecompress.export.spec import ModelSpec
 
         self.module = module
         with contextlib.suppress(NotImplementedError):  # torch.export program modules are already in eval mode
@@ -30,7 +30,7 @@ class TorchSession:
         self.input_names = self.spec.input_names
 
     def run_all(self, x: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        from export.torch_io import run_module
+        from edgecompress.export.torch_io import run_module
 
         return run_module(self.module, x, self.spec)
 

@@ -29,8 +29,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from runtimes.errors import DeviceConnectionError, RuntimeUnavailableError
-from runtimes.measure import LatencyStats
+from edgecompress.runtimes.errors import DeviceConnectionError, RuntimeUnavailableError
+from edgecompress.runtimes.measure import LatencyStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -160,8 +160,8 @@ def remote_session(
     """
     import tvm
 
-    from export.tvm.compile import load_params
-    from runtimes.tvm_runtime import TvmSession, open_vm
+    from edgecompress.export.tvm.compile import load_params
+    from edgecompress.runtimes.tvm_runtime import TvmSession, open_vm
 
     if not artifact.manifest.format.startswith("tvm"):
         raise RuntimeUnavailableError(
@@ -221,7 +221,7 @@ class _GuardedSession:
 
 def _foreign_triple(target: Any) -> str:
     """The target's LLVM triple when its CPU code is for another architecture than this machine's, else ""."""
-    from targets import detect_host
+    from edgecompress.targets import detect_host
 
     triple = str(getattr(target, "mtriple", "") or "")
     return triple if triple and not triple.startswith(detect_host().arch) else ""
@@ -232,7 +232,7 @@ def emulation_note(where: str, target: Any) -> str:
     host = where.split()[1].rsplit(":", 1)[0] if len(where.split()) > 1 else ""
     triple = _foreign_triple(target)
     if host in LOOPBACK and triple:
-        from targets import detect_host
+        from edgecompress.targets import detect_host
 
         arch = detect_host().arch
         return (
@@ -276,7 +276,7 @@ def emulated_device_reason(where: str, target: Any, same_machine: bool | None) -
         target: the target whose code the device runs.
         same_machine: :func:`shares_this_machine`'s answer; None falls back to the loopback address.
     """
-    from targets import detect_host
+    from edgecompress.targets import detect_host
 
     triple, arch = _foreign_triple(target), detect_host().arch
     if not triple:
@@ -303,8 +303,8 @@ def open_measure_device(
             emulator (emulated timings say nothing about the real device, so tuning on one is refused);
             the device has no ``cuda``/``opencl`` device the target needs.
     """
-    from export.tvm.compile import device_kind
-    from export.tvm.rpc_measure import MeasureDevice
+    from edgecompress.export.tvm.compile import device_kind
+    from edgecompress.export.tvm.rpc_measure import MeasureDevice
 
     first, where = connect(rpc=rpc, tracker=tracker, key=key, timeout=timeout)
     try:
@@ -356,7 +356,7 @@ def profile_remote(
         raise RuntimeUnavailableError(f"{artifact.path} was compiled for batch {compiled}; profile it with --batch {compiled}")
     session = remote_session(artifact, rpc, key=key, target=target, tracker=tracker, timeout=timeout)
     try:
-        from export.spec import ModelSpec
+        from edgecompress.export.spec import ModelSpec
 
         x = ModelSpec(list(artifact.manifest.inputs)).example_feeds(compiled)
         # Warm-up and calibration: three untimed-for-the-result calls give the per-call cost.

@@ -2,7 +2,7 @@
 
 The library takes ``main(input, *params)`` with a static batch (recorded as ``extra.batch``);
 larger batches are run in chunks and a short last chunk is padded, so any batch size works.
-Remote devices are in :mod:`runtimes.tvm_rpc`.
+Remote devices are in :mod:`edgecompress.runtimes.tvm_rpc`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.errors import RuntimeExecutionError, RuntimeUnavailableError
+from edgecompress.runtimes.errors import RuntimeExecutionError, RuntimeUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ class TvmSession:
 
     def __init__(self, vm: Any, dev: Any, params: list[Any], *, batch: int, threads: int, where: str = "local",
                  keepalive: Any = None, inputs: list[Any] | None = None):  # fmt: skip
-        from export.artifact import TensorSpec
-        from export.spec import numpy_dtype
+        from edgecompress.export.artifact import TensorSpec
+        from edgecompress.export.spec import numpy_dtype
 
         self._vm = vm
         self._dev = dev
@@ -56,7 +56,7 @@ class TvmSession:
 
     def run_all(self, x: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Every output for a batch of any size (chunks of the compiled batch, the last one padded)."""
-        from export.spec import as_feeds
+        from edgecompress.export.spec import as_feeds
 
         feeds = as_feeds(x, self.input_names)
         arrays = [np.asarray(feeds[n]) for n in self.input_names]
@@ -110,7 +110,7 @@ class TvmSession:
     def time_evaluator(self, x: np.ndarray | Mapping[str, np.ndarray], *, number: int, repeat: int,
                        min_repeat_ms: int = 0) -> list[float]:  # fmt: skip
         """TVM's ``time_evaluator`` on the device itself: seconds per call for each repeat."""
-        from export.spec import as_feeds
+        from edgecompress.export.spec import as_feeds
 
         feeds = as_feeds(x, self.input_names)
         args = [self._tensor(np.asarray(feeds[n])[: self.batch], d) for n, d in zip(self.input_names, self._dtypes, strict=True)]
@@ -157,7 +157,7 @@ class TvmRuntime:
             return False
         device = extra.get("device", "cpu")
         if device == "cpu":
-            from targets import runs_on_host
+            from edgecompress.targets import runs_on_host
 
             return runs_on_host(str((extra.get("tvm_target") or {}).get("mtriple", "")))
         return self._device_present(device)
@@ -166,7 +166,7 @@ class TvmRuntime:
     def _device_present(device: str) -> bool:
         try:
             if device == "cuda":
-                from runtimes.cuda_jit import ensure_cuda_runtime
+                from edgecompress.runtimes.cuda_jit import ensure_cuda_runtime
 
                 ensure_cuda_runtime()  # a runtime-only TVM does not load it by itself
             return bool(_device(device).exist)
@@ -191,7 +191,7 @@ class TvmRuntime:
             )
         import tvm
 
-        from export.tvm.compile import load_params
+        from edgecompress.export.tvm.compile import load_params
 
         n = threads or (getattr(target, "num_threads", 0) if target is not None and not target.is_host else 0)
         if n:
@@ -199,7 +199,7 @@ class TvmRuntime:
         extra = artifact.manifest.extra
         dev = _device(extra.get("device", "cpu"))
         if extra.get("device") == "cuda":  # kernels built without the CUDA runtime are compiled now
-            from runtimes.cuda_jit import register_cuda_jit
+            from edgecompress.runtimes.cuda_jit import register_cuda_jit
 
             register_cuda_jit(str((extra.get("tvm_target") or {}).get("arch") or "") or None)
         try:

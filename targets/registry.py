@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from targets.errors import TargetError, UnknownTargetError
-from targets.host import detect_host
-from targets.target import Budgets, Remote, Target
+from edgecompress.targets.errors import TargetError, UnknownTargetError
+from edgecompress.targets.host import detect_host
+from edgecompress.targets.target import Budgets, Remote, Target
 
 _REGISTRY: dict[str, Target] = {}
 _ALIASES: dict[str, str] = {}

@@ -84,7 +84,7 @@ class Target:
 
     def __post_init__(self) -> None:
         # Imported here to keep the module import-cheap and avoid a cycle with the registry.
-        from targets.errors import TargetError
+        from edgecompress.targets.errors import TargetError
 
         if self.kind not in KINDS:
             raise TargetError(f"target {self.name!r}: unknown kind {self.kind!r}; valid: {', '.join(KINDS)}")
@@ -117,7 +117,7 @@ class Target:
         Raises:
             UnsupportedOnTargetError: naming the precision, the target and what it does support.
         """
-        from targets.errors import UnsupportedOnTargetError
+        from edgecompress.targets.errors import UnsupportedOnTargetError
 
         if not self.supports(precision):
             subject = f"{what} needs " if what else ""

@@ -25,13 +25,13 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def mnist_splits():
-    from compress.data import load_splits
+    from edgecompress.compress.data import load_splits
 
     return load_splits("mnist")
 
 
 def _train(name: str, steps: int, folder: Path) -> Path:
-    from compress.examples import train_example
+    from edgecompress.compress.examples import train_example
 
     return train_example(name, folder, steps=steps, seed=0)
 
@@ -45,8 +45,8 @@ def cnn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cnn_onnx(cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained example CNN exported to ONNX (the Quantune tests' input)."""
-    from compress.checkpoint import load_checkpoint
-    from export import export_onnx
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.export import export_onnx
 
     b = load_checkpoint(cnn_checkpoint)
     art = export_onnx(b.module, b.input_shape, tmp_path_factory.mktemp("onnx") / "a", model_name="cnn",
@@ -60,8 +60,8 @@ def untrained_cnn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (compiling, timing, RPC)."""
     import torch
 
-    from compress.checkpoint import ModelBundle, save_checkpoint
-    from compress.models import create_model
+    from edgecompress.compress.checkpoint import ModelBundle, save_checkpoint
+    from edgecompress.compress.models import create_model
 
     torch.manual_seed(0)
     bundle = ModelBundle(create_model("cnn", num_classes=10, in_chans=1).eval(), "cnn", (1, 28, 28), {}, 10, {})
@@ -84,7 +84,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture()
 def cli(capsys: pytest.CaptureFixture[str]):
     """Run the CLI in-process: ``code, out, err = cli("export", ...)``."""
-    from compress.cli.app import main
+    from edgecompress.compress.cli.app import main
 
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()
@@ -100,8 +100,8 @@ def shipped_tuned() -> bool | str:
     """What ``extra["tuned"]`` must say for an example model on this host with the shipped records
     alone: True where the host's key is the shipped one, "transferred" on any other x86-64 CPU
     that runs the shipped CPU's code (an AVX-512 host, another core count)."""
-    from export.tvm.records import SHIPPED_DIR, database_key, folder_target, transfer_rank
-    from targets import get_target
+    from edgecompress.export.tvm.records import SHIPPED_DIR, database_key, folder_target, transfer_rank
+    from edgecompress.targets import get_target
 
     host = dict(get_target("x86-64").tvm)
     ranks = [transfer_rank(spec, host) for f in SHIPPED_DIR.iterdir() if (spec := folder_target(f)) is not None]

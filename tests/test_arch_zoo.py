@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from zoo import ZOO, logits_of, train_zoo_model
 
-from compress.codebook.api import apply_jlcm, group_and_fold, select_layers
-from compress.codebook.config import JLCMConfig
-from export.torch_io import flatten_outputs
-from export.verify import sqnr_db
+from edgecompress.compress.codebook.api import apply_jlcm, group_and_fold, select_layers
+from edgecompress.compress.codebook.config import JLCMConfig
+from edgecompress.export.torch_io import flatten_outputs
+from edgecompress.export.verify import sqnr_db
 
 NAMES = sorted(ZOO)
 INPUT_SHAPE = (1, 28, 28)
@@ -32,7 +32,7 @@ HAZARDS = ("se_mobilenetv3", "depthwise_grouped", "channel_shuffle", "residual",
 
 @pytest.fixture(scope="session")
 def digits():
-    from compress.data import load_splits
+    from edgecompress.compress.data import load_splits
 
     return load_splits("digits")
 
@@ -75,7 +75,7 @@ def _sqnr(reference: list[torch.Tensor], test: list[torch.Tensor]) -> float:
 
 def _export(module: nn.Module, dest: Path, fmt: str) -> None:
     """Export to ONNX; ``export_onnx`` verifies onnxruntime against torch itself and raises on a mismatch."""
-    from export import export_onnx
+    from edgecompress.export import export_onnx
 
     art = export_onnx(module, INPUT_SHAPE, dest)
     assert art.manifest.format == fmt
@@ -122,7 +122,7 @@ def test_grouping_and_folding_keep_the_float_function(name: str, zoo_model, digi
 
 def test_a_fold_that_changes_the_outputs_is_undone(zoo_model, digits) -> None:
     """The check behind the folding rules: a plan that would change the function is undone exactly."""
-    from compress.codebook.grouping import FoldPlan, fold_permutations
+    from edgecompress.compress.codebook.grouping import FoldPlan, fold_permutations
 
     model: Any = zoo_model("residual")
     x = _tensor(digits.calib, 2)
@@ -172,7 +172,7 @@ def test_jlcm_without_learning_at_six_bits_stays_at_fp32(name: str, zoo_model, d
 
 @pytest.mark.parametrize("name", NAMES)
 def test_jlcm_four_bits_keeps_accuracy_and_exports(name: str, zoo_model, digits, tmp_path: Path) -> None:
-    from compress.codebook.stage import register_exporter
+    from edgecompress.compress.codebook.stage import register_exporter
 
     model = zoo_model(name)
     small, report = apply_jlcm(model, _tensor(digits.calib), JLCMConfig(bits=4, groups=4, steps=20))
@@ -193,7 +193,7 @@ def test_jlcm_four_bits_keeps_accuracy_and_exports(name: str, zoo_model, digits,
 def test_codebook_layers_rebuilt_from_the_layout_keep_the_layer_forward(name: str, zoo_model, digits) -> None:
     """A codebook model rebuilt from its layout (as ``load_codebook_checkpoint`` does) on a fresh copy of
     the architecture gives the same outputs: a layer subclass's own forward and padding survive reload."""
-    from compress.codebook.api import codebook_layout, rebuild_codebook_model
+    from edgecompress.compress.codebook.api import codebook_layout, rebuild_codebook_model
 
     model = zoo_model(name)
     small, _ = apply_jlcm(copy.deepcopy(model), _tensor(digits.calib), JLCMConfig(bits=4, groups=2, steps=0))
@@ -208,7 +208,7 @@ def _max_calibrate(quant: nn.Module, calib: torch.Tensor) -> None:
     """Scales of every LSQ quantizer from the largest magnitude (per output channel for weights, over
     the calibration inputs for activations): the 8-bit grid then only rounds. (LSQ's own init,
     ``2 mean|v| / sqrt(Q_P)``, is a training start: its clip lies far above max|w| at 8 bits.)"""
-    from compress.qat.quantizers import quant_wrappers
+    from edgecompress.compress.qat.quantizers import quant_wrappers
 
     seen: dict[str, float] = {}
     hooks = [w.register_forward_pre_hook(lambda _m, args, n=n: seen.__setitem__(n, max(seen.get(n, 0.0),
@@ -230,9 +230,9 @@ def test_w8a8_fake_quant_without_training_stays_at_fp32(name: str, zoo_model, di
     """W8A8 LSQ fake-quantization wraps every Conv2d/Linear; with max-calibrated scales it only rounds,
     so a wrapper that changes a layer's forward (padding, padding_mode, a subclass's own forward)
     shows as a large drop, a low SQNR or a shape error."""
-    from compress.qat.config import GAQATConfig
-    from compress.qat.prepare import initialize_activation_scales, prepare
-    from compress.qat.quantizers import quant_wrappers
+    from edgecompress.compress.qat.config import GAQATConfig
+    from edgecompress.compress.qat.prepare import initialize_activation_scales, prepare
+    from edgecompress.compress.qat.quantizers import quant_wrappers
 
     model = zoo_model(name)
     quant = prepare(copy.deepcopy(model), GAQATConfig(bits=8, act_bits=8, first_last_bits=None))
@@ -250,9 +250,9 @@ def test_w8a8_fake_quant_without_training_stays_at_fp32(name: str, zoo_model, di
 
 @pytest.mark.parametrize("name", NAMES)
 def test_oneshot_two_four_sparsity_keeps_its_pattern(name: str, zoo_model) -> None:
-    from compress.checkpoint import ModelBundle
-    from compress.sparsity.api import apply_nm_sparsity, check_module_pattern
-    from compress.sparsity.config import NMSparsityConfig
+    from edgecompress.compress.checkpoint import ModelBundle
+    from edgecompress.compress.sparsity.api import apply_nm_sparsity, check_module_pattern
+    from edgecompress.compress.sparsity.config import NMSparsityConfig
 
     model = zoo_model(name)
     bundle = ModelBundle(model, f"zoo:{name}", INPUT_SHAPE, num_classes=10)

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from compress.models import create_model, list_models
-from export import ArtifactError, artifact_writer, export_onnx, load_artifact
-from targets import get_target
+from edgecompress.compress.models import create_model, list_models
+from edgecompress.export import ArtifactError, artifact_writer, export_onnx, load_artifact
+from edgecompress.targets import get_target
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_writer_replaces_atomically(cnn_artifact, tmp_path):
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_example_model_exports_and_matches(name, tmp_path):
-    from compress.models import builtin_model_spec
+    from edgecompress.compress.models import builtin_model_spec
 
     torch.manual_seed(0)
     spec = builtin_model_spec(name)  # each model's own inputs: images, or token ids and a mask
@@ -89,7 +89,7 @@ def test_every_example_model_exports_and_matches(name, tmp_path):
     assert check["sqnr_db"] > 60 and check["cosine"] > 0.9999
     assert [i.name for i in art.manifest.inputs] == spec.input_names
     # Dynamic batch: the artifact runs at another batch size than it was exported with.
-    from runtimes import runtime_for
+    from edgecompress.runtimes import runtime_for
 
     out = runtime_for(art).prepare(art).run(spec.example_feeds(5))
     classes = {"efficientnet-lite1": 1000, "efficientnet-lite2": 1000, "text-encoder": 128}

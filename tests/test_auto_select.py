@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from compress.auto import pareto_front
+from edgecompress.compress.auto import pareto_front
 
 
 def test_pareto_front():

@@ -36,7 +36,7 @@ def _message(err: str, tmp: Path) -> str:
 
 @pytest.fixture(scope="module")
 def cases(cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    from compress.cli.app import main
+    from edgecompress.compress.cli.app import main
 
     tmp = tmp_path_factory.mktemp("bad")
     rows: list[dict] = []
@@ -105,7 +105,7 @@ def cases(cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> lis
 
     # A training killed mid-run, then rerun with --resume: it continues from its checkpoint.
     out = tmp / "qat"
-    cmd = [sys.executable, "-m", "compress.cli.app", "qat", str(cnn_checkpoint), "--data", "mnist", "--bits", "8",
+    cmd = [sys.executable, "-m", "edgecompress.compress.cli.app", "qat", str(cnn_checkpoint), "--data", "mnist", "--bits", "8",
            "--method", "qat", "--max-steps", "80", "--checkpoint-every", "5", "--eval-every", "1000",
            "--max-drop", "100", "-o", str(out)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -6,9 +6,9 @@ import pickle
 import pytest
 import torch
 
-from compress.checkpoint import ModelBundle, load_checkpoint, save_checkpoint
-from compress.errors import CheckpointError
-from compress.models import create_model, list_models
+from edgecompress.compress.checkpoint import ModelBundle, load_checkpoint, save_checkpoint
+from edgecompress.compress.errors import CheckpointError
+from edgecompress.compress.models import create_model, list_models
 
 
 def _bundle(name: str = "cnn") -> ModelBundle:
@@ -80,10 +80,10 @@ def test_factory_code_needs_permission(tmp_path):
     p = tmp_path / "sd.pt"
     torch.save(create_model("cnn").state_dict(), p)
     with pytest.raises(CheckpointError, match="explicit flag"):
-        load_checkpoint(p, model_factory="compress.models.zoo:cnn")
+        load_checkpoint(p, model_factory="edgecompress.compress.models.zoo:cnn")
     with pytest.raises(CheckpointError, match="--input-shape"):
-        load_checkpoint(p, model_factory="compress.models.zoo:cnn", allow_code=True)
-    b = load_checkpoint(p, model_factory="compress.models.zoo:cnn", allow_code=True, input_shape=(1, 28, 28))
+        load_checkpoint(p, model_factory="edgecompress.compress.models.zoo:cnn", allow_code=True)
+    b = load_checkpoint(p, model_factory="edgecompress.compress.models.zoo:cnn", allow_code=True, input_shape=(1, 28, 28))
     assert b.input_shape == (1, 28, 28)
 
 
@@ -107,8 +107,8 @@ def test_missing_and_unknown_format(tmp_path):
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_runs_and_is_pickle_free(name):
-    from compress.models import builtin_model_spec
-    from export.torch_io import to_tensors
+    from edgecompress.compress.models import builtin_model_spec
+    from edgecompress.export.torch_io import to_tensors
 
     m = create_model(name).eval()
     spec = builtin_model_spec(name)
@@ -119,7 +119,7 @@ def test_every_model_runs_and_is_pickle_free(name):
 
 
 def test_exported_program_exports_to_onnx(tmp_path):
-    from compress.exporting import export_model
+    from edgecompress.compress.exporting import export_model
 
     m = create_model("cnn").eval()
     torch.export.save(torch.export.export(m, (torch.randn(1, 1, 28, 28),)), tmp_path / "m.pt2")

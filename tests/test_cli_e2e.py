@@ -12,7 +12,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from compress.cli.app import main
+    from edgecompress.compress.cli.app import main
 
     out = tmp_path_factory.mktemp("ex")
     assert main(["example", "train", "cnn", "-o", str(out), "--steps", "300", "--json"]) == 0
@@ -20,7 +20,7 @@ def trained(tmp_path_factory):
 
 
 def test_example_train_writes_metadata(trained):
-    from compress.checkpoint import load_checkpoint
+    from edgecompress.compress.checkpoint import load_checkpoint
 
     meta = load_checkpoint(trained).metadata
     assert meta["test_accuracy"] > 90 and meta["steps"] <= 300 and meta["trained_on"] == "mnist"
@@ -105,7 +105,7 @@ def test_import_is_lean():
 
 
 def test_help_is_fast():
-    exe = [sys.executable, "-m", "compress.cli.app", "--help"]
+    exe = [sys.executable, "-m", "edgecompress.compress.cli.app", "--help"]
     subprocess.run(exe, capture_output=True, check=True)  # warm the file cache
     t = time.perf_counter()
     res = subprocess.run(exe, capture_output=True, text=True, check=True)

@@ -27,7 +27,7 @@ def test_truncated_checkpoint(cnn_checkpoint, tmp_path, cli):
 
 
 def test_pickle_with_code_refused(tmp_path, cli):
-    from compress.models import create_model
+    from edgecompress.compress.models import create_model
 
     p = tmp_path / "evil.pt"
     torch.save({"state_dict": create_model("cnn").state_dict(), "x": _Evil()}, p)
@@ -37,7 +37,7 @@ def test_pickle_with_code_refused(tmp_path, cli):
 
 
 def test_state_dict_mismatch(tmp_path, cli):
-    from compress.models import create_model
+    from edgecompress.compress.models import create_model
 
     p = tmp_path / "sd.pt"
     torch.save(create_model("vit").state_dict(), p)

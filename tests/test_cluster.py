@@ -48,9 +48,9 @@ def ray_cluster() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def cnn_source(cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    from compress.checkpoint import load_checkpoint
-    from compress.exporting import import_onnx_file
-    from export import export_onnx
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.exporting import import_onnx_file
+    from edgecompress.export import export_onnx
 
     b = load_checkpoint(cnn_checkpoint)
     folder = tmp_path_factory.mktemp("cnn-onnx")
@@ -59,8 +59,8 @@ def cnn_source(cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _search(source, splits, tmp: Path, name: str, **options):
-    from compress.ptq.config import QuantuneSearchConfig
-    from compress.ptq.search import quantize_artifact
+    from edgecompress.compress.ptq.config import QuantuneSearchConfig
+    from edgecompress.compress.ptq.search import quantize_artifact
 
     cfg = QuantuneSearchConfig(search="quantune", space="tiny", budget_trials=6, sensitivity=False, val_samples=200, objective="accuracy",
                                seed=1, database=str(tmp / f"{name}.sqlite"), **options)  # fmt: skip
@@ -100,7 +100,7 @@ def test_ray_search_gives_the_local_pool_result_on_a_loopback_cluster(ray_cluste
 def test_a_worker_killed_mid_search_loses_no_result(ray_cluster: str, cnn_source, mnist_splits, tmp_path: Path) -> None:
     import psutil
 
-    from compress.ptq.database import TuningDatabase
+    from edgecompress.compress.ptq.database import TuningDatabase
 
     done: dict[str, object] = {}
 
@@ -134,9 +134,9 @@ def test_a_worker_killed_mid_search_loses_no_result(ray_cluster: str, cnn_source
 
 
 def test_a_trial_whose_worker_dies_twice_is_a_failed_uncached_trial(ray_cluster: str) -> None:
-    from compress.cluster import RayTrialExecutor
-    from compress.ptq.config import PTQConfig
-    from compress.ptq.evaluator import LOST
+    from edgecompress.compress.cluster import RayTrialExecutor
+    from edgecompress.compress.ptq.config import PTQConfig
+    from edgecompress.compress.ptq.evaluator import LOST
 
     def dies(config):  # defined here, so Ray ships it by value
         os._exit(1)
@@ -153,8 +153,8 @@ def test_a_trial_whose_worker_dies_twice_is_a_failed_uncached_trial(ray_cluster:
 def test_tvm_tuning_candidates_build_on_ray(ray_cluster: str, tmp_path: Path) -> None:
     from test_tvm_tuning import _gemm_artifact
 
-    from compress.exporting import export_model
-    from targets import get_target
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.targets import get_target
 
     art = export_model(_gemm_artifact(tmp_path / "g", 0), "tvm", get_target("x86-64"), tmp_path / "t", tune=2,
                        database_dir=tmp_path / "db", executor="ray", ray_address=ray_cluster)  # fmt: skip

@@ -12,8 +12,8 @@ import torch
 @pytest.fixture(scope="module")
 def cnn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained, seeded example CNN (the CLI and stage mechanics need no trained weights)."""
-    from compress.checkpoint import ModelBundle, save_checkpoint
-    from compress.models import create_model
+    from edgecompress.compress.checkpoint import ModelBundle, save_checkpoint
+    from edgecompress.compress.models import create_model
 
     torch.manual_seed(0)
     bundle = ModelBundle(create_model("cnn").eval(), "cnn", (1, 28, 28), {}, 10, {})
@@ -31,10 +31,10 @@ def test_cli_compresses_exports_and_reports(cli, cnn_checkpoint: Path, tmp_path:
     assert res["sqnr_db"] >= 40.0
     assert abs(res["onnxruntime_accuracy"] - res["accuracy"]) <= 1.0
     assert (out / "model.pt").is_file() and (out / "onnx" / "manifest.json").is_file()
-    from compress.codebook.api import load_codebook_checkpoint
+    from edgecompress.compress.codebook.api import load_codebook_checkpoint
 
     loaded = load_codebook_checkpoint(out / "model.pt")
-    from compress.codebook.layers import model_accounting
+    from edgecompress.compress.codebook.layers import model_accounting
 
     assert abs(model_accounting(loaded.module)["bits_per_weight"] - res["bits_per_weight"]) < 1e-9
 
@@ -46,8 +46,8 @@ def test_cli_rejects_a_bad_variant(cli, cnn_checkpoint: Path, tmp_path: Path) ->
 
 
 def test_stage_runs_and_reloads(mnist_splits, cnn_checkpoint: Path, tmp_path: Path) -> None:
-    from compress.checkpoint import load_checkpoint
-    from compress.stages import StageContext, get_stage
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.stages import StageContext, get_stage
 
     spec = get_stage("codebook")
     cfg = spec.config_cls.model_validate({"bits": 2, "groups": 2, "steps": 3, "calib_samples": 32})

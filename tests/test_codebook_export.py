@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from compress.checkpoint import ModelBundle
-from compress.codebook.api import apply_jlcm
-from compress.codebook.artifact import export_codebook_artifact, session_memory
-from compress.codebook.config import JLCMConfig
-from compress.codebook.layers import model_accounting
+from edgecompress.compress.checkpoint import ModelBundle
+from edgecompress.compress.codebook.api import apply_jlcm
+from edgecompress.compress.codebook.artifact import export_codebook_artifact, session_memory
+from edgecompress.compress.codebook.config import JLCMConfig
+from edgecompress.compress.codebook.layers import model_accounting
 
 
 def _mlp_bundle(bits: int, variant: str) -> tuple[ModelBundle, dict]:
@@ -64,7 +64,7 @@ def test_inlined_graph_runs_without_functions(tmp_path: Path) -> None:
 
 
 def test_cnn_at_two_bits_exports_small(tmp_path: Path, mnist_splits) -> None:
-    from compress.models import create_model
+    from edgecompress.compress.models import create_model
 
     torch.manual_seed(0)
     model = create_model("cnn").eval()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from compress.codebook.api import group_and_fold, select_layers
-from compress.codebook.config import JLCMConfig
-from compress.codebook.grouping import group_neurons
-from compress.models import create_model
+from edgecompress.compress.codebook.api import group_and_fold, select_layers
+from edgecompress.compress.codebook.config import JLCMConfig
+from edgecompress.compress.codebook.grouping import group_neurons
+from edgecompress.compress.models import create_model
 
 
 def test_groups_are_contiguous_and_cover_all_rows() -> None:

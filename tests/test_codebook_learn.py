@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.codebook.config import JLCMConfig
-from compress.codebook.learn import TrainableCodebookLayer, kmeans_1d, learn_layer, nearest_codeword
+from edgecompress.compress.codebook.config import JLCMConfig
+from edgecompress.compress.codebook.learn import (
+    TrainableCodebookLayer,
+    kmeans_1d,
+    learn_layer,
+    nearest_codeword,
+)
 
 
 def _layer(update: str, **kw: object) -> tuple[TrainableCodebookLayer, torch.Tensor, torch.Tensor]:

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from compress.codebook.packing import pack_indices, packed_shape, unpack_indices, unpack_indices_numpy
-from compress.errors import ConfigError
+from edgecompress.compress.codebook.packing import (
+    pack_indices,
+    packed_shape,
+    unpack_indices,
+    unpack_indices_numpy,
+)
+from edgecompress.compress.errors import ConfigError
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6])

@@ -41,7 +41,7 @@ def test_sanitized_names_are_c_identifiers_and_compute_the_same() -> None:
 
     import onnx
 
-    from export.tvm.onnx_prep import sanitize_onnx_names
+    from edgecompress.export.tvm.onnx_prep import sanitize_onnx_names
 
     model = _slashed_graph()
     clean = sanitize_onnx_names(model)
@@ -59,8 +59,8 @@ def test_cuda_kernels_get_valid_argument_names() -> None:
     """The TVM import sanitizes names, so generated CUDA has no '/' in kernel signatures."""
     import re
 
-    from export.tvm import compile as tc
-    from targets import get_target
+    from edgecompress.export.tvm import compile as tc
+    from edgecompress.targets import get_target
 
     target = get_target("cuda-sm90")
     mod, _ = tc.import_onnx(_slashed_graph(), {"input": [1, 4]}, target.name)
@@ -70,8 +70,8 @@ def test_cuda_kernels_get_valid_argument_names() -> None:
 
 
 def test_jit_needs_a_cuda_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
-    from runtimes import cuda_jit
-    from runtimes.errors import RuntimeUnavailableError
+    from edgecompress.runtimes import cuda_jit
+    from edgecompress.runtimes.errors import RuntimeUnavailableError
 
     monkeypatch.delenv("TVM_CUDA_COMPILE_MODE", raising=False)
     monkeypatch.setattr(cuda_jit.shutil, "which", lambda name: None)
@@ -84,8 +84,8 @@ def test_jit_needs_a_cuda_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed on this machine")
 def test_nvcc_compiles_for_the_artifact_arch_and_reports_errors() -> None:
-    from runtimes.cuda_jit import compile_with_nvcc
-    from runtimes.errors import RuntimeUnavailableError
+    from edgecompress.runtimes.cuda_jit import compile_with_nvcc
+    from edgecompress.runtimes.errors import RuntimeUnavailableError
 
     fatbin = compile_with_nvcc('extern "C" __global__ void k(float* a) { a[threadIdx.x] *= 2.0f; }', "sm_90")
     assert len(fatbin) > 100
@@ -95,12 +95,12 @@ def test_nvcc_compiles_for_the_artifact_arch_and_reports_errors() -> None:
 
 def test_server_python_serves_models(untrained_cnn_checkpoint: Path, tmp_path: Path) -> None:
     """The CUDA-JIT server Python runs TVM's RPC server with spawned sessions; a CPU model checks the path."""
-    from compress.checkpoint import load_checkpoint
-    from compress.exporting import export_model
-    from runtimes.cuda_jit import write_server_python
-    from runtimes.tvm_rpc import DeviceServer, remote_session
-    from runtimes.tvm_runtime import TvmRuntime
-    from targets import get_target
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.runtimes.cuda_jit import write_server_python
+    from edgecompress.runtimes.tvm_rpc import DeviceServer, remote_session
+    from edgecompress.runtimes.tvm_runtime import TvmRuntime
+    from edgecompress.targets import get_target
 
     art = export_model(load_checkpoint(untrained_cnn_checkpoint), "tvm", get_target("x86-64"), tmp_path / "a")
     python = write_server_python(tmp_path, sys.executable)
@@ -117,21 +117,21 @@ def test_server_python_serves_models(untrained_cnn_checkpoint: Path, tmp_path: P
 
 def test_device_error_text_survives() -> None:
     """An error raised on the device reaches the user with the device's own message."""
-    from runtimes.tvm_rpc import _first_line
+    from edgecompress.runtimes.tvm_rpc import _first_line
 
     text = ("RPCError: Error caught from RPC call:\n  File \"/x/cuda_jit.py\", line 70, in compile_source\n"
             "    return compile_with_nvcc(code, target_arch)\n"
-            "runtimes.errors.RuntimeUnavailableError: nvcc could not compile the kernels for sm_90: k.cu(3): error")  # fmt: skip
+            "edgecompress.runtimes.errors.RuntimeUnavailableError: nvcc could not compile the kernels for sm_90: k.cu(3): error")  # fmt: skip
     line = _first_line(RuntimeError(text))
     assert line.startswith("RPCError") and "nvcc could not compile the kernels for sm_90" in line
 
 
 def test_device_server_loads_cuda_artifacts_where_a_driver_is(monkeypatch: pytest.MonkeyPatch) -> None:
-    from compress.cli import device_server_cmd
+    from edgecompress.compress.cli import device_server_cmd
 
-    monkeypatch.setattr("runtimes.cuda_jit.cuda_driver_present", lambda: True)
+    monkeypatch.setattr("edgecompress.runtimes.cuda_jit.cuda_driver_present", lambda: True)
     server, note = device_server_cmd._native_server(9999, key="k", host="127.0.0.1", tracker=None)
     assert Path(server.python).name == "python-cuda-jit" and "CUDA driver found" in note
-    monkeypatch.setattr("runtimes.cuda_jit.cuda_driver_present", lambda: False)
+    monkeypatch.setattr("edgecompress.runtimes.cuda_jit.cuda_driver_present", lambda: False)
     server, note = device_server_cmd._native_server(9999, key="k", host="127.0.0.1", tracker=None)
     assert server.python == sys.executable and note == ""

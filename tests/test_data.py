@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compress.data import load_dataset, load_splits, split_dataset
-from compress.errors import DataError
+from edgecompress.compress.data import load_dataset, load_splits, split_dataset
+from edgecompress.compress.errors import DataError
 
 
 def test_mnist_splits_deterministic_and_disjoint(mnist_splits):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtimes.emulator import SITE, STAMP, WRAPPER, EmulatedDevice, emulator_root
+from edgecompress.runtimes.emulator import SITE, STAMP, WRAPPER, EmulatedDevice, emulator_root
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "emu-test"
@@ -102,7 +102,7 @@ def test_wrapper_runs_python_through_qemu_and_is_sys_executable(fake_root: Emula
 
 
 def test_server_starts_through_the_wrapper(fake_root: EmulatedDevice) -> None:
-    from runtimes.tvm_rpc import connect
+    from edgecompress.runtimes.tvm_rpc import connect
 
     server = fake_root.server(_free_port(), key=KEY)
     assert server.python == str(fake_root.python) and server.host == "127.0.0.1"
@@ -131,7 +131,7 @@ def test_run_onnx_round_trip(fake_root: EmulatedDevice, tmp_path: Path) -> None:
 
 
 def test_run_onnx_without_onnxruntime_is_a_clear_error(fake_root: EmulatedDevice, tmp_path: Path) -> None:
-    from runtimes.errors import RuntimeUnavailableError
+    from edgecompress.runtimes.errors import RuntimeUnavailableError
 
     (fake_root.root / STAMP).write_text(json.dumps({"machine": "aarch64", "onnxruntime": ""}))
     with pytest.raises(RuntimeUnavailableError, match="no working onnxruntime"):
@@ -202,11 +202,11 @@ def test_emulated_arm64_end_to_end(cli, untrained_cnn_checkpoint, tmp_path: Path
     """A cross-compiled ARM64 .so runs under qemu behind `compress device-server --emulate arm64`:
     profile says its latency is meaningless, check's table comes from it, and its outputs match
     onnxruntime's on this machine (and so do onnxruntime's arm64 kernels on the ONNX export)."""
-    from compress.checkpoint import load_checkpoint
-    from compress.exporting import export_model
-    from runtimes import runtime_for
-    from runtimes.tvm_rpc import remote_session
-    from targets import get_target
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.runtimes import runtime_for
+    from edgecompress.runtimes.tvm_rpc import remote_session
+    from edgecompress.targets import get_target
 
     dev = _emulator_or_skip()
     bundle = load_checkpoint(untrained_cnn_checkpoint)
@@ -220,7 +220,7 @@ def test_emulated_arm64_end_to_end(cli, untrained_cnn_checkpoint, tmp_path: Path
     log = (tmp_path / "server.log").open("w+")
     env = {**os.environ, "EDGECOMPRESS_DEVICE_EMU": str(dev.root)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "compress.cli.app", "device-server", "--emulate", "arm64", "--port", str(port),
+        [sys.executable, "-m", "edgecompress.compress.cli.app", "device-server", "--emulate", "arm64", "--port", str(port),
          "--key", KEY], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )  # fmt: skip
     try:

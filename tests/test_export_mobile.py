@@ -12,8 +12,8 @@ def _untrained_cnn(folder: Path):
     """The example CNN with seeded random weights (conversion and compilation need no training)."""
     import torch
 
-    from compress.checkpoint import ModelBundle, save_checkpoint
-    from compress.models import create_model
+    from edgecompress.compress.checkpoint import ModelBundle, save_checkpoint
+    from edgecompress.compress.models import create_model
 
     torch.manual_seed(0)
     model = create_model("cnn", num_classes=10, in_chans=1).eval()
@@ -28,9 +28,9 @@ def cnn(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def cnn_onnx(cnn, tmp_path_factory: pytest.TempPathFactory):
-    from compress.checkpoint import load_checkpoint
-    from compress.exporting import export_model
-    from targets import get_target
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.targets import get_target
 
     return export_model(load_checkpoint(cnn[1]), "onnx", get_target("x86-64"), tmp_path_factory.mktemp("onnx") / "cnn")
 
@@ -46,10 +46,10 @@ def _run(path: Path, x: np.ndarray, config: dict[str, str] | None = None) -> np.
 
 
 def test_ort_export_matches_onnx(cnn_onnx, tmp_path: Path) -> None:
-    from compress.exporting import export_formats, export_model
-    from export import load_artifact
-    from runtimes.ort_runtime import OrtRuntime
-    from targets import get_target
+    from edgecompress.compress.exporting import export_formats, export_model
+    from edgecompress.export import load_artifact
+    from edgecompress.runtimes.ort_runtime import OrtRuntime
+    from edgecompress.targets import get_target
 
     assert "ort" in export_formats()
     tgt = get_target("arm64-android")
@@ -78,7 +78,7 @@ def test_ort_export_matches_onnx(cnn_onnx, tmp_path: Path) -> None:
 
 
 def test_cli_export_ort(cnn, cli, tmp_path: Path) -> None:
-    from export import load_artifact
+    from edgecompress.export import load_artifact
 
     out = tmp_path / "cnn-ort"
     code, stdout, err = cli("export", cnn[1], "--format", "ort", "--target", "arm64-android", "-o", out)
@@ -95,11 +95,11 @@ def test_pt2_program_compiles_to_tvm(cnn, tmp_path: Path) -> None:
     pytest.importorskip("tvm")
     import torch
 
-    from compress.checkpoint import load_checkpoint
-    from compress.exporting import export_model
-    from export import load_artifact
-    from export.tvm.exporter import run_local
-    from targets import get_target
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.export import load_artifact
+    from edgecompress.export.tvm.exporter import run_local
+    from edgecompress.targets import get_target
 
     model = cnn[0]
     program = torch.export.export(model, (torch.randn(1, 1, 28, 28),))

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from compress.guard import judge, layer_sensitivity
+from edgecompress.compress.guard import judge, layer_sensitivity
 
 
 def _manifest(art: Path) -> dict:
@@ -121,7 +121,7 @@ def test_qat_guard_is_measured_against_fp32_on_onnxruntime(cnn_checkpoint: Path,
 
 def test_codebook_cli_keeps_the_nm_pattern_like_the_recipe(cnn_checkpoint: Path, tmp_path: Path, cli) -> None:
     """sparsify then codebook: the CLI keeps the 2:4 zeros exactly and gives the recipe's weights, bit for bit."""
-    from compress.codebook.api import load_codebook_checkpoint
+    from edgecompress.compress.codebook.api import load_codebook_checkpoint
 
     code, _, err = cli("sparsify", cnn_checkpoint, "--data", "mnist", "--pattern", "2:4", "--method", "oneshot",
                        "--max-drop", "100", "-o", tmp_path / "sp")  # fmt: skip
@@ -140,7 +140,7 @@ def test_codebook_cli_keeps_the_nm_pattern_like_the_recipe(cnn_checkpoint: Path,
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     code, _, err = cli("run", tmp_path / "r.yaml", "-o", tmp_path / "run")
     assert code == 0, err
-    from compress.checkpoint import load_checkpoint
+    from edgecompress.compress.checkpoint import load_checkpoint
 
     base = load_checkpoint(cnn_checkpoint).module
     import copy
@@ -155,8 +155,8 @@ def test_codebook_cli_keeps_the_nm_pattern_like_the_recipe(cnn_checkpoint: Path,
 
 @pytest.mark.parametrize("metric", ["top1", "agreement", "cosine", "sqnr"])
 def test_evaluate_accuracy_honours_the_metric(metric: str, mnist_splits) -> None:
-    from compress.models import create_model
-    from compress.training import evaluate_accuracy
+    from edgecompress.compress.models import create_model
+    from edgecompress.compress.training import evaluate_accuracy
 
     torch.manual_seed(0)
     model = create_model("cnn", num_classes=10, in_chans=1).eval()
@@ -173,8 +173,8 @@ def test_evaluate_accuracy_honours_the_metric(metric: str, mnist_splits) -> None
 def test_every_technique_checkpoint_loads_and_exports(cnn_checkpoint: Path, tmp_path: Path, cli) -> None:
     """sparsify, qat and codebook checkpoints load through load_checkpoint (codebook layers, LSQ
     quantizers and the N:M marker rebuilt) and export with their own exporter."""
-    from compress.checkpoint import load_checkpoint
-    from compress.sparsity.export import MARKER
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.sparsity.export import MARKER
 
     code, _, err = cli("sparsify", cnn_checkpoint, "--data", "mnist", "--pattern", "2:4", "--method", "oneshot",
                        "--max-drop", "100", "-o", tmp_path / "sp")  # fmt: skip

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from compress.checkpoint import ModelBundle, load_checkpoint, save_checkpoint
-from compress.models.registry import register_model
-from export.errors import SpecError
-from export.spec import ModelSpec, parse_input_option
+from edgecompress.compress.checkpoint import ModelBundle, load_checkpoint, save_checkpoint
+from edgecompress.compress.models.registry import register_model
+from edgecompress.export.errors import SpecError
+from edgecompress.export.spec import ModelSpec, parse_input_option
 
 VOCAB, SEQ = 50, 12
 
@@ -50,7 +50,7 @@ class TwoHeads(nn.Module):
 def _test_models():
     """The test models are registered while this module runs only: registry-driven tests elsewhere
     are parametrized over the built-in models."""
-    from compress.models.registry import unregister_model
+    from edgecompress.compress.models.registry import unregister_model
 
     register_model("test-token-encoder", "test: token ids + mask", task="embedding", inputs=[
         {"name": "input_ids", "shape": ["batch", SEQ], "dtype": "int64", "range": [0, VOCAB]},
@@ -80,7 +80,7 @@ def encoder_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def load_checkpoint_free(name: str) -> ModelBundle:
-    from compress.models import builtin_model_spec, create_model
+    from edgecompress.compress.models import builtin_model_spec, create_model
 
     return ModelBundle(create_model(name).eval(), name, spec=builtin_model_spec(name))
 
@@ -180,7 +180,7 @@ def test_dict_outputs_are_named_and_all_compared(tmp_path: Path, cli) -> None:
 
 
 def test_metrics_on_known_outputs() -> None:
-    from runtimes.measure import default_metric, score
+    from edgecompress.runtimes.measure import default_metric, score
 
     ref = [np.array([[2.0, 1.0], [0.0, 1.0], [1.0, 0.0]])]
     out = [np.array([[1.0, 2.0], [0.0, 1.0], [1.0, 0.0]])]
@@ -194,8 +194,8 @@ def test_metrics_on_known_outputs() -> None:
 
 
 def test_data_roles_are_reported_and_never_overlap(tmp_path: Path) -> None:
-    from compress.data import load_data
-    from compress.errors import DataError
+    from edgecompress.compress.data import load_data
+    from edgecompress.compress.errors import DataError
 
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
     np.savez(a, **_tokens(30, 0))
@@ -214,8 +214,8 @@ def test_data_roles_are_reported_and_never_overlap(tmp_path: Path) -> None:
 
 def test_distillation_trains_an_unlabelled_model() -> None:
     """Training without labels distils from the teacher: the student moves towards it."""
-    from compress.data import Dataset
-    from compress.training import TrainConfig, Trainer, evaluate_accuracy
+    from edgecompress.compress.data import Dataset
+    from edgecompress.compress.training import TrainConfig, Trainer, evaluate_accuracy
 
     torch.manual_seed(0)
     teacher = TinyTokenEncoder().eval()
@@ -285,7 +285,7 @@ def test_codebook_on_a_token_model_without_labels(encoder_ckpt: Path, tmp_path: 
 def test_jlcm_distillation_of_embeddings_is_not_a_softmax() -> None:
     """The end-to-end loss of an embedding model is zero when student == teacher and grows when the
     student's features are scaled (the old softmax-over-features KL barely saw such a change)."""
-    from compress.training import distillation_loss
+    from edgecompress.compress.training import distillation_loss
 
     t = torch.randn(8, 16)
     assert float(distillation_loss(t.clone(), [t], 1.0, logits=False)) < 1e-6
@@ -349,7 +349,7 @@ def test_uint8_input_model_gets_raw_pixels(tmp_path: Path, cli) -> None:
     calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
     np.savez(calib, x=rng.integers(0, 256, (16, 3, 16, 16)).astype(np.uint8))
     np.savez(evald, x=rng.integers(0, 256, (12, 3, 16, 16)).astype(np.uint8))
-    from compress.data import load_dataset
+    from edgecompress.compress.data import load_dataset
 
     fed = load_dataset(evald).feeds(spec)["image"]
     assert fed.dtype == np.uint8 and fed.max() > 200  # the pixels as stored

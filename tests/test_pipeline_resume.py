@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from export import load_artifact
+from edgecompress.export import load_artifact
 
 
 def _recipe(tmp_path, ckpt) -> str:
@@ -30,7 +30,7 @@ gates: {{x86-64: {{max_accuracy_drop: 5.0}}}}
 
 def test_kill_mid_stage_then_resume(cnn_checkpoint, tmp_path):
     recipe, out = _recipe(tmp_path, cnn_checkpoint), tmp_path / "run"
-    cmd = [sys.executable, "-m", "compress.cli.app", "run", recipe, "-o", str(out), "--json"]
+    cmd = [sys.executable, "-m", "edgecompress.compress.cli.app", "run", recipe, "-o", str(out), "--json"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     state = out / "stages" / "00-sparsify" / "train" / "train_state.pt"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress.ptq.config import PTQConfig
+from edgecompress.compress.ptq.config import PTQConfig
 
 
 def _sqnr(ref: np.ndarray, out: np.ndarray) -> float:
@@ -19,9 +19,9 @@ def test_a_brevitas_config_exports_qdq_that_onnxruntime_runs_like_brevitas(algor
                                                                             mnist_splits, tmp_path: Path) -> None:  # fmt: skip
     import torch
 
-    from compress.checkpoint import load_checkpoint
-    from compress.ptq.brevitas_backend import quantize_to_onnx
-    from compress.ptq.ort_backend import model_outputs
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.ptq.brevitas_backend import quantize_to_onnx
+    from edgecompress.compress.ptq.ort_backend import model_outputs
 
     bundle = load_checkpoint(cnn_checkpoint)
     names = tuple(bundle.spec.input_names) if hasattr(bundle.spec, "input_names") else ("x",)
@@ -47,11 +47,11 @@ def test_a_brevitas_config_exports_qdq_that_onnxruntime_runs_like_brevitas(algor
 
 def test_checkpoint_search_measures_brevitas_configs_and_onnx_input_has_none(cnn_checkpoint: Path, mnist_splits,
                                                                              tmp_path: Path) -> None:  # fmt: skip
-    from compress.checkpoint import load_checkpoint
-    from compress.exporting import export_model
-    from compress.ptq.config import QuantuneSearchConfig, SearchSpace
-    from compress.ptq.search import quantize_artifact
-    from compress.ptq.space import enumerate_space
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.compress.ptq.config import QuantuneSearchConfig, SearchSpace
+    from edgecompress.compress.ptq.search import quantize_artifact
+    from edgecompress.compress.ptq.space import enumerate_space
 
     space = SearchSpace(calibration=("minmax",), calib_size=(32,), per_channel=(True,), activation_symmetric=(False,),
                         weight_symmetric=(True,), keep_float=("none",), brevitas=("equalize", "gpfq"))  # fmt: skip
@@ -75,7 +75,7 @@ def test_a_graph_built_for_batch_1_runs_any_batch_in_slices(tmp_path: Path) -> N
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from runtimes.ort_runtime import OrtSession
+    from edgecompress.runtimes.ort_runtime import OrtSession
 
     w = numpy_helper.from_array(np.arange(32, dtype=np.float32).reshape(8, 4) / 10, "W")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "mm",

@@ -9,7 +9,7 @@ import pytest
 
 
 def test_cli_quantize_onnx_with_search_writes_artifact_log_and_sensitivity(cli, cnn_onnx: Path, tmp_path: Path) -> None:
-    from export import load_artifact
+    from edgecompress.export import load_artifact
 
     out = tmp_path / "q"
     code, stdout, err = cli("quantize", cnn_onnx, "--data", "mnist", "--search", "random", "--space", "tiny", "--objective", "accuracy",
@@ -56,9 +56,9 @@ def test_cli_bad_inputs_exit_2_with_clear_messages(cli, tmp_path: Path) -> None:
 
 
 def test_ptq_stage_is_registered_and_runs_on_a_module(cnn_checkpoint: Path, mnist_splits, tmp_path: Path) -> None:
-    from compress.checkpoint import load_checkpoint
-    from compress.ptq.config import QuantuneSearchConfig
-    from compress.stages import StageContext, get_stage
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.ptq.config import QuantuneSearchConfig
+    from edgecompress.compress.stages import StageContext, get_stage
 
     spec = get_stage("ptq")
     assert spec.consumes == "module" and spec.produces == "onnx" and spec.config_cls is QuantuneSearchConfig
@@ -74,9 +74,9 @@ def test_ptq_stage_is_registered_and_runs_on_a_module(cnn_checkpoint: Path, mnis
 
 @pytest.mark.slow
 def test_process_pool_executor_gives_the_same_results(cnn_onnx: Path, mnist_splits, tmp_path: Path) -> None:
-    from compress.exporting import import_onnx_file
-    from compress.ptq.config import QuantuneSearchConfig
-    from compress.ptq.search import quantize_artifact
+    from edgecompress.compress.exporting import import_onnx_file
+    from edgecompress.compress.ptq.config import QuantuneSearchConfig
+    from edgecompress.compress.ptq.search import quantize_artifact
 
     src = import_onnx_file(cnn_onnx, tmp_path / "src")
     common = {"search": "grid", "space": "tiny", "budget_trials": 4, "sensitivity": False, "val_samples": 100,

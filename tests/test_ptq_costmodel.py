@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from compress.errors import ConfigError
-from compress.ptq.config import PTQConfig, space_preset
-from compress.ptq.database import PriorRow, StoredTrial, TuningDatabase, load_prior
-from compress.ptq.space import enumerate_space
+from edgecompress.compress.errors import ConfigError
+from edgecompress.compress.ptq.config import PTQConfig, space_preset
+from edgecompress.compress.ptq.database import PriorRow, StoredTrial, TuningDatabase, load_prior
+from edgecompress.compress.ptq.space import enumerate_space
 
 DESC_A = {"nodes": 40.0, "convs": 17.0, "depthwise_convs": 7.0, "log_params": 4.5, "depthwise_fraction": 0.4}
 DESC_B = {"nodes": 30.0, "convs": 12.0, "depthwise_convs": 0.0, "log_params": 5.0, "depthwise_fraction": 0.0}
@@ -36,7 +36,7 @@ def _rows(desc: dict[str, float], name: str, n: int, seed: int) -> list[PriorRow
 
 
 def test_cost_model_ranks_known_better_config_above_known_worse() -> None:
-    from compress.ptq.cost_model import CostModel, feature_vector
+    from edgecompress.compress.ptq.cost_model import CostModel, feature_vector
 
     rows = _rows(DESC_A, "a", 60, 0) + _rows(DESC_B, "b", 60, 1)
     model = CostModel(rounds=200, eta=0.15, gamma=3.0).fit(
@@ -53,7 +53,7 @@ def test_cost_model_ranks_known_better_config_above_known_worse() -> None:
 
 def test_quantune_transfer_prior_finds_the_best_first() -> None:
     """With other models' trials as prior, Quantune's first proposal is already near the optimum."""
-    from compress.ptq.strategies import QuantuneSearch
+    from edgecompress.compress.ptq.strategies import QuantuneSearch
 
     space = enumerate_space(space_preset("default"))
     prior = _rows(DESC_B, "b", 120, 2)
@@ -99,7 +99,7 @@ def test_database_rejects_a_file_that_is_not_one(tmp_path: Path) -> None:
 
 
 def test_shipped_seed_database_is_readable_when_present() -> None:
-    from compress.ptq.database import SEED_DATABASE
+    from edgecompress.compress.ptq.database import SEED_DATABASE
 
     if not SEED_DATABASE.is_file():
         pytest.skip("seed database not built yet (bench/quantune.py writes it)")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from compress.ptq.config import PTQConfig
-from compress.ptq.evaluator import TrialResult
-from compress.ptq.objective import choose, pareto_front
+from edgecompress.compress.ptq.config import PTQConfig
+from edgecompress.compress.ptq.evaluator import TrialResult
+from edgecompress.compress.ptq.objective import choose, pareto_front
 
 A = PTQConfig(calibration="minmax", calib_size=16, per_channel=True)
 B = PTQConfig(calibration="minmax", calib_size=16, per_channel=False)
@@ -52,8 +52,8 @@ def test_pareto_front_keeps_only_undominated_points_with_fp32() -> None:
 @pytest.fixture()
 def fake_timer(monkeypatch: pytest.MonkeyPatch):
     """Trials take ``ms["int8"]``, the fp32 model ``ms["fp32"]``; side by side returns ``ms["side"]``."""
-    import compress.ptq.evaluator as ev
-    import compress.ptq.finalize as fin
+    from edgecompress.compress.ptq import evaluator as ev
+    from edgecompress.compress.ptq import finalize as fin
 
     ms = {"fp32": 1.0, "int8": 2.0, "side": None}
 
@@ -70,7 +70,7 @@ def fake_timer(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_a_model_with_no_faster_int8_config_returns_fp32(cli, cnn_onnx: Path, tmp_path: Path, fake_timer) -> None:
-    from export import load_artifact
+    from edgecompress.export import load_artifact
 
     args = ["quantize", cnn_onnx, "--data", "mnist", "--space", "tiny", "--budget-trials", "2", "--no-sensitivity",
             "--val-samples", "100", "--database", tmp_path / "db.sqlite"]  # fmt: skip
@@ -118,7 +118,7 @@ def test_a_tiny_validation_set_is_called_out(cli, cnn_onnx: Path, tmp_path: Path
 def test_calibration_samples_never_score_trials(cli, cnn_onnx: Path, tmp_path: Path, fake_timer) -> None:
     import numpy as np
 
-    from compress.ptq.evaluator import disjoint_validation
+    from edgecompress.compress.ptq.evaluator import disjoint_validation
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((20, 1, 28, 28)).astype(np.float32)
@@ -137,10 +137,10 @@ def test_calibration_samples_never_score_trials(cli, cnn_onnx: Path, tmp_path: P
 
 
 def test_quantune_proposes_the_predicted_fastest_accurate_config_first() -> None:
-    from compress.ptq.config import space_preset
-    from compress.ptq.database import PriorRow
-    from compress.ptq.space import enumerate_space
-    from compress.ptq.strategies import QuantuneSearch
+    from edgecompress.compress.ptq.config import space_preset
+    from edgecompress.compress.ptq.database import PriorRow
+    from edgecompress.compress.ptq.space import enumerate_space
+    from edgecompress.compress.ptq.strategies import QuantuneSearch
 
     space = enumerate_space(space_preset("bench"))
     desc = {"convs": 3.0}
@@ -159,10 +159,10 @@ def test_quantune_proposes_the_predicted_fastest_accurate_config_first() -> None
 
 
 def test_sqnr_scored_trials_neither_poison_the_prior_nor_the_cost_model(tmp_path: Path) -> None:
-    from compress.ptq.config import space_preset
-    from compress.ptq.database import StoredTrial, TuningDatabase
-    from compress.ptq.space import enumerate_space
-    from compress.ptq.strategies import QuantuneSearch
+    from edgecompress.compress.ptq.config import space_preset
+    from edgecompress.compress.ptq.database import StoredTrial, TuningDatabase
+    from edgecompress.compress.ptq.space import enumerate_space
+    from edgecompress.compress.ptq.strategies import QuantuneSearch
 
     db = TuningDatabase(tmp_path / "t.sqlite")
     db.put_model("m", "encoder", {"convs": 0.0})

@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress.errors import ConfigError, DataError
-from compress.ptq.config import PTQConfig, space_preset
-from compress.ptq.evaluator import TrialResult
-from compress.ptq.space import enumerate_space
+from edgecompress.compress.errors import ConfigError, DataError
+from edgecompress.compress.ptq.config import PTQConfig, space_preset
+from edgecompress.compress.ptq.evaluator import TrialResult
+from edgecompress.compress.ptq.space import enumerate_space
 
 
 @pytest.fixture(scope="module")
 def fp32_artifact(cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    from compress.checkpoint import load_checkpoint
-    from export import export_onnx
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.export import export_onnx
 
     b = load_checkpoint(cnn_checkpoint)
     return export_onnx(b.module, b.input_shape, tmp_path_factory.mktemp("fp32") / "a", model_name="cnn",
@@ -25,9 +25,9 @@ def fp32_artifact(cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="module")
 def evaluator(fp32_artifact, mnist_splits, tmp_path_factory: pytest.TempPathFactory):
-    from compress.ptq.database import TuningDatabase
-    from compress.ptq.evaluator import Evaluator
-    from compress.ptq.ort_backend import prepare_model
+    from edgecompress.compress.ptq.database import TuningDatabase
+    from edgecompress.compress.ptq.evaluator import Evaluator
+    from edgecompress.compress.ptq.ort_backend import prepare_model
 
     tmp = tmp_path_factory.mktemp("ptq")
     prepared = prepare_model(fp32_artifact.model_path, tmp / "models")
@@ -37,8 +37,8 @@ def evaluator(fp32_artifact, mnist_splits, tmp_path_factory: pytest.TempPathFact
 
 @pytest.mark.parametrize("name", ["grid", "random", "genetic", "quantune"])
 def test_each_strategy_measures_distinct_configs_and_keeps_the_best(name: str, evaluator) -> None:
-    from compress.ptq.search import run_search
-    from compress.ptq.strategies import make_strategy
+    from edgecompress.compress.ptq.search import run_search
+    from edgecompress.compress.ptq.strategies import make_strategy
 
     space = enumerate_space(space_preset("tiny"))
     strat = make_strategy(name, space, seed=1, descriptors={"convs": 2.0}, fp32_accuracy=evaluator.fp32_accuracy)
@@ -64,7 +64,7 @@ def test_trained_cnn_int8_is_close_to_fp32_and_distribution_is_a_cliff(evaluator
 
 
 def test_random_search_is_seeded() -> None:
-    from compress.ptq.strategies import RandomSearch
+    from edgecompress.compress.ptq.strategies import RandomSearch
 
     space = enumerate_space(space_preset("bench"))
     a = [c.key() for c in RandomSearch(space, seed=3).propose(10)]
@@ -96,8 +96,8 @@ class _FakeEvaluator:
 
 
 def test_time_budget_is_honoured_and_best_kept() -> None:
-    from compress.ptq.search import run_search
-    from compress.ptq.strategies import GridSearch
+    from edgecompress.compress.ptq.search import run_search
+    from edgecompress.compress.ptq.strategies import GridSearch
 
     clock = [0.0]
     space = enumerate_space(space_preset("bench"))
@@ -108,8 +108,8 @@ def test_time_budget_is_honoured_and_best_kept() -> None:
 
 
 def test_target_accuracy_stops_the_search() -> None:
-    from compress.ptq.search import run_search
-    from compress.ptq.strategies import GridSearch
+    from edgecompress.compress.ptq.search import run_search
+    from edgecompress.compress.ptq.strategies import GridSearch
 
     space = enumerate_space(space_preset("bench"))
     res = run_search(GridSearch(space), _FakeEvaluator([0.0]), target_accuracy=94.0)
@@ -118,9 +118,9 @@ def test_target_accuracy_stops_the_search() -> None:
 
 
 def test_failing_trial_is_recorded_and_search_goes_on(evaluator, monkeypatch: pytest.MonkeyPatch) -> None:
-    import compress.ptq.ort_backend as backend
-    from compress.ptq.search import run_search
-    from compress.ptq.strategies import GridSearch
+    from edgecompress.compress.ptq import ort_backend as backend
+    from edgecompress.compress.ptq.search import run_search
+    from edgecompress.compress.ptq.strategies import GridSearch
 
     real = backend.quantize_to_file
 
@@ -140,7 +140,7 @@ def test_failing_trial_is_recorded_and_search_goes_on(evaluator, monkeypatch: py
 
 
 def test_programming_errors_are_not_turned_into_failed_trials(evaluator, monkeypatch: pytest.MonkeyPatch) -> None:
-    import compress.ptq.ort_backend as backend
+    from edgecompress.compress.ptq import ort_backend as backend
 
     def broken(*a, **k):
         raise TypeError("a bug")
@@ -153,7 +153,7 @@ def test_programming_errors_are_not_turned_into_failed_trials(evaluator, monkeyp
 def test_mixed_precision_keeps_first_and_last_layers_in_float(evaluator) -> None:
     import onnx
 
-    from compress.ptq.ort_backend import excluded_nodes, quantize_to_file
+    from edgecompress.compress.ptq.ort_backend import excluded_nodes, quantize_to_file
 
     cfg = PTQConfig(calibration="minmax", calib_size=16, keep_float="first_last")
     names = excluded_nodes(evaluator.prepared, cfg, None)
@@ -169,13 +169,13 @@ def test_mixed_precision_keeps_first_and_last_layers_in_float(evaluator) -> None
 
 
 def evaluator_calib(evaluator) -> dict[str, np.ndarray]:
-    from compress.ptq.evaluator import load_feeds
+    from edgecompress.compress.ptq.evaluator import load_feeds
 
     return load_feeds(evaluator.arrays / "calib.npz")
 
 
 def test_empty_calibration_set_is_a_clear_error(evaluator, tmp_path: Path) -> None:
-    from compress.ptq.evaluator import Evaluator
+    from edgecompress.compress.ptq.evaluator import Evaluator
 
     with pytest.raises(DataError, match="calibration set is empty"):
         calib = evaluator_calib(evaluator)
@@ -184,7 +184,7 @@ def test_empty_calibration_set_is_a_clear_error(evaluator, tmp_path: Path) -> No
 
 
 def test_corrupt_onnx_is_a_clear_error(tmp_path: Path) -> None:
-    from compress.ptq.ort_backend import prepare_model
+    from edgecompress.compress.ptq.ort_backend import prepare_model
 
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07this is not a protobuf model\xff\xff")
@@ -195,7 +195,7 @@ def test_corrupt_onnx_is_a_clear_error(tmp_path: Path) -> None:
 def test_config_errors_name_the_bad_value() -> None:
     from pydantic import ValidationError
 
-    from compress.ptq.config import parse_duration
+    from edgecompress.compress.ptq.config import parse_duration
 
     with pytest.raises(ConfigError, match="unknown search space 'huge'; valid: tiny, bench"):
         space_preset("huge")
@@ -209,7 +209,7 @@ def test_config_errors_name_the_bad_value() -> None:
 
 
 def test_space_round_trip_and_sizes() -> None:
-    from compress.ptq.space import point_of
+    from edgecompress.compress.ptq.space import point_of
 
     space = enumerate_space(space_preset("full"))
     assert len(space) == 6 * 3 * 2 * 2 * 2 * 2 * 2 * 3
@@ -243,7 +243,7 @@ def test_sensitive_mixed_precision_leaves_the_top_k_layers_in_float(evaluator) -
 
 
 def test_histogram_calibration_works_when_batches_do_not_divide_the_set(evaluator) -> None:
-    from compress.ptq.ort_backend import calibration_batch_size
+    from edgecompress.compress.ptq.ort_backend import calibration_batch_size
 
     assert calibration_batch_size(100) == 50 and calibration_batch_size(500) == 50 and calibration_batch_size(7) == 7
     assert calibration_batch_size(97) == 1 and calibration_batch_size(128) == 64
@@ -252,7 +252,7 @@ def test_histogram_calibration_works_when_batches_do_not_divide_the_set(evaluato
 
 
 def test_a_trial_whose_worker_was_lost_is_never_cached(evaluator) -> None:
-    from compress.ptq.evaluator import LOST
+    from edgecompress.compress.ptq.evaluator import LOST
 
     lost = PTQConfig(calibration="minmax", calib_size=8, per_channel=False)
     evaluator.record(lost, TrialResult(lost, None, error="worker lost (retried once): WorkerCrashedError", extra={LOST: True}))
@@ -295,8 +295,8 @@ class _ShuffledExecutor:
 
 
 def test_completion_order_does_not_change_what_a_seeded_search_proposes() -> None:
-    from compress.ptq.search import run_search
-    from compress.ptq.strategies import make_strategy
+    from edgecompress.compress.ptq.search import run_search
+    from edgecompress.compress.ptq.strategies import make_strategy
 
     space = enumerate_space(space_preset("bench"))
     runs = []
@@ -311,8 +311,8 @@ def test_completion_order_does_not_change_what_a_seeded_search_proposes() -> Non
 
 
 def test_a_time_budget_that_ends_mid_flight_cancels_the_rest_and_keeps_the_best() -> None:
-    from compress.ptq.search import run_search
-    from compress.ptq.strategies import GridSearch
+    from edgecompress.compress.ptq.search import run_search
+    from edgecompress.compress.ptq.strategies import GridSearch
 
     clock = [0.0]
     space = enumerate_space(space_preset("bench"))

@@ -17,10 +17,10 @@ def test_onnxruntime_agrees_with_fake_quant_on_test_split(cnn_checkpoint: Path, 
                                                           bits: int, per_channel: bool) -> None:  # fmt: skip
     import onnx
 
-    from compress.checkpoint import load_checkpoint
-    from compress.qat import GAQATConfig
-    from compress.qat.train import onnx_agreement, quantize_model
-    from export import export_onnx
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.qat import GAQATConfig
+    from edgecompress.compress.qat.train import onnx_agreement, quantize_model
+    from edgecompress.export import export_onnx
 
     bundle = load_checkpoint(cnn_checkpoint)
     cfg = GAQATConfig(bits=bits, per_channel=per_channel)
@@ -70,8 +70,8 @@ def test_cli_rejects_unknown_method(cli, cnn_checkpoint: Path, tmp_path: Path) -
 def test_recipe_stage_runs_and_reloads(cnn_checkpoint: Path, mnist_splits, tmp_path: Path) -> None:
     import torch
 
-    from compress.checkpoint import load_checkpoint
-    from compress.stages import StageContext, get_stage
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.stages import StageContext, get_stage
 
     spec = get_stage("qat")
     cfg = spec.config_cls.model_validate({"bits": 4, "method": "qat-sagm", "max_steps": 4})
@@ -93,7 +93,7 @@ def test_torchrun_two_processes(cnn_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "compress.cli.app", "qat", str(cnn_checkpoint), "--data", "mnist", "--bits", "4",
+           "-m", "edgecompress.compress.cli.app", "qat", str(cnn_checkpoint), "--data", "mnist", "--bits", "4",
            "--method", "gaqat", "--max-steps", "3", "--warmup", "0", "-o", str(out), "--json"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

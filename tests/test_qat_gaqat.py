@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from compress.data import Dataset
-from compress.qat import GAQATConfig
-from compress.qat.gaqat import GAQATController, QATHooks
-from compress.qat.train import quantize_model, train_quantized
-from compress.training import TrainConfig
+from edgecompress.compress.data import Dataset
+from edgecompress.compress.qat import GAQATConfig
+from edgecompress.compress.qat.gaqat import GAQATController, QATHooks
+from edgecompress.compress.qat.train import quantize_model, train_quantized
+from edgecompress.compress.training import TrainConfig
 
 
 def _scale(values: list[float]) -> nn.Parameter:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress.qat.quantizers import LSQQuantizer, QuantWrapper, int_range, lsq_fake_quant
+from edgecompress.compress.qat.quantizers import LSQQuantizer, QuantWrapper, int_range, lsq_fake_quant
 
 
 def test_int_ranges() -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from compress.errors import ConfigError
-from compress.qat.sharpness import SharpnessAwareOptimizer, frozen_batchnorm_stats
+from edgecompress.compress.errors import ConfigError
+from edgecompress.compress.qat.sharpness import SharpnessAwareOptimizer, frozen_batchnorm_stats
 
 
 def _loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

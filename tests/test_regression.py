@@ -8,8 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress.errors import ConfigError
-from compress.regression import REGRESSED, compare_runs, latency_change, load_run, parse_percent, thin_samples
+from edgecompress.compress.errors import ConfigError
+from edgecompress.compress.regression import (
+    REGRESSED,
+    compare_runs,
+    latency_change,
+    load_run,
+    parse_percent,
+    thin_samples,
+)
 
 
 def _drifting(n: int, median: float, seed: int) -> list[float]:
@@ -99,7 +106,7 @@ def test_percentages_and_thinning() -> None:
 
 
 def test_recipe_gates_take_percentages() -> None:
-    from compress.recipe import GateSpec
+    from edgecompress.compress.recipe import GateSpec
 
     g = GateSpec(max_latency_regression="10%", max_size_regression=5, max_accuracy_regression=0.5)
     assert (g.max_latency_regression, g.max_size_regression) == (10.0, 5.0)

@@ -34,8 +34,8 @@ def _chromium() -> str:
 
 @pytest.fixture(scope="module")
 def report_dir(cnn_checkpoint, tmp_path_factory):
-    from compress.pipeline import run_recipe
-    from compress.recipe import parse_recipe
+    from edgecompress.compress.pipeline import run_recipe
+    from edgecompress.compress.recipe import parse_recipe
 
     out = tmp_path_factory.mktemp("run")
     recipe = parse_recipe({

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from compress.checkpoint import ModelBundle
-from compress.data import Splits
-from compress.sparsity.api import check_module_pattern
-from compress.stages import StageContext, get_stage
+from edgecompress.compress.checkpoint import ModelBundle
+from edgecompress.compress.data import Splits
+from edgecompress.compress.sparsity.api import check_module_pattern
+from edgecompress.compress.stages import StageContext, get_stage
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def small_splits(mnist_splits: Splits) -> Splits:
 
 
 def _sparse_cnn(tmp_path, splits: Splits, pattern: str = "2:4", lock: bool = False) -> ModelBundle:
-    from compress.models import create_model
+    from edgecompress.compress.models import create_model
 
     torch.manual_seed(0)
     bundle = ModelBundle(create_model("cnn"), "cnn", (1, 28, 28), {}, 10, {})
@@ -33,7 +33,7 @@ def _sparse_cnn(tmp_path, splits: Splits, pattern: str = "2:4", lock: bool = Fal
 
 def test_pattern_survives_ptq_int8_qdq(tmp_path, small_splits: Splits) -> None:
     """sparsify -> ptq: the int8 weights of the QDQ ONNX graph keep N:M zeros (checked on the file)."""
-    from compress.sparsity.export import verify_onnx_nm
+    from edgecompress.compress.sparsity.export import verify_onnx_nm
 
     sparse = _sparse_cnn(tmp_path, small_splits)
     spec = get_stage("ptq")
@@ -55,7 +55,7 @@ def test_pattern_survives_ptq_int8_qdq(tmp_path, small_splits: Splits) -> None:
 
 
 def _quantized_weights(model) -> dict[str, torch.Tensor]:
-    from compress.qat.quantizers import quant_wrappers
+    from edgecompress.compress.qat.quantizers import quant_wrappers
 
     with torch.no_grad():
         return {name: w.weight_quant(w.layer.weight) for name, w in quant_wrappers(model)}
@@ -94,8 +94,8 @@ def test_pattern_survives_codebook(tmp_path, small_splits: Splits) -> None:
 
     import onnxruntime as ort
 
-    from compress.codebook.artifact import export_codebook_artifact
-    from compress.codebook.layers import CODEBOOK_LAYERS
+    from edgecompress.compress.codebook.artifact import export_codebook_artifact
+    from edgecompress.compress.codebook.layers import CODEBOOK_LAYERS
 
     sparse = _sparse_cnn(tmp_path, small_splits)
     record = sparse.metadata["nm_sparsity"]

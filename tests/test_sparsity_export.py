@@ -10,10 +10,10 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from compress.checkpoint import ModelBundle, load_checkpoint
-from compress.sparsity.api import apply_nm_sparsity
-from compress.sparsity.config import NMSparsityConfig
-from compress.sparsity.export import (
+from edgecompress.compress.checkpoint import ModelBundle, load_checkpoint
+from edgecompress.compress.sparsity.api import apply_nm_sparsity
+from edgecompress.compress.sparsity.config import NMSparsityConfig
+from edgecompress.compress.sparsity.export import (
     NMVerificationError,
     export_sparse_onnx,
     verify_artifact_nm,
@@ -22,7 +22,7 @@ from compress.sparsity.export import (
 
 
 def _sparse(name: str, pattern: str) -> ModelBundle:
-    from compress.models import create_model
+    from edgecompress.compress.models import create_model
 
     torch.manual_seed(0)
     bundle = ModelBundle(create_model(name), name, (1, 28, 28), {}, 10, {})
@@ -99,11 +99,11 @@ def test_verifier_reads_quantized_weights_through_dequantize_linear(tmp_path) ->
 
 
 def test_sparsify_stage_round_trip_keeps_the_pattern(tmp_path, mnist_splits) -> None:
-    from compress.stages import StageContext, get_stage
+    from edgecompress.compress.stages import StageContext, get_stage
 
     spec = get_stage("sparsify")
     cfg = spec.config_cls(pattern="1:4", method="oneshot")
-    from compress.models import create_model
+    from edgecompress.compress.models import create_model
 
     torch.manual_seed(0)
     bundle = ModelBundle(create_model("cnn"), "cnn", (1, 28, 28), {}, 10, {})
@@ -120,8 +120,8 @@ def test_sparsify_stage_round_trip_keeps_the_pattern(tmp_path, mnist_splits) -> 
 @pytest.fixture(scope="module")
 def cnn_file(tmp_path_factory: pytest.TempPathFactory):
     """An (untrained) example CNN checkpoint: the CLI tests check mechanics, not accuracy."""
-    from compress.checkpoint import save_checkpoint
-    from compress.models import create_model
+    from edgecompress.compress.checkpoint import save_checkpoint
+    from edgecompress.compress.models import create_model
 
     torch.manual_seed(0)
     bundle = ModelBundle(create_model("cnn"), "cnn", (1, 28, 28), {}, 10, {})
@@ -143,7 +143,7 @@ def test_cli_sparsify_writes_checkpoint_and_verified_artifact(cli, cnn_file, tmp
     assert sparse.metadata["nm_sparsity"]["pattern"] == "2:4"
     w = sparse.module.classifier[1].weight.detach()
     assert torch.all((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2)
-    from export import load_artifact
+    from edgecompress.export import load_artifact
 
     assert load_artifact(out / "onnx").manifest.metrics["nm_sparsity"]["verified"]
 
@@ -159,8 +159,8 @@ def test_cli_sparsify_bad_inputs_exit_2(cli, cnn_file, tmp_path) -> None:
 
 def test_generic_export_of_a_sparse_model_verifies_the_pattern(tmp_path) -> None:
     """Recipes and ``compress export`` go through export_model: a marked sparse model is checked there too."""
-    from compress.exporting import export_model
-    from export.errors import ExportError
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.export.errors import ExportError
 
     sparse = _sparse("cnn", "2:4")
     art = export_model(sparse, "onnx", None, tmp_path / "ok")
@@ -172,7 +172,7 @@ def test_generic_export_of_a_sparse_model_verifies_the_pattern(tmp_path) -> None
 
 
 def test_gpu_target_gets_the_tensorrt_sparsity_hint_and_no_speed_claim(tmp_path) -> None:
-    from targets import get_target
+    from edgecompress.targets import get_target
 
     art = export_sparse_onnx(_sparse("cnn", "2:4"), tmp_path / "gpu", target=get_target("cuda-sm80"))
     hint = art.manifest.metrics["nm_sparsity"]["runtime_hint"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress.sparsity.masks import kept_per_group, layer_compressed_size, nm_mask, nm_violations
+from edgecompress.compress.sparsity.masks import kept_per_group, layer_compressed_size, nm_mask, nm_violations
 
 ALL_PATTERNS = [(n, m) for m in (2, 4, 8, 16, 32) for n in range(1, m)]
 

@@ -7,9 +7,9 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from compress.errors import ConfigError
-from compress.sparsity.config import NMSparsityConfig, parse_pattern
-from compress.sparsity.schedule import NMSchedule, default_kappa, mdgf_alpha, sdgf_patterns
+from edgecompress.compress.errors import ConfigError
+from edgecompress.compress.sparsity.config import NMSparsityConfig, parse_pattern
+from edgecompress.compress.sparsity.schedule import NMSchedule, default_kappa, mdgf_alpha, sdgf_patterns
 
 
 @pytest.mark.parametrize("decay", ["exp", "linear"])

@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from compress.checkpoint import ModelBundle
-from compress.data import Splits
-from compress.errors import ConfigError
-from compress.scope import Scope
-from compress.sparsity.api import apply_nm_sparsity, check_module_pattern
-from compress.sparsity.config import NMSparsityConfig
-from compress.sparsity.masks import nm_mask
-from compress.sparsity.schedule import StepState
-from compress.sparsity.sparsifier import NMSparsifier, default_scope, select_layers
+from edgecompress.compress.checkpoint import ModelBundle
+from edgecompress.compress.data import Splits
+from edgecompress.compress.errors import ConfigError
+from edgecompress.compress.scope import Scope
+from edgecompress.compress.sparsity.api import apply_nm_sparsity, check_module_pattern
+from edgecompress.compress.sparsity.config import NMSparsityConfig
+from edgecompress.compress.sparsity.masks import nm_mask
+from edgecompress.compress.sparsity.schedule import StepState
+from edgecompress.compress.sparsity.sparsifier import NMSparsifier, default_scope, select_layers
 
 
 def _tiny_model() -> nn.Module:
@@ -83,7 +83,7 @@ def test_straight_through_gradient_and_sr_ste_decay() -> None:
 
 
 def test_default_scopes() -> None:
-    from compress.models import create_model
+    from edgecompress.compress.models import create_model
 
     vit = create_model("vit")
     names = [
@@ -158,7 +158,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(
         return ModelBundle(_tiny_model(), "tiny", (1, 28, 28), {}, 10, {})
 
     full, _ = apply_nm_sparsity(bundle(), cfg, small_splits, out_dir=tmp_path / "a")
-    from compress.sparsity import schedule as sched_mod
+    from edgecompress.compress.sparsity import schedule as sched_mod
 
     real_at = sched_mod.NMSchedule.at
 
@@ -178,7 +178,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(
 
 
 def test_lock_keeps_zeros_through_training_and_unlock_restores_keys() -> None:
-    from compress.sparsity.lock import lock_nm_pattern, unlock_nm_pattern
+    from edgecompress.compress.sparsity.lock import lock_nm_pattern, unlock_nm_pattern
 
     model = _tiny_model()
     bundle = ModelBundle(model, "tiny", (1, 28, 28), {}, 10, {})

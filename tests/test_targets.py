@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from targets import (
+from edgecompress.targets import (
     Target,
     TargetError,
     UnknownTargetError,
@@ -11,7 +11,7 @@ from targets import (
     list_targets,
     load_targets_file,
 )
-from targets.host import HostCPU
+from edgecompress.targets.host import HostCPU
 
 
 def test_builtin_targets_present_with_tvm_dicts():

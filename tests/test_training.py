@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from compress.models import create_model
-from compress.training import TrainConfig, Trainer, TrainingHooks
+from edgecompress.compress.models import create_model
+from edgecompress.compress.training import TrainConfig, Trainer, TrainingHooks
 
 
 class _Interrupt(TrainingHooks):

@@ -10,9 +10,9 @@ from torch import nn
 
 
 def _codebook_bundle():
-    from compress.checkpoint import ModelBundle
-    from compress.codebook.api import apply_jlcm
-    from compress.codebook.config import JLCMConfig
+    from edgecompress.compress.checkpoint import ModelBundle
+    from edgecompress.compress.codebook.api import apply_jlcm
+    from edgecompress.compress.codebook.config import JLCMConfig
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
@@ -26,7 +26,7 @@ def test_shape_arithmetic_is_folded_and_exact() -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.tvm.onnx_prep import prepare_for_tvm
+    from edgecompress.export.tvm.onnx_prep import prepare_for_tvm
 
     shape = numpy_helper.from_array(np.array([2, 3], np.int64), "shape")
     nodes = [
@@ -54,11 +54,11 @@ def test_shape_arithmetic_is_folded_and_exact() -> None:
 
 
 def test_codebook_model_compiles_and_keeps_codes_packed(tmp_path: Path) -> None:
-    from compress.codebook.stage import register_exporter
-    from compress.exporting import export_model
-    from export.tvm.compile import load_params
-    from runtimes.tvm_runtime import TvmRuntime
-    from targets import get_target
+    from edgecompress.compress.codebook.stage import register_exporter
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.export.tvm.compile import load_params
+    from edgecompress.runtimes.tvm_runtime import TvmRuntime
+    from edgecompress.targets import get_target
 
     register_exporter()  # as the recipe pipeline does: codebook layers export as onnx-codebook graphs
     bundle = _codebook_bundle()

@@ -57,7 +57,7 @@ def test_gemm_weight_transpose_is_done_at_compile_time(tmp_path: Path) -> None:
     import tvm
     from tvm import relax
 
-    from export.tvm import compile as tc
+    from edgecompress.export.tvm import compile as tc
 
     path, x = _mlp_onnx(tmp_path)
     mod, params = tc.import_onnx(onnx.load(str(path)), {"input": [1, 1, 8, 8]}, "x86-64")
@@ -75,7 +75,7 @@ def test_quantized_weights_are_not_expanded(tmp_path: Path) -> None:
     """Pre-dequantizing int8 weights would make the artifact 4x larger: the graph is left as is."""
     import onnx
 
-    from export.tvm import compile as tc
+    from edgecompress.export.tvm import compile as tc
 
     path, _ = _mlp_onnx(tmp_path, quantized=True)
     model = onnx.load(str(path))
@@ -88,11 +88,11 @@ def test_local_session_reuses_buffers_and_copies_outputs(tmp_path: Path) -> None
     """The fast path (numpy views of the VM tensors) must not hand out memory the VM reuses."""
     import torch
 
-    from compress.checkpoint import ModelBundle
-    from compress.models import create_model
-    from export.tvm import export_tvm_format
-    from runtimes import runtime_for
-    from targets import get_target
+    from edgecompress.compress.checkpoint import ModelBundle
+    from edgecompress.compress.models import create_model
+    from edgecompress.export.tvm import export_tvm_format
+    from edgecompress.runtimes import runtime_for
+    from edgecompress.targets import get_target
 
     torch.manual_seed(0)
     bundle = ModelBundle(create_model("cnn", num_classes=10, in_chans=1).eval(), "cnn", (1, 28, 28), {}, 10, {})
@@ -117,10 +117,10 @@ def test_shipped_database_covers_example(name: str, tmp_path: Path, shipped_tune
     the shipped CPU and on any newer x86-64 CPU or other core count (transferred, verified here)."""
     import torch
 
-    from compress.checkpoint import ModelBundle
-    from compress.models import create_model
-    from export.tvm import export_tvm_format
-    from targets import get_target
+    from edgecompress.compress.checkpoint import ModelBundle
+    from edgecompress.compress.models import create_model
+    from edgecompress.export.tvm import export_tvm_format
+    from edgecompress.targets import get_target
 
     host = get_target("x86-64")
     torch.manual_seed(0)

@@ -15,9 +15,9 @@ def inputs() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def cnn_onnx(untrained_cnn_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    from compress.checkpoint import load_checkpoint
-    from compress.exporting import export_model
-    from targets import get_target
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.targets import get_target
 
     bundle = load_checkpoint(untrained_cnn_checkpoint)
     return export_model(bundle, "onnx", get_target("x86-64"), tmp_path_factory.mktemp("onnx") / "cnn")
@@ -29,7 +29,7 @@ def cnn_qdq(cnn_onnx, inputs, tmp_path_factory: pytest.TempPathFactory):
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from export import write_onnx_artifact
+    from edgecompress.export import write_onnx_artifact
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -46,17 +46,17 @@ def cnn_qdq(cnn_onnx, inputs, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _ort(artifact, x: np.ndarray) -> np.ndarray:
-    from runtimes import runtime_for
+    from edgecompress.runtimes import runtime_for
 
     return runtime_for(artifact).prepare(artifact).run(x)
 
 
 def test_host_fp32_matches_onnxruntime(cnn_onnx, inputs, tmp_path: Path, shipped_tuned) -> None:
-    from export import load_artifact
-    from export.tvm import export_tvm_from_onnx
-    from export.verify import compare_outputs
-    from runtimes import runtime_for
-    from targets import get_target
+    from edgecompress.export import load_artifact
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.export.verify import compare_outputs
+    from edgecompress.runtimes import runtime_for
+    from edgecompress.targets import get_target
 
     art = export_tvm_from_onnx(cnn_onnx, get_target("x86-64"), tmp_path / "tvm")
     m = load_artifact(art.path).manifest  # hashes verified
@@ -76,10 +76,10 @@ def test_host_fp32_matches_onnxruntime(cnn_onnx, inputs, tmp_path: Path, shipped
 
 
 def test_host_qdq_matches_onnxruntime(cnn_qdq, inputs, tmp_path: Path) -> None:
-    from export.tvm import export_tvm_from_onnx
-    from export.verify import compare_outputs
-    from runtimes import runtime_for
-    from targets import get_target
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.export.verify import compare_outputs
+    from edgecompress.runtimes import runtime_for
+    from edgecompress.targets import get_target
 
     art = export_tvm_from_onnx(cnn_qdq, get_target("x86-64"), tmp_path / "tvm-qdq")
     assert art.manifest.extra["precision"] == "int8" and art.manifest.extra["source_format"] == "onnx-qdq"
@@ -90,11 +90,11 @@ def test_host_qdq_matches_onnxruntime(cnn_qdq, inputs, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("target_name", ["arm64-android", "arm64-linux", "cuda-sm80", "opencl-mali"])
 def test_cross_compile_without_hardware(cnn_onnx, target_name: str, tmp_path: Path) -> None:
-    from export.tvm import export_tvm_from_onnx
-    from export.tvm.compile import library_plan
-    from runtimes.errors import RuntimeUnavailableError
-    from runtimes.tvm_runtime import TvmRuntime
-    from targets import get_target
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.export.tvm.compile import library_plan
+    from edgecompress.runtimes.errors import RuntimeUnavailableError
+    from edgecompress.runtimes.tvm_runtime import TvmRuntime
+    from edgecompress.targets import get_target
 
     tgt = get_target(target_name)
     art = export_tvm_from_onnx(cnn_onnx, tgt, tmp_path / target_name)
@@ -112,8 +112,8 @@ def test_cross_compile_without_hardware(cnn_onnx, target_name: str, tmp_path: Pa
 
 
 def test_cuda_library_holds_kernels(cnn_onnx, tmp_path: Path) -> None:
-    from export.tvm import export_tvm_from_onnx
-    from targets import get_target
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.targets import get_target
 
     art = export_tvm_from_onnx(cnn_onnx, get_target("cuda-sm80"), tmp_path / "cuda")
     assert art.manifest.extra["device"] == "cuda"
@@ -137,10 +137,10 @@ def _onnx_with(op_type: str, domain: str, path: Path) -> Path:
 def test_unsupported_operator_names_op_and_target(tmp_path: Path) -> None:
     import onnx
 
-    from export import TensorSpec, write_onnx_artifact
-    from export.errors import UnsupportedExportError
-    from export.tvm import export_tvm_from_onnx
-    from targets import get_target
+    from edgecompress.export import TensorSpec, write_onnx_artifact
+    from edgecompress.export.errors import UnsupportedExportError
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.targets import get_target
 
     model = onnx.load(str(_onnx_with("MyCustomOp", "com.example", tmp_path / "bad.onnx")))
     bad = write_onnx_artifact(model, tmp_path / "bad", fmt="onnx", inputs=[TensorSpec(name="input", shape=[1, 4])])
@@ -173,7 +173,7 @@ def test_cli_export_and_profile(cli, untrained_cnn_checkpoint: Path, tmp_path: P
 
 
 def test_tune_budget_parsing() -> None:
-    from export.tvm import TuneBudget, TuneBudgetError
+    from edgecompress.export.tvm import TuneBudget, TuneBudgetError
 
     assert TuneBudget.parse("10m").seconds == 600 and TuneBudget.parse("10m").trials is None
     assert TuneBudget.parse("90s").seconds == 90
@@ -185,8 +185,8 @@ def test_tune_budget_parsing() -> None:
 
 
 def test_database_key_separates_targets() -> None:
-    from export.tvm import database_key
-    from targets import get_target
+    from edgecompress.export.tvm import database_key
+    from edgecompress.targets import get_target
 
     keys = {database_key(get_target(n).tvm) for n in ("x86-64", "arm64-linux", "arm64-android", "cuda-sm80")}
     assert len(keys) == 4

@@ -20,7 +20,7 @@ def _pad_model_artifact(folder: Path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from export import TensorSpec, write_onnx_artifact
+    from edgecompress.export import TensorSpec, write_onnx_artifact
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((240, 40, 1, 1)).astype(np.float32) * 0.2, "W"),
@@ -40,7 +40,7 @@ def _pad_model_artifact(folder: Path):
 
 
 def _own_database_with_fixture(root: Path, target_spec: dict) -> Path:
-    from export.tvm.records import RECORD_FILE, WORKLOAD_FILE, database_key
+    from edgecompress.export.tvm.records import RECORD_FILE, WORKLOAD_FILE, database_key
 
     own = root / database_key(target_spec)
     own.mkdir(parents=True)
@@ -54,16 +54,16 @@ def test_fixture_records_are_refused_and_quarantined(tmp_path: Path) -> None:
     what differed, moved out of the database, and the task gets the fastest right record."""
     from types import SimpleNamespace
 
-    from export.tvm import compile as tc
-    from export.tvm.records import (
+    from edgecompress.export.tvm import compile as tc
+    from edgecompress.export.tvm.records import (
         QUARANTINE_FILE,
         open_json_database,
         record_id,
         select_records,
         workload_hash,
     )
-    from export.tvm.tuning import _import_tensor_intrinsics
-    from targets import get_target
+    from edgecompress.export.tvm.tuning import _import_tensor_intrinsics
+    from edgecompress.targets import get_target
 
     _import_tensor_intrinsics()
     host = get_target("x86-64")
@@ -88,8 +88,8 @@ def test_fixture_records_are_refused_and_quarantined(tmp_path: Path) -> None:
 def test_export_with_wrong_records_succeeds_without_them(tmp_path: Path) -> None:
     """An export whose database holds wrong records for one of its tasks is right: the wrong records
     are refused and named in the manifest, the task gets a right one."""
-    from export.tvm import export_tvm_from_onnx
-    from targets import get_target
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.targets import get_target
 
     host = get_target("x86-64")
     _own_database_with_fixture(tmp_path / "db", dict(host.tvm))
@@ -106,8 +106,8 @@ def test_record_that_slips_past_its_check_is_found_by_bisection(tmp_path: Path, 
     """With the per-task check disabled, the wrong record is applied; the whole-model comparison
     fails, the untuned build passes, bisection names the record, quarantines it, and the export
     succeeds without it."""
-    from export.tvm import export_tvm_from_onnx, records
-    from targets import get_target
+    from edgecompress.export.tvm import export_tvm_from_onnx, records
+    from edgecompress.targets import get_target
 
     host = get_target("x86-64")
     own = _own_database_with_fixture(tmp_path / "db", dict(host.tvm))
@@ -126,7 +126,7 @@ def test_pad_before_conv_is_folded_exactly(tmp_path: Path) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.tvm.onnx_prep import fold_pad_into_conv
+    from edgecompress.export.tvm.onnx_prep import fold_pad_into_conv
 
     rng = np.random.default_rng(1)
     inits = [numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "W"),
@@ -153,7 +153,7 @@ def test_pad_before_conv_is_folded_exactly(tmp_path: Path) -> None:
 
 def test_transfer_ranks_follow_cpu_features() -> None:
     """Records of an older x86-64 CPU apply to a newer one, never the other way, nor across triples."""
-    from export.tvm.records import folder_target, transfer_rank
+    from edgecompress.export.tvm.records import folder_target, transfer_rank
 
     def spec(mcpu: str, cores: int = 2, triple: str = "x86_64-linux-gnu") -> dict:
         return {"kind": "llvm", "mtriple": triple, "mcpu": mcpu, "num-cores": cores}
@@ -173,9 +173,9 @@ def test_database_of_an_older_cpu_applies_and_tunes_on(tmp_path: Path) -> None:
     the source key), and --tune then times them here and tunes on into this CPU's own database."""
     import dataclasses
 
-    from export.tvm import export_tvm_from_onnx
-    from export.tvm.records import X86_LEVELS, database_key
-    from targets import get_target
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.export.tvm.records import X86_LEVELS, database_key
+    from edgecompress.targets import get_target
 
     host = get_target("x86-64")
     level = X86_LEVELS.index(host.tvm["mcpu"]) if host.tvm.get("mcpu") in X86_LEVELS else 0
@@ -198,7 +198,7 @@ def test_database_of_an_older_cpu_applies_and_tunes_on(tmp_path: Path) -> None:
 def _gemm_artifact(folder: Path):
     from onnx import TensorProto, helper, numpy_helper
 
-    from export import TensorSpec, write_onnx_artifact
+    from edgecompress.export import TensorSpec, write_onnx_artifact
 
     rng = np.random.default_rng(5)
     w = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "W")
@@ -211,8 +211,8 @@ def _gemm_artifact(folder: Path):
 
 def test_cli_tuning_show_and_clear(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGECOMPRESS_CACHE", str(tmp_path))
-    from export.tvm.records import database_key
-    from targets import get_target
+    from edgecompress.export.tvm.records import database_key
+    from edgecompress.targets import get_target
 
     host = get_target("x86-64")
     own = _own_database_with_fixture(tmp_path / "tvm-tuning", dict(host.tvm))

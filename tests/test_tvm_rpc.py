@@ -25,9 +25,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def host_artifact(untrained_cnn_checkpoint, tmp_path_factory: pytest.TempPathFactory):
-    from compress.checkpoint import load_checkpoint
-    from compress.exporting import export_model
-    from targets import get_target
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.targets import get_target
 
     folder = tmp_path_factory.mktemp("rpc")
     return export_model(load_checkpoint(untrained_cnn_checkpoint), "tvm", get_target("x86-64"), folder / "tvm")
@@ -38,7 +38,7 @@ def device_server():
     """`compress device-server` as a real process (its own process group), on a free port."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "compress.cli.app", "device-server", "--port", str(port), "--key", KEY],
+        [sys.executable, "-m", "edgecompress.compress.cli.app", "device-server", "--port", str(port), "--key", KEY],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
@@ -60,8 +60,8 @@ def device_server():
 
 
 def test_profile_over_loopback(host_artifact, device_server) -> None:
-    from runtimes.tvm_rpc import profile_remote
-    from targets import get_target
+    from edgecompress.runtimes.tvm_rpc import profile_remote
+    from edgecompress.targets import get_target
 
     _, address = device_server
     stats = profile_remote(host_artifact, rpc=address, key=KEY, target=get_target("x86-64"), min_runs=10,
@@ -72,8 +72,8 @@ def test_profile_over_loopback(host_artifact, device_server) -> None:
 
 
 def test_remote_outputs_match_local(host_artifact, device_server) -> None:
-    from runtimes import runtime_for
-    from runtimes.tvm_rpc import remote_session
+    from edgecompress.runtimes import runtime_for
+    from edgecompress.runtimes.tvm_rpc import remote_session
 
     _, address = device_server
     x = np.random.default_rng(0).standard_normal((6, 1, 28, 28)).astype(np.float32)
@@ -108,8 +108,8 @@ def test_cli_check_rpc_table(cli, host_artifact, device_server) -> None:
 
 
 def test_wrong_key_is_refused(host_artifact, device_server) -> None:
-    from runtimes.errors import DeviceConnectionError
-    from runtimes.tvm_rpc import remote_session
+    from edgecompress.runtimes.errors import DeviceConnectionError
+    from edgecompress.runtimes.tvm_rpc import remote_session
 
     _, address = device_server
     t0 = time.monotonic()
@@ -128,11 +128,11 @@ def test_server_killed_mid_profile(host_artifact, device_server, monkeypatch: py
     and the server leaves no worker processes behind. (Runs last: it ends the module's server.)"""
     import psutil
 
-    import runtimes.tvm_rpc
-    from runtimes.errors import DeviceConnectionError
-    from runtimes.tvm_rpc import profile_remote
+    from edgecompress.runtimes import tvm_rpc
+    from edgecompress.runtimes.errors import DeviceConnectionError
+    from edgecompress.runtimes.tvm_rpc import profile_remote
 
-    monkeypatch.setattr(runtimes.tvm_rpc, "MAX_REPEATS", 10**8)  # so the timing lasts min_seconds (120 s)
+    monkeypatch.setattr(tvm_rpc, "MAX_REPEATS", 10**8)  # so the timing lasts min_seconds (120 s)
     proc, address = device_server
     children = psutil.Process(proc.pid).children(recursive=True)
     assert children, "the device server should run the TVM RPC server as a child process"
@@ -154,7 +154,7 @@ def test_server_killed_mid_profile(host_artifact, device_server, monkeypatch: py
 @pytest.mark.slow
 def test_profile_through_a_tracker(host_artifact) -> None:
     """A TVM RPC tracker in front of a device server: one address for a farm of devices."""
-    from runtimes.tvm_rpc import DeviceServer, profile_remote
+    from edgecompress.runtimes.tvm_rpc import DeviceServer, profile_remote
 
     port = _free_port()
     tracker = subprocess.Popen(

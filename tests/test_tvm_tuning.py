@@ -15,7 +15,7 @@ def _gemm_artifact(folder: Path, seed: int):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from export import TensorSpec, write_onnx_artifact
+    from edgecompress.export import TensorSpec, write_onnx_artifact
 
     rng = np.random.default_rng(seed)
     w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W")
@@ -32,8 +32,8 @@ def _gemm_artifact(folder: Path, seed: int):
 
 
 def test_database_reused_across_runs_and_models(tmp_path: Path) -> None:
-    from export.tvm import export_tvm_from_onnx
-    from targets import get_target
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.targets import get_target
 
     host = get_target("x86-64")
     db = tmp_path / "db"
@@ -55,8 +55,8 @@ def test_database_reused_across_runs_and_models(tmp_path: Path) -> None:
 
 def test_exhausted_budget_is_resumable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A time budget already spent tunes nothing, says so, and the next run tunes the rest."""
-    from export.tvm import TuneBudget, export_tvm_from_onnx
-    from targets import get_target
+    from edgecompress.export.tvm import TuneBudget, export_tvm_from_onnx
+    from edgecompress.targets import get_target
 
     host = get_target("x86-64")
     db = tmp_path / "db"
@@ -72,9 +72,9 @@ def test_exhausted_budget_is_resumable(tmp_path: Path, monkeypatch: pytest.Monke
 def test_cross_targets_are_not_tuned_here(tmp_path: Path) -> None:
     """Tuning ARM64 code on this machine would pick schedules for the wrong CPU: it needs the device
     (tests/test_tvm_tuning_rpc.py), and without one it is an error, not a silent skip."""
-    from export.tvm import export_tvm_from_onnx
-    from export.tvm.rpc_measure import TuningNeedsDeviceError
-    from targets import get_target
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.export.tvm.rpc_measure import TuningNeedsDeviceError
+    from edgecompress.targets import get_target
 
     with pytest.raises(TuningNeedsDeviceError, match="--rpc HOST:PORT"):
         export_tvm_from_onnx(_gemm_artifact(tmp_path / "a", 3), get_target("arm64-linux"), tmp_path / "arm",
@@ -86,7 +86,7 @@ def test_cross_targets_are_not_tuned_here(tmp_path: Path) -> None:
 
 
 def test_default_database_root_respects_cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from export.tvm import default_database_root
+    from edgecompress.export.tvm import default_database_root
 
     monkeypatch.setenv("EDGECOMPRESS_CACHE", str(tmp_path))
     assert default_database_root() == tmp_path / "tvm-tuning"

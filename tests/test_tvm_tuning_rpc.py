@@ -51,7 +51,7 @@ def _onnx_model(seed: int, two_tasks: bool = False):
 
 
 def _artifact(folder: Path, seed: int, two_tasks: bool = False):
-    from export import TensorSpec, write_onnx_artifact
+    from edgecompress.export import TensorSpec, write_onnx_artifact
 
     return write_onnx_artifact(_onnx_model(seed, two_tasks), folder, fmt="onnx", model_name=f"gemm{seed}",
                                inputs=[TensorSpec(name="input", shape=["batch", 8])])  # fmt: skip
@@ -66,7 +66,7 @@ def _records(db: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def server():
-    from runtimes.tvm_rpc import DeviceServer
+    from edgecompress.runtimes.tvm_rpc import DeviceServer
 
     with DeviceServer(_free_port(), key=KEY) as srv:
         yield srv
@@ -74,8 +74,8 @@ def server():
 
 def test_tune_on_device_over_rpc_then_reuse(tmp_path: Path, server) -> None:
     """Candidates are timed on the device server; records land in the target's database; a second run does no trials."""
-    from compress.exporting import export_model
-    from targets import get_target
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.targets import get_target
 
     host, db = get_target("x86-64"), tmp_path / "db"
     art = export_model(_artifact(tmp_path / "a", 0), "tvm", host, tmp_path / "t1", tune=2, database_dir=db,
@@ -106,9 +106,9 @@ def test_cross_target_tune_without_device_is_an_error(tmp_path: Path, cli) -> No
     assert "measures every candidate on the device" in err and "--rpc HOST:PORT" in err and "--tracker" in err
     assert not (tmp_path / "arm").exists() and time.monotonic() - t0 < 20
 
-    from export.tvm import export_tvm_from_onnx
-    from export.tvm.rpc_measure import TuningNeedsDeviceError
-    from targets import get_target
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.export.tvm.rpc_measure import TuningNeedsDeviceError
+    from edgecompress.targets import get_target
 
     with pytest.raises(TuningNeedsDeviceError, match="cuda-sm80"):
         export_tvm_from_onnx(_artifact(tmp_path / "c", 1), get_target("cuda-sm80"), tmp_path / "gpu", tune=2)
@@ -118,9 +118,9 @@ def test_emulated_device_is_refused(tmp_path: Path, server) -> None:
     """An ARM64 target served from this x86 machine is an emulator: tuning there is refused before any trial."""
     import platform
 
-    from compress.exporting import export_model
-    from runtimes.errors import DeviceConnectionError
-    from targets import get_target
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.runtimes.errors import DeviceConnectionError
+    from edgecompress.targets import get_target
 
     if platform.machine().lower() in ("aarch64", "arm64"):
         pytest.skip("on an ARM64 host a local ARM64 server is not an emulator")
@@ -134,8 +134,8 @@ def test_emulated_device_is_refused(tmp_path: Path, server) -> None:
 
 def test_emulation_decision() -> None:
     """Same machine + another CPU's code = emulator; a forwarded port to a real phone is not."""
-    from runtimes.tvm_rpc import emulated_device_reason
-    from targets import get_target
+    from edgecompress.runtimes.tvm_rpc import emulated_device_reason
+    from edgecompress.targets import get_target
 
     arm, host = get_target("arm64-android"), get_target("x86-64")
     assert "emulation" in emulated_device_reason("rpc 10.0.0.9:9090", arm, True)
@@ -145,9 +145,9 @@ def test_emulation_decision() -> None:
 
 
 def test_wrong_key_and_dead_server_fail_fast(tmp_path: Path, server, cli) -> None:
-    from compress.exporting import export_model
-    from runtimes.errors import DeviceConnectionError
-    from targets import get_target
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.runtimes.errors import DeviceConnectionError
+    from edgecompress.targets import get_target
 
     src, host = _artifact(tmp_path / "a", 3), get_target("x86-64")
     t0 = time.monotonic()
@@ -164,8 +164,8 @@ def test_wrong_key_and_dead_server_fail_fast(tmp_path: Path, server, cli) -> Non
 
 
 def test_recipe_export_entry_device_fields() -> None:
-    from compress.errors import ConfigError
-    from compress.recipe import parse_recipe
+    from edgecompress.compress.errors import ConfigError
+    from edgecompress.compress.recipe import parse_recipe
 
     base = {"model": {"example": "cnn"}, "targets": ["arm64-linux"]}
     entry = {"format": "tvm", "target": "arm64-linux", "rpc": "10.0.0.9:9090", "key": "pi", "options": {"tune": "10m"}}
@@ -184,11 +184,11 @@ def test_recipe_export_entry_device_fields() -> None:
 def test_dropped_device_keeps_finished_work_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server) -> None:
     """The device dies after the first task: a clear error, not a hang; the first task's records and ledger
     entry stay, and the next run (a new device) tunes only the task that was interrupted."""
-    import export.tvm.tuning as tuning
-    from compress.exporting import export_model
-    from export.tvm.rpc_measure import TuningDeviceError
-    from runtimes.tvm_rpc import DeviceServer
-    from targets import get_target
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.export.tvm import tuning
+    from edgecompress.export.tvm.rpc_measure import TuningDeviceError
+    from edgecompress.runtimes.tvm_rpc import DeviceServer
+    from edgecompress.targets import get_target
 
     host, db = get_target("x86-64"), tmp_path / "db"
     src = _artifact(tmp_path / "a", 4, two_tasks=True)
@@ -222,9 +222,9 @@ def test_device_without_the_targets_gpu_is_refused(tmp_path: Path, server) -> No
     """A CUDA target tuned on a device server that has no CUDA GPU: a clear error before any compiling."""
     import tvm
 
-    from compress.exporting import export_model
-    from runtimes.errors import DeviceConnectionError
-    from targets import get_target
+    from edgecompress.compress.exporting import export_model
+    from edgecompress.runtimes.errors import DeviceConnectionError
+    from edgecompress.targets import get_target
 
     if tvm.cuda(0).exist:
         pytest.skip("this machine has a CUDA GPU: the loopback server is a real CUDA device")
@@ -240,10 +240,9 @@ def test_gpu_records_are_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.runner import PyRunner
 
-    import export.tvm.tuning as tuning
-    from export.tvm import compile as tc
-    from export.tvm import export_tvm_from_onnx
-    from targets import get_target
+    from edgecompress.export.tvm import compile as tc
+    from edgecompress.export.tvm import export_tvm_from_onnx, tuning
+    from edgecompress.targets import get_target
 
     @derived_object
     class StandInRunner(PyRunner):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from compress.cli.common import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_GATE, EXIT_UNSUPPORTED
+from edgecompress.compress.cli.common import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_GATE, EXIT_UNSUPPORTED
 
 app = typer.Typer(
     name="compress",
@@ -27,19 +27,19 @@ app = typer.Typer(
 
 # One module per command group; each defines register(app). Techniques add their module here.
 COMMAND_MODULES = [
-    "compress.cli.example_cmd",
-    "compress.cli.export_cmd",
-    "compress.cli.check_cmd",
-    "compress.cli.profile_cmd",
-    "compress.cli.targets_cmd",
-    "compress.cli.run_cmd",
-    "compress.cli.list_cmd",
-    "compress.cli.qat_cmd",
-    "compress.cli.quantize_cmd",
-    "compress.cli.sparsify_cmd",
-    "compress.cli.codebook_cmd",
-    "compress.cli.device_server_cmd",
-    "compress.cli.tuning_cmd",
+    "edgecompress.compress.cli.example_cmd",
+    "edgecompress.compress.cli.export_cmd",
+    "edgecompress.compress.cli.check_cmd",
+    "edgecompress.compress.cli.profile_cmd",
+    "edgecompress.compress.cli.targets_cmd",
+    "edgecompress.compress.cli.run_cmd",
+    "edgecompress.compress.cli.list_cmd",
+    "edgecompress.compress.cli.qat_cmd",
+    "edgecompress.compress.cli.quantize_cmd",
+    "edgecompress.compress.cli.sparsify_cmd",
+    "edgecompress.compress.cli.codebook_cmd",
+    "edgecompress.compress.cli.device_server_cmd",
+    "edgecompress.compress.cli.tuning_cmd",
 ]
 
 _state = {"debug": False}
@@ -57,7 +57,7 @@ def _global(
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     _state["debug"] = debug
     if targets_file is not None:
-        from targets import load_targets_file
+        from edgecompress.targets import load_targets_file
 
         load_targets_file(targets_file)
 
@@ -68,11 +68,11 @@ for _name in COMMAND_MODULES:
 
 def exit_code_for(exc: BaseException) -> int:
     """Map an exception to the documented exit code."""
-    from compress.errors import GateFailure
+    from edgecompress.compress.errors import GateFailure
 
     if isinstance(exc, GateFailure):
         return EXIT_GATE
-    ours = type(exc).__module__.split(".")[0] in {"compress", "export", "runtimes", "targets"}
+    ours = type(exc).__module__.split(".")[0] == "edgecompress"
     if ours and isinstance(exc, NotImplementedError | ImportError | ConnectionError):
         return EXIT_UNSUPPORTED
     if ours and isinstance(exc, ValueError):
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns (and exits with) the exit code."""
     from typer.exceptions import Abort, Exit, TyperException
 
-    from compress.errors import GateFailure
+    from edgecompress.compress.errors import GateFailure
 
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="compress")
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("interrupted\n")
         code = 130
     except GateFailure as exc:
-        from compress.cli.common import print_table
+        from edgecompress.compress.cli.common import print_table
 
         if exc.comparison:
-            from compress.regression import COMPARISON_COLUMNS, comparison_table
+            from edgecompress.compress.regression import COMPARISON_COLUMNS, comparison_table
 
             print_table("Against the baseline", COMPARISON_COLUMNS, comparison_table(exc.comparison), stderr=True)
         if exc.failures:

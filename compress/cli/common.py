@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from compress.errors import ConfigError
+from edgecompress.compress.errors import ConfigError
 
 # Exit codes (DESIGN.md): 2 bad input, 3 unsupported/backend missing, 4 a gate failed, 1 anything else.
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_UNSUPPORTED, EXIT_GATE = 0, 1, 2, 3, 4
@@ -105,7 +105,7 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 @contextlib.contextmanager
 def cli_progress(enabled: bool = True) -> Iterator[None]:
     """Install rich progress bars for library work, only when stderr is a terminal."""
-    from compress.progress import set_progress_factory
+    from edgecompress.compress.progress import set_progress_factory
 
     if not enabled or not sys.stderr.isatty():
         yield

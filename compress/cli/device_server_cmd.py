@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from compress.cli.common import say
+from edgecompress.compress.cli.common import say
 
 if TYPE_CHECKING:
-    from runtimes.tvm_rpc import DeviceServer
+    from edgecompress.runtimes.tvm_rpc import DeviceServer
 
 
 def register(app: typer.Typer) -> None:
@@ -33,13 +33,13 @@ def register(app: typer.Typer) -> None:
         """
         import signal
 
-        from compress.errors import ConfigError
+        from edgecompress.compress.errors import ConfigError
 
         if not key.strip():
             raise ConfigError("--key must not be empty: clients identify the device by it")
         warning = ""
         if emulate:
-            from runtimes.emulator import EmulatedDevice
+            from edgecompress.runtimes.emulator import EmulatedDevice
 
             device = EmulatedDevice.find(emulate.strip().lower())
             server = device.server(port, key=key, host=host, tracker=tracker)  # raises unless built
@@ -78,8 +78,8 @@ def _native_server(port: int, *, key: str, host: str, tracker: str | None) -> tu
     import tempfile
     from pathlib import Path
 
-    from runtimes.cuda_jit import cuda_driver_present, write_server_python
-    from runtimes.tvm_rpc import DeviceServer
+    from edgecompress.runtimes.cuda_jit import cuda_driver_present, write_server_python
+    from edgecompress.runtimes.tvm_rpc import DeviceServer
 
     if not cuda_driver_present():
         return DeviceServer(port, key=key, host=host, tracker=tracker), ""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say
+from edgecompress.compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say
 
 
 def register(app: typer.Typer) -> None:
@@ -25,12 +25,12 @@ def register(app: typer.Typer) -> None:
         """Train a built-in example model and write its checkpoint with metadata."""
         import torch
 
-        from compress.checkpoint import load_checkpoint
-        from compress.examples import train_example
-        from compress.models import list_models
+        from edgecompress.compress.checkpoint import load_checkpoint
+        from edgecompress.compress.examples import train_example
+        from edgecompress.compress.models import list_models
 
         if name not in list_models():
-            from compress.errors import ConfigError
+            from edgecompress.compress.errors import ConfigError
 
             raise ConfigError(f"unknown example model {name!r}; known: {', '.join(list_models())}")
         with cli_progress(not json_out):
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
     @example.command("list")
     def list_examples(json_out: bool = JsonOption) -> None:
         """List the built-in example models."""
-        from compress.models import describe_model, list_models
+        from edgecompress.compress.models import describe_model, list_models
 
         rows = [[n, describe_model(n)] for n in list_models()]
         if json_out:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from compress.cli.common import (
+from edgecompress.compress.cli.common import (
     ExecutorOption,
     JsonOption,
     RayAddressOption,
@@ -15,14 +14,13 @@ from compress.cli.common import (
     emit_json,
     print_table,
 )
-from compress.cli.inputs import (
+from edgecompress.compress.cli.inputs import (
     AllowFailedOption,
     InputOption,
     InputShapeOption,
     ModelFactoryOption,
     TrustPickleOption,
-    load_model_from_cli,
-    parse_inputs,
+    model_options,
 )
 
 
@@ -57,42 +55,16 @@ def register(app: typer.Typer) -> None:
 
         TVM artifacts for ARM64 and GPU targets are tuned on the device: --tune 10m --rpc HOST:PORT --key K.
         """
-        from compress.checkpoint import is_onnx_file
-        from compress.exporting import export_model
-        from compress.guard import input_guard_status, refuse_failed
-        from targets import get_target
+        from edgecompress.compress.api import export
 
-        tgt = get_target(target)
-        device: dict[str, Any] = {"rpc": rpc, "tracker": tracker, "key": key,
-                                  "timeout": timeout if (rpc or tracker) else None, "executor": executor,
-                                  "ray_address": ray_address}  # fmt: skip
-        if fmt == "tvm":
-            device.update(use_database=not no_tuned_records, progress=lambda line: typer.echo(line, err=True))
         with cli_progress(not json_out):
-            if is_onnx_file(model):
-                from compress.exporting import onnx_file_or_checkpoint
-
-                work = out.with_name(f".{out.name}.onnx-src")
-                try:
-                    if input_shape:
-                        from compress.errors import ConfigError
-
-                        raise ConfigError("an ONNX file brings its own inputs: fix dynamic dims with --input NAME:SHAPE")
-                    refuse_failed(input_guard_status(model), str(model), allow_failed=allow_failed)
-                    src = onnx_file_or_checkpoint(model, work, target=tgt, inputs=parse_inputs(inputs))
-                    art = export_model(src, fmt, tgt, out, opset=opset, tune=tune, **device)
-                finally:
-                    import shutil
-
-                    shutil.rmtree(work, ignore_errors=True)
-            else:
-                bundle = load_model_from_cli(model, model_factory, trust_pickle, input_shape, inputs)
-                refuse_failed(bundle.metadata.get("guard"), f"checkpoint {model}", allow_failed=allow_failed)
-                art = export_model(bundle, fmt, tgt, out, opset=opset, tune=tune, **device)
+            res = export(model, format=fmt, target=target, workdir=out, opset=opset, tune=tune, rpc=rpc, tracker=tracker,
+                         key=key, timeout=timeout, use_tuned_records=not no_tuned_records, executor=executor,
+                         ray_address=ray_address, allow_failed=allow_failed,
+                         progress=lambda line: typer.echo(line, err=True),
+                         **model_options(model_factory, trust_pickle, input_shape, inputs))  # fmt: skip
+        art, result = res.artifact, res.summary
         m = art.manifest
-        result = {"artifact": str(art.path), "format": m.format, "target": tgt.name, "size_bytes": art.size_bytes,
-                  "files": m.files, "metrics": m.metrics, "notes": m.extra.get("notes", []),
-                  "tuning": m.extra.get("tuning")}  # fmt: skip
         if json_out:
             emit_json(result)
             return
@@ -100,7 +72,7 @@ def register(app: typer.Typer) -> None:
         print_table(
             f"exported {m.model_name} -> {art.path}",
             ["format", "target", "size (bytes)", "SQNR vs torch (dB)", "max abs error"],
-            [[m.format, tgt.name, art.size_bytes, check.get("sqnr_db"), check.get("max_abs_error")]],
+            [[m.format, result["target"], art.size_bytes, check.get("sqnr_db"), check.get("max_abs_error")]],
         )
         tuning = m.extra.get("tuning")
         if tuning:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import typer
 
-from compress.checkpoint import ModelBundle, load_checkpoint
-from compress.cli.common import parse_shape
-from export.artifact import TensorSpec
-from export.spec import parse_input_option
+from edgecompress.compress.cli.common import parse_shape
 
 ModelFactoryOption = typer.Option(
     None,
@@ -49,20 +46,9 @@ MinSqnrOption = typer.Option(None, "--min-sqnr", help="Accuracy guard with --met
 AllowFailedOption = typer.Option(False, "--allow-failed", help="Take an input whose accuracy guard failed.")
 
 
-def parse_inputs(values: list[str] | None) -> list[TensorSpec] | None:
-    """``--input`` values -> input specs (None when none were given)."""
-    return [parse_input_option(v) for v in values] if values else None
-
-
-def load_model_from_cli(
-    path: Path, model_factory: str | None, trust_pickle: bool, input_shape: str | None, inputs: list[str] | None = None
-) -> ModelBundle:
-    """Load a checkpoint as the CLI options say (a factory given on the command line may be imported)."""
-    return load_checkpoint(
-        path,
-        model_factory=model_factory,
-        allow_code=model_factory is not None,
-        trust_pickle=trust_pickle,
-        input_shape=parse_shape(input_shape),
-        inputs=parse_inputs(inputs),
-    )
+def model_options(model_factory: str | None, trust_pickle: bool, input_shape: str | None,
+                  inputs: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The loading keywords of a verb from the CLI's options (a factory given on the command line
+    may be imported: naming it is the permission)."""
+    return {"model_factory": model_factory, "trust_pickle": trust_pickle, "input_shape": parse_shape(input_shape),
+            "inputs": inputs or None}  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from compress.cli.common import JsonOption, emit_json, print_table
+from edgecompress.compress.cli.common import JsonOption, emit_json, print_table
 
 WHAT = ("techniques", "models", "datasets", "runtimes", "formats")
 
@@ -16,29 +16,29 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """List what this installation offers."""
-        from compress.errors import ConfigError
+        from edgecompress.compress.errors import ConfigError
 
         if what not in WHAT:
             raise ConfigError(f"cannot list {what!r}; choose one of: {', '.join(WHAT)}")
         rows: list[list[str]]
         if what == "techniques":
-            from compress.stages import list_stages
+            from edgecompress.compress.stages import list_stages
 
             rows = [[s.name, s.description] for s in list_stages()]
         elif what == "models":
-            from compress.models import describe_model, list_models
+            from edgecompress.compress.models import describe_model, list_models
 
             rows = [[n, describe_model(n)] for n in list_models()]
         elif what == "datasets":
-            from compress.data import BUILTIN_DATASETS
+            from edgecompress.compress.data import BUILTIN_DATASETS
 
             rows = [[n, "built-in"] for n in BUILTIN_DATASETS]
         elif what == "runtimes":
-            from runtimes import list_runtimes
+            from edgecompress.runtimes import list_runtimes
 
             rows = [[n, ""] for n in list_runtimes()]
         else:
-            from compress.exporting import export_formats
+            from edgecompress.compress.exporting import export_formats
 
             rows = [[n, ""] for n in export_formats()]
         if json_out:

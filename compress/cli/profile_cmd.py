@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from compress.cli.common import JsonOption, emit_json, print_table, say
+from edgecompress.compress.cli.common import JsonOption, emit_json, print_table, say
 
 
 def register(app: typer.Typer) -> None:
@@ -26,27 +26,14 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Measure ARTIFACT's latency: warm-up excluded, >= min-runs and >= min-seconds, p50/p90/p99."""
-        from compress.errors import GateFailure
-        from compress.evaluation import profile_artifact
-        from export import load_artifact
-        from targets import get_target
+        from edgecompress.compress.api import profile
 
-        art = load_artifact(artifact)
-        tgt = get_target(target) if target else (get_target(art.manifest.target["name"]) if art.manifest.target else None)
-        if rpc or tracker:
-            from runtimes.tvm_rpc import profile_remote  # provided by the TVM backend
-
-            stats = profile_remote(art, rpc=rpc, tracker=tracker, key=key, target=tgt, batch=batch,
-                                   min_runs=min_runs, min_seconds=min_seconds, timeout=timeout)  # fmt: skip
-        else:
-            stats = profile_artifact(art, target=tgt, batch=batch, threads=threads, min_runs=min_runs,
-                                     min_seconds=min_seconds)  # fmt: skip
-        result = {"artifact": str(art.path), "format": art.manifest.format, "target": tgt.name if tgt else None,
-                  "tuned": art.manifest.extra.get("tuned"), **stats.to_dict()}  # fmt: skip
-        failed = max_latency_ms is not None and stats.p50_ms > max_latency_ms
-        limit = max_latency_ms if max_latency_ms is not None else float("inf")
+        res = profile(artifact, target=target, batch=batch, threads=threads, min_runs=min_runs, min_seconds=min_seconds,
+                      rpc=rpc, tracker=tracker, key=key, timeout=timeout, max_latency_ms=max_latency_ms,
+                      raise_on_failure=False)  # fmt: skip
+        stats, art = res.metrics["stats"], res.artifact
         if json_out:
-            emit_json({**result, "passed": not failed})
+            emit_json(res.summary)
         else:
             print_table(
                 f"latency of {art.path}",
@@ -56,9 +43,4 @@ def register(app: typer.Typer) -> None:
             )  # fmt: skip
             if stats.note:
                 say(f"note: {stats.note}")
-        if failed:
-            raise GateFailure(
-                f"p50 latency {stats.p50_ms:.3f} ms > {max_latency_ms} ms",
-                [{"target": tgt.name if tgt else "-", "gate": "max_latency_ms", "limit": max_latency_ms,
-                  "value": stats.p50_ms, "excess": stats.p50_ms - limit}],
-            )  # fmt: skip
+        res.raise_for_failure()

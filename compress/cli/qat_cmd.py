@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say, say_guard
-from compress.cli.inputs import (
+from edgecompress.compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say, say_guard
+from edgecompress.compress.cli.inputs import (
     CalibDataOption,
     EvalDataOption,
     InputOption,
@@ -17,7 +18,7 @@ from compress.cli.inputs import (
     MinSqnrOption,
     ModelFactoryOption,
     TrustPickleOption,
-    load_model_from_cli,
+    model_options,
 )
 
 
@@ -69,34 +70,24 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Quantization-aware training of CHECKPOINT (LSQ, optionally SAM/SAGM/GAQAT) to a QDQ ONNX artifact."""
-        from pydantic import ValidationError
+        from edgecompress.compress.api import qat
+        from edgecompress.compress.qat import GAQATConfig
 
-        from compress.data import image_shape, load_data
-        from compress.errors import ConfigError
-        from compress.guard import enforce
-        from compress.qat import GAQATConfig
-
-        try:
-            config = GAQATConfig(
-                method=method, bits=bits, act_bits=act_bits, freeze=freeze, max_steps=max_steps, lr=lr,
-                batch_size=batch_size, warmup_steps=warmup, per_channel=not per_tensor,
-                first_last_bits=first_last_bits or None, seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every,
-                early_stop_patience=patience,
-            )  # fmt: skip
-        except ValidationError as exc:
-            raise ConfigError("; ".join(e["msg"] for e in exc.errors())) from None
-        bundle = load_model_from_cli(checkpoint, model_factory, trust_pickle, input_shape, inputs)
-        splits = load_data(data, calib_data=calib_data, eval_data=eval_data, seed=seed,
-                           preprocessing=bundle.preprocessing or None,
-                           input_shape=image_shape(bundle.spec.inputs)).for_model(bundle.spec)  # fmt: skip
+        options: dict[str, Any] = dict(method=method, bits=bits, act_bits=act_bits, freeze=freeze, max_steps=max_steps, lr=lr,
+                       batch_size=batch_size, warmup_steps=warmup, per_channel=not per_tensor,
+                       first_last_bits=first_last_bits, seed=seed, checkpoint_every=checkpoint_every,
+                       eval_every=eval_every, early_stop_patience=patience)  # fmt: skip
         with cli_progress(not json_out):
-            summary = run_qat_command(bundle, splits, config, out, target, resume,
-                                      guard={"metric": metric, "max_drop": max_drop, "min_sqnr_db": min_sqnr})
-        if summary is None:  # a non-zero rank under torchrun: rank 0 writes the outputs
+            res = qat(checkpoint, data=data, calib_data=calib_data, eval_data=eval_data, target=target, workdir=out,
+                      resume=resume, metric=metric, max_drop=max_drop, min_sqnr=min_sqnr, raise_on_failure=False,
+                      **model_options(model_factory, trust_pickle, input_shape, inputs), **options)  # fmt: skip
+        if res.artifact is None:  # a non-zero rank under torchrun: rank 0 writes the outputs
             return
+        summary = res.summary
+        config = GAQATConfig.model_validate(res.bundle.metadata["qat"]["config"])
         if json_out:
             emit_json(summary)
-            enforce(summary["guard"], "qat", layers=summary["worst_layers"], written=str(out))
+            res.raise_for_failure()
             return
         m = summary["metrics"]
         print_table(
@@ -110,54 +101,5 @@ def register(app: typer.Typer) -> None:
         if summary.get("plot"):
             say(f"conflict plot: {summary['plot']}")
         say_guard(summary["guard"])
-        enforce(summary["guard"], "qat", layers=summary["worst_layers"], written=str(out))
+        res.raise_for_failure()
 
-
-def run_qat_command(bundle, splits, config, out: Path, target_name: str, resume: bool,  # type: ignore[no-untyped-def]
-                    guard: dict | None = None):
-    """Train, export, verify and judge with the accuracy guard (``guard``: its ``metric``,
-    ``max_drop``, ``min_sqnr_db``); returns the summary (None on ranks other than 0). An N:M sparse
-    checkpoint keeps its pattern (the mask is locked, as in the recipe's stage)."""
-    from compress.exporting import source_info
-    from compress.guard import guard_module_result
-    from compress.qat.train import keep_nm_pattern, onnx_agreement, run_qat, write_json
-    from compress.training import dist_info
-    from export import StageRecord, export_onnx
-    from targets import get_target
-
-    tgt = get_target(target_name)
-    out.mkdir(parents=True, exist_ok=True)
-    keep_nm_pattern(bundle)
-    result = run_qat(bundle.module, splits, config, out, resume=resume, task=bundle.task)
-    if dist_info()[0] != 0:
-        return None
-    metrics = {k: v for k, v in result.metrics.items() if k != "plot"}
-    art = export_onnx(
-        result.model, bundle.spec, out / "onnx", target=tgt, model_name=bundle.model_name,
-        preprocessing=bundle.preprocessing,
-        stages=[StageRecord(stage="qat", config=config.model_dump(mode="json"),
-                            metrics={k: v for k, v in metrics.items() if k not in ("layers", "conflict")},
-                            seconds=metrics.get("wall_seconds"))],
-        extra={**source_info(bundle), "bits_weights": config.bits, "bits_activations": config.activation_bits,
-               "quantized_layers": metrics["layers"]},
-    )  # fmt: skip
-    check = onnx_agreement(result.model, art.model_path, splits.test, bundle.spec)
-    if "onnxruntime_accuracy" in check:
-        art.update_metrics(accuracy=check["onnxruntime_accuracy"])
-    art.update_metrics(onnx_check=check)
-    metrics["onnx_check"] = check
-    fp32_check, verdict, worst = guard_module_result(art, splits.test, technique="qat", reference=bundle,
-                                                     compressed=result.model, target=tgt, **(guard or {}))  # fmt: skip
-    metrics.update(metric=fp32_check["metric"], onnxruntime_score=fp32_check["accuracy"],
-                   fp32_score=fp32_check.get("reference_accuracy"))  # fmt: skip
-    from compress.checkpoint import save_checkpoint
-    from compress.qat.train import quantized_bundle
-
-    meta_metrics = {k: v for k, v in metrics.items() if k not in ("layers", "conflict", "onnx_check")}
-    qbundle = quantized_bundle(result.model, bundle, config, meta_metrics)
-    qbundle.metadata["guard"] = verdict["status"]
-    ckpt = save_checkpoint(qbundle, out / "model.pt", model_kwargs={"num_classes": bundle.num_classes})
-    summary = {"artifact": str(art.path), "checkpoint": str(ckpt), "train_log": str(out / "train" / "train_log.jsonl"),
-               "plot": result.metrics.get("plot"), "metrics": metrics, "guard": verdict, "worst_layers": worst}  # fmt: skip
-    write_json(out / "summary.json", summary)
-    return summary

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say
+from edgecompress.compress.cli.common import JsonOption, cli_progress, emit_json, print_table, say
 
 
 def register(app: typer.Typer) -> None:
@@ -30,8 +30,8 @@ def register(app: typer.Typer) -> None:
         """
         import yaml
 
-        from compress.pipeline import check_recipe_inputs, run_recipe
-        from compress.recipe import load_recipe, resolved_dict
+        from edgecompress.compress.pipeline import check_recipe_inputs
+        from edgecompress.compress.recipe import load_recipe, resolved_dict
 
         r = load_recipe(recipe)
         if dry_run:
@@ -41,19 +41,13 @@ def register(app: typer.Typer) -> None:
             else:
                 typer.echo(yaml.safe_dump(resolved_dict(r), sort_keys=False), nl=False)
             return
-        from compress.errors import ConfigError, GateFailure
+        from edgecompress.compress.api import run
+        from edgecompress.compress.errors import GateFailure
 
-        if baseline is not None and auto:
-            raise ConfigError("--baseline judges a plain run; with --auto, compare the chosen candidate's run folder "
-                              "with: compress compare BASE RUN")  # fmt: skip
         try:
             with cli_progress(not json_out):
-                if auto:
-                    from compress.auto import run_auto
-
-                    summary = run_auto(r, out, allow_code=allow_code, allow_failed=allow_failed)
-                else:
-                    summary = run_recipe(r, out, allow_code=allow_code, allow_failed=allow_failed, baseline=baseline)
+                summary = run(r, workdir=out, auto=auto, allow_code=allow_code, allow_failed=allow_failed,
+                              baseline=baseline).summary  # fmt: skip
         except GateFailure:
             # Machines read the summary on failure too: print it, then exit 4 with the gate table.
             if json_out and (out / "summary.json").is_file():
@@ -81,8 +75,8 @@ def register(app: typer.Typer) -> None:
         baseline, failed gates) for $GITHUB_STEP_SUMMARY or a pull-request comment, and writes it to
         RUN/summary.github.md.
         """
-        from compress.errors import ConfigError
-        from compress.report import write_github_summary, write_report
+        from edgecompress.compress.errors import ConfigError
+        from edgecompress.compress.report import write_github_summary, write_report
 
         if fmt not in ("html", "github"):
             raise ConfigError(f"--format {fmt!r}: choose html or github")
@@ -109,8 +103,8 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """Compare RUN with BASELINE: before / after / change / noise band / verdict (exit 4 on a regression)."""
-        from compress.errors import ConfigError, GateFailure
-        from compress.regression import compare_runs, load_run, parse_percent
+        from edgecompress.compress.errors import ConfigError, GateFailure
+        from edgecompress.compress.regression import compare_runs, load_run, parse_percent
 
         try:
             limits = {"max_accuracy_regression": max_accuracy_regression,
@@ -128,7 +122,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_comparison(rows: list[dict], title: str) -> None:
-    from compress.regression import COMPARISON_COLUMNS, comparison_table
+    from edgecompress.compress.regression import COMPARISON_COLUMNS, comparison_table
 
     print_table(title, COMPARISON_COLUMNS, comparison_table(rows))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from compress.cli.common import JsonOption, emit_json, print_table
+from edgecompress.compress.cli.common import JsonOption, emit_json, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JsonOption,
     ) -> None:
         """List device targets (built-in and from --targets-file)."""
-        from targets import list_targets
+        from edgecompress.targets import list_targets
 
         found = list_targets(pattern)
         if json_out:

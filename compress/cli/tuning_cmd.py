@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from compress.cli.common import JsonOption, emit_json, print_table
+from edgecompress.compress.cli.common import JsonOption, emit_json, print_table
 
 TargetOption = typer.Option("x86-64", "--target", "-t", help="Device target: see 'compress targets'.")
 
@@ -16,8 +16,8 @@ def register(app: typer.Typer) -> None:
     @group.command("show")
     def show_cmd(target: str = TargetOption, json_out: bool = JsonOption) -> None:
         """List the databases whose records apply to TARGET (own, shipped, transferred from older CPUs)."""
-        from export.tvm.records import database_key, database_status
-        from targets import get_target
+        from edgecompress.export.tvm.records import database_key, database_status
+        from edgecompress.targets import get_target
 
         tgt = get_target(target)
         rows = database_status(dict(tgt.tvm))
@@ -31,8 +31,8 @@ def register(app: typer.Typer) -> None:
     @group.command("clear")
     def clear_cmd(target: str = TargetOption, json_out: bool = JsonOption) -> None:
         """Delete TARGET's own tuning database (records, checks, quarantine); shipped records stay."""
-        from export.tvm.records import clear_database
-        from targets import get_target
+        from edgecompress.export.tvm.records import clear_database
+        from edgecompress.targets import get_target
 
         tgt = get_target(target)
         folder = clear_database(dict(tgt.tvm))

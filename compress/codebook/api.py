@@ -7,7 +7,7 @@ initialisation, layer-wise joint learning of codebooks, scales and mappings on c
 an optional end-to-end distillation phase, then freezing into packed layers.
 
 After an N:M ``sparsify`` stage, ``keep_zeros`` names the sparse layers: their pruned weights stay
-exactly 0 (a reserved zero codeword per codebook, see :mod:`compress.codebook.learn`), and no row
+exactly 0 (a reserved zero codeword per codebook, see :mod:`edgecompress.compress.codebook.learn`), and no row
 permutation is folded into a sparse layer's input columns (that would move its N:M groups).
 """
 
@@ -23,17 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.codebook.config import JLCMConfig
-from compress.codebook.grouping import fold_permutations, fold_plans, group_neurons
-from compress.codebook.layers import (
+from edgecompress.compress.codebook.config import JLCMConfig
+from edgecompress.compress.codebook.grouping import fold_permutations, fold_plans, group_neurons
+from edgecompress.compress.codebook.layers import (
     CODEBOOK_LAYERS,
     CodebookConv2d,
     CodebookLinear,
     CodebookWeight,
     model_accounting,
 )
-from compress.codebook.learn import TrainableCodebookLayer, distill, learn_layer
-from compress.errors import CheckpointError, UnsupportedError
+from edgecompress.compress.codebook.learn import TrainableCodebookLayer, distill, learn_layer
+from edgecompress.compress.errors import CheckpointError, UnsupportedError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ Batch = torch.Tensor | tuple[torch.Tensor, ...]
 @torch.no_grad()
 def _capture(model: nn.Module, name: str, inputs: Batch, *, want: str, batch: int = 64) -> torch.Tensor:
     """The input (``want="input"``) or output of sub-module ``name`` over all ``inputs``."""
-    from compress.training import batch_length, forward, take_batch
+    from edgecompress.compress.training import batch_length, forward, take_batch
 
     mod = model.get_submodule(name)
     got: list[torch.Tensor] = []
@@ -157,13 +157,13 @@ def apply_jlcm(model: nn.Module, calib_inputs: Batch, config: JLCMConfig, *, kee
 
 def _apply_jlcm(model: nn.Module, calib_inputs: Batch, config: JLCMConfig, keep_zeros: Collection[str],
                 task: str) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
-    from compress.training import take_batch
+    from edgecompress.compress.training import take_batch
 
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     student = copy.deepcopy(model).eval()
     if keep_zeros:
-        from compress.sparsity.lock import unlock_nm_pattern
+        from edgecompress.compress.sparsity.lock import unlock_nm_pattern
 
         unlock_nm_pattern(student)  # plain weights (holding the zeros), so grouping can permute them in place
     for p in student.parameters():
@@ -215,7 +215,7 @@ def _apply_jlcm(model: nn.Module, calib_inputs: Batch, config: JLCMConfig, keep_
 
 @torch.no_grad()
 def _output_sqnr(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    from export.verify import sqnr_db
+    from edgecompress.export.verify import sqnr_db
 
     layer.eval()
     return round(sqnr_db(y.numpy(), layer(x).numpy()), 2)
@@ -274,7 +274,7 @@ def rebuild_codebook_model(base: nn.Module, layout: list[dict[str, Any]]) -> nn.
 def save_codebook_checkpoint(bundle: Any, path: str | Path, layout: list[dict[str, Any]],
                              model_kwargs: dict[str, Any] | None = None) -> Path:  # fmt: skip
     """Write a compressed model as a checkpoint whose metadata carries the codebook layout."""
-    from compress.checkpoint import ModelBundle, save_checkpoint
+    from edgecompress.compress.checkpoint import ModelBundle, save_checkpoint
 
     meta = {**bundle.metadata, "codebook_layout": layout}
     out = bundle.derive(bundle.module, metadata=meta) if isinstance(bundle, ModelBundle) else \
@@ -289,8 +289,8 @@ def load_codebook_checkpoint(path: str | Path, *, base_module: nn.Module | None 
     """
     import json
 
-    from compress.checkpoint import ModelBundle
-    from compress.models import create_model
+    from edgecompress.compress.checkpoint import ModelBundle
+    from edgecompress.compress.models import create_model
 
     try:
         raw = torch.load(str(path), map_location="cpu", weights_only=True)

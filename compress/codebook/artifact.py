@@ -62,10 +62,10 @@ def export_codebook_artifact(bundle: Any, dest: str | Path, report: dict[str, An
     Returns the :class:`export.Artifact`; its metrics hold ``size_check`` (file bytes vs accounted
     bytes), ``bits_per_weight`` and, when ``measure_memory``, ``memory`` (codebook vs float32).
     """
-    from compress.codebook.layers import model_accounting
-    from compress.codebook.stage import register_exporter
-    from compress.exporting import source_info
-    from export import StageRecord, export_onnx
+    from edgecompress.compress.codebook.layers import model_accounting
+    from edgecompress.compress.codebook.stage import register_exporter
+    from edgecompress.compress.exporting import source_info
+    from edgecompress.export import StageRecord, export_onnx
 
     register_exporter()
     acct = model_accounting(bundle.module)
@@ -110,8 +110,8 @@ def size_check(onnx_path: str | Path, accounting: dict[str, Any]) -> dict[str, A
 def fp32_onnx(module: Any, spec: Any, path: Path) -> Path:
     """Export a float model with torch's exporter (for size and memory comparisons); ``spec`` is the
     bundle's ``ModelSpec``."""
-    from export.onnx_export import torch_onnx_export
-    from export.torch_io import ExportIO, model_spec_for
+    from edgecompress.export.onnx_export import torch_onnx_export
+    from edgecompress.export.torch_io import ExportIO, model_spec_for
 
     spec = model_spec_for(module.eval(), spec)
     torch_onnx_export(module, ExportIO.build(spec, spec.example_feeds(1)), path, 17)
@@ -122,7 +122,7 @@ def compare_memory(codebook_path: Path, bundle: Any, report: dict[str, Any]) -> 
     """Session-load memory of the codebook model and of its float32 reconstruction, both optimisation levels."""
     import copy
 
-    from compress.codebook.layers import CODEBOOK_LAYERS
+    from edgecompress.compress.codebook.layers import CODEBOOK_LAYERS
 
     dense = copy.deepcopy(bundle.module).eval()
     _densify(dense, CODEBOOK_LAYERS)

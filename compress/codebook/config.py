@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compress.scope import Scope
+from edgecompress.compress.scope import Scope
 
 MAX_BITS = 6  # 8 indices of b bits are packed into b bytes and rebuilt as one int64 in the ONNX graph
 

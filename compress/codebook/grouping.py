@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.layer_forward import has_own_forward
+from edgecompress.compress.layer_forward import has_own_forward
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +290,8 @@ def _permute(layer: Any, plan: FoldPlan, order: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _float_outputs(model: nn.Module, example: Any) -> list[torch.Tensor]:
-    from compress.training import forward
-    from export.torch_io import flatten_outputs
+    from edgecompress.compress.training import forward
+    from edgecompress.export.torch_io import flatten_outputs
 
     modes = {m: m.training for m in model.modules()}
     model.eval()  # BatchNorm statistics and dropout as the folded model will be used

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.codebook.packing import pack_indices, unpack_indices
-from compress.layer_forward import apply_layer, has_own_forward, weightless_copy
+from edgecompress.compress.codebook.packing import pack_indices, unpack_indices
+from edgecompress.compress.layer_forward import apply_layer, has_own_forward, weightless_copy
 
 _BYTES = {torch.uint8: 1, torch.int16: 2, torch.int32: 4, torch.int64: 8, torch.float16: 2, torch.float32: 4}
 
@@ -100,7 +100,7 @@ class CodebookWeight(nn.Module):
     def forward(self) -> torch.Tensor:
         """The dense weight in the layer's row order and shape."""
         if torch.onnx.is_in_onnx_export():
-            from compress.codebook.onnx_export import codebook_weight_op
+            from edgecompress.compress.codebook.onnx_export import codebook_weight_op
 
             return codebook_weight_op(self).reshape(self.weight_shape)
         w = self.dense_2d()

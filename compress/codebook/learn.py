@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.codebook.config import JLCMConfig
-from compress.codebook.layers import CodebookConv2d, CodebookLinear, CodebookWeight
-from compress.layer_forward import apply_layer
+from edgecompress.compress.codebook.config import JLCMConfig
+from edgecompress.compress.codebook.layers import CodebookConv2d, CodebookLinear, CodebookWeight
+from edgecompress.compress.layer_forward import apply_layer
 
 
 def kmeans_1d(x: torch.Tensor, k: int, *, iters: int = 30, max_points: int = 65536, seed: int = 0) -> torch.Tensor:
@@ -385,7 +385,13 @@ def distill(model: nn.Module, teacher: nn.Module, inputs: Any, layers: list[Trai
     :func:`compress.training.distillation_loss`: KL on logits (``logits=True``, a classifier), and
     normalised MSE + cosine on every other output (an embedding model passes ``logits=False``).
     """
-    from compress.training import batch_length, distillation_loss, forward, take_batch, teacher_outputs
+    from edgecompress.compress.training import (
+        batch_length,
+        distillation_loss,
+        forward,
+        take_batch,
+        teacher_outputs,
+    )
 
     gen = torch.Generator().manual_seed(seed)
     groups = [{**g, "lr": g["lr"] * lr_scale} for layer in layers for g in layer.param_groups()]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from compress.codebook.layers import CodebookWeight
+from edgecompress.compress.codebook.layers import CodebookWeight
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _op_type(variant: str, bits: int, permuted: bool = False) -> str:
 
 def _dense_from_tensors(packed: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None,
                         bounds: torch.Tensor, row_gather: torch.Tensor, bits: int, out: int, d: int) -> torch.Tensor:  # fmt: skip
-    from compress.codebook.packing import unpack_indices
+    from edgecompress.compress.codebook.packing import unpack_indices
 
     idx = unpack_indices(packed, bits, out * d).reshape(out, d)
     gid = (torch.arange(out)[:, None] >= bounds[None, :].to(torch.int64)).sum(dim=1)
@@ -176,7 +176,7 @@ def export_codebook_onnx(module: Any, example: Any, path: Path, opset: int) -> N
     """Export a model holding codebook layers to ONNX with in-graph weight reconstruction."""
     import onnx
 
-    from export.onnx_export import torch_onnx_export
+    from edgecompress.export.onnx_export import torch_onnx_export
 
     torch_onnx_export(module.eval(), example, path, opset, custom_opsets={DOMAIN: 1})
     model = onnx.load(str(path))
@@ -193,8 +193,8 @@ def export_codebook_onnx(module: Any, example: Any, path: Path, opset: int) -> N
 
 
 def register() -> None:
-    """Register the ``onnx-codebook`` exporter with :mod:`export` (idempotent)."""
-    from compress.codebook.stage import register_exporter
+    """Register the ``onnx-codebook`` exporter with :mod:`edgecompress.export` (idempotent)."""
+    from edgecompress.compress.codebook.stage import register_exporter
 
     register_exporter()
 

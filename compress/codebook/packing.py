@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compress.errors import ConfigError
+from edgecompress.compress.errors import ConfigError
 
 MAX_PACK_BITS = 6
 

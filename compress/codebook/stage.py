@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compress.codebook.config import JLCMConfig
-from compress.stages import StageContext, StageOutput, StageSpec, register_stage
+from edgecompress.compress.codebook.config import JLCMConfig
+from edgecompress.compress.stages import StageContext, StageOutput, StageSpec, register_stage
 
 MODEL_FILE = "model.pt"
 REPORT_FILE = "codebook_report.json"
@@ -26,7 +26,7 @@ def _has_codebook_layers(module: Any) -> bool:
 
 
 def _export(module: Any, example: Any, path: Path, opset: int) -> None:
-    from compress.codebook.onnx_export import export_codebook_onnx
+    from edgecompress.compress.codebook.onnx_export import export_codebook_onnx
 
     export_codebook_onnx(module, example, path, opset)
 
@@ -35,7 +35,7 @@ def register_exporter() -> None:
     """Register the ``onnx-codebook`` ONNX exporter once (models holding codebook layers use it)."""
     if _exporter_registered:
         return
-    from export import OnnxExporter, register_onnx_exporter
+    from edgecompress.export import OnnxExporter, register_onnx_exporter
 
     register_onnx_exporter(OnnxExporter("jlcm-codebook", _has_codebook_layers, _export, "onnx-codebook", 40.0))
     _exporter_registered.append(True)
@@ -43,8 +43,8 @@ def register_exporter() -> None:
 
 def run_codebook_stage(bundle: Any, config: JLCMConfig, ctx: StageContext) -> StageOutput:
     """Compress ``bundle`` with JLCM on the calibration split; writes the checkpoint and a report."""
-    from compress.codebook.api import apply_jlcm, save_codebook_checkpoint
-    from compress.training import dataset_tensors, evaluate_accuracy
+    from edgecompress.compress.codebook.api import apply_jlcm, save_codebook_checkpoint
+    from edgecompress.compress.training import dataset_tensors, evaluate_accuracy
 
     cfg = config.model_copy(update={"seed": config.seed or ctx.seed})
     calib = dataset_tensors(ctx.splits.calib.for_model(bundle.spec), cfg.calib_samples)
@@ -79,14 +79,14 @@ def check_nm_kept(module: Any, record: dict[str, Any], report: dict[str, Any]) -
     """
     report["nm_violations"] = nm_pattern_violations(module, record)
     if any(report["nm_violations"].values()):
-        from compress.errors import CompressError
+        from edgecompress.compress.errors import CompressError
 
         raise CompressError(f"codebook compression broke the N:M pattern: {report['nm_violations']}")
 
 
 def nm_pattern_violations(module: Any, record: dict[str, Any]) -> dict[str, int]:
     """N:M violations of the reconstructed weights of ``module``'s layers named in ``record`` (all 0 when kept)."""
-    from compress.sparsity.api import check_module_pattern
+    from edgecompress.compress.sparsity.api import check_module_pattern
 
     mods = dict(module.named_modules())
     weights = {name: mods[name].weight_store() for name in record["layers"]
@@ -98,7 +98,7 @@ def load_codebook_stage(out_dir: Path, bundle: Any, config: JLCMConfig) -> Stage
     """Rebuild a finished stage's output from its folder (for resume)."""
     import copy
 
-    from compress.codebook.api import load_codebook_checkpoint
+    from edgecompress.compress.codebook.api import load_codebook_checkpoint
 
     loaded = load_codebook_checkpoint(Path(out_dir) / MODEL_FILE, base_module=copy.deepcopy(bundle.module))
     report = json.loads((Path(out_dir) / REPORT_FILE).read_text())

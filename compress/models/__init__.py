@@ -1,6 +1,6 @@
 """Built-in example models (no downloads): ``create_model("cnn")``, ``list_models()``."""
 
-from compress.models.registry import (
+from edgecompress.compress.models.registry import (
     builtin_model_spec,
     builtin_model_task,
     create_model,

@@ -13,7 +13,7 @@ left out of the mean). :class:`MaskedLanguageModel` adds the prediction head use
 
 Example:
     >>> import torch
-    >>> from compress.models.encoder import TextEncoder
+    >>> from edgecompress.compress.models.encoder import TextEncoder
     >>> enc = TextEncoder()
     >>> ids = torch.randint(4, 260, (2, 64))
     >>> enc(ids, torch.ones_like(ids)).shape
@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from compress.errors import ConfigError, DataError
-from compress.models.registry import register_model
+from edgecompress.compress.errors import ConfigError, DataError
+from edgecompress.compress.models.registry import register_model
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.errors import CheckpointError
-from compress.models.registry import register_model
+from edgecompress.compress.errors import CheckpointError
+from edgecompress.compress.models.registry import register_model
 
 log = logging.getLogger(__name__)
 

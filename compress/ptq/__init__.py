@@ -7,14 +7,20 @@ artifact with its trial log and per-layer sensitivity table. onnxruntime and xgb
 only when a search runs.
 """
 
-from compress.ptq.config import ORT_DEFAULT, PTQConfig, QuantuneSearchConfig, SearchSpace, space_preset
+from edgecompress.compress.ptq.config import (
+    ORT_DEFAULT,
+    PTQConfig,
+    QuantuneSearchConfig,
+    SearchSpace,
+    space_preset,
+)
 
 __all__ = ["ORT_DEFAULT", "PTQConfig", "QuantuneSearchConfig", "SearchSpace", "quantize_artifact", "space_preset"]
 
 
 def __getattr__(name: str):
     if name == "quantize_artifact":
-        from compress.ptq.search import quantize_artifact
+        from edgecompress.compress.ptq.search import quantize_artifact
 
         return quantize_artifact
     raise AttributeError(name)

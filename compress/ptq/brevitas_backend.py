@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.errors import first_line
+from edgecompress.compress.errors import first_line
 
 #: the brevitas algorithm sets the search space offers (``PTQConfig.brevitas``)
 ALGORITHM_SETS = ("calibrate", "equalize", "bias_correction", "equalize+bias_correction", "gptq", "equalize+gptq",
@@ -169,8 +169,8 @@ def _check_export(model: Any, out: Path, calib: dict[str, np.ndarray], names: tu
     """
     import torch
 
-    from export.verify import sqnr_db
-    from runtimes.ort_runtime import OrtSession
+    from edgecompress.export.verify import sqnr_db
+    from edgecompress.runtimes.ort_runtime import OrtSession
 
     n = min(4, len(next(iter(calib.values()))))
     with torch.no_grad():

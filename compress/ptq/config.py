@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from compress.errors import ConfigError
+from edgecompress.compress.errors import ConfigError
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
 KEEP_FLOAT_MODES = ("none", "first_last", "sensitive")
@@ -40,7 +40,7 @@ class PTQConfig(BaseModel):
         keep_float_k: how many sensitive layers stay in float (``sensitive`` only).
         exclude_nodes: ONNX node names always left in float.
         brevitas: ``none`` (onnxruntime's ``quantize_static``) or the brevitas post-training algorithms
-            applied to the torch model (:mod:`compress.ptq.brevitas_backend`): ``calibrate``,
+            applied to the torch model (:mod:`edgecompress.compress.ptq.brevitas_backend`): ``calibrate``,
             ``equalize``, ``bias_correction``, ``gptq``, ``gpfq`` or ``+``-joined sets of them. Brevitas
             configurations calibrate by percentile (99.999), use symmetric activations and int8
             symmetric weights, and keep no layer in float.
@@ -67,7 +67,7 @@ class PTQConfig(BaseModel):
     @model_validator(mode="after")
     def _cross_field(self) -> PTQConfig:
         if self.brevitas != "none":
-            from compress.ptq.brevitas_backend import ALGORITHM_SETS
+            from edgecompress.compress.ptq.brevitas_backend import ALGORITHM_SETS
 
             if self.brevitas not in ALGORITHM_SETS:
                 raise ValueError(f"unknown brevitas algorithms {self.brevitas!r}; valid: none, {', '.join(ALGORITHM_SETS)}")
@@ -190,7 +190,7 @@ def space_preset(name: str) -> SearchSpace:
     if name == "tiny":
         return SearchSpace(calibration=("minmax", "distribution"), calib_size=(16,), per_channel=(False, True),
                            activation_symmetric=(False, True), weight_symmetric=(True,), keep_float=("none",))  # fmt: skip
-    from compress.ptq.brevitas_backend import ALGORITHM_SETS
+    from edgecompress.compress.ptq.brevitas_backend import ALGORITHM_SETS
 
     if name == "bench":
         return SearchSpace(calib_size=(1, 100), weight_symmetric=(True,), brevitas=ALGORITHM_SETS)

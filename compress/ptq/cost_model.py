@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from compress.ptq.config import PTQConfig
-from compress.ptq.descriptors import DESCRIPTOR_NAMES
-from compress.ptq.space import config_features
+from edgecompress.compress.ptq.config import PTQConfig
+from edgecompress.compress.ptq.descriptors import DESCRIPTOR_NAMES
+from edgecompress.compress.ptq.space import config_features
 
 
 def feature_vector(config: PTQConfig, descriptors: dict[str, float]) -> list[float]:

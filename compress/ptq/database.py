@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.errors import ConfigError
+from edgecompress.compress.errors import ConfigError
 
 SEED_DATABASE = Path(__file__).with_name("seed_trials.sqlite")
 SCHEMA_VERSION = 1
@@ -75,7 +75,7 @@ class PriorRow:
 
 
 def default_database_path() -> Path:
-    from compress.cache import cache_dir
+    from edgecompress.compress.cache import cache_dir
 
     return cache_dir("quantune") / "trials.sqlite"
 

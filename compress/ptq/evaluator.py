@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from compress.errors import first_line
-from compress.ptq.config import PTQConfig
-from compress.ptq.database import StoredTrial, TuningDatabase
+from edgecompress.compress.errors import first_line
+from edgecompress.compress.ptq.config import PTQConfig
+from edgecompress.compress.ptq.database import StoredTrial, TuningDatabase
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class LatencySpec:
     def for_target(cls, target: Any, *, threads: int | None = None, seconds: float = 0.5) -> LatencySpec:
         import onnxruntime
 
-        from targets.host import detect_host
+        from edgecompress.targets.host import detect_host
 
         host = detect_host()
         providers = tuple(getattr(target, "ort_providers", None) or ("CPUExecutionProvider",))
@@ -109,8 +109,8 @@ class LatencySpec:
 
 def time_model(model_path: Path | str, feeds: dict[str, np.ndarray], spec: LatencySpec) -> float:
     """Batch-1 p50 (ms) of an ONNX model on onnxruntime as ``spec`` says (warm-up excluded)."""
-    from runtimes.measure import measure_latency
-    from runtimes.ort_runtime import OrtSession
+    from edgecompress.runtimes.measure import measure_latency
+    from edgecompress.runtimes.ort_runtime import OrtSession
 
     sess = OrtSession(str(model_path), list(spec.providers), spec.threads)
     return measure_latency(sess, feeds, warmup=5, min_runs=20, min_seconds=spec.seconds).p50_ms
@@ -135,10 +135,10 @@ def quantize_trial_model(task: TrialTask, calib: dict[str, np.ndarray], out: Pat
     """Write the quantized model of ``task.config`` to ``out``: onnxruntime's quantizer, or brevitas on the
     torch model; returns the calibration bookkeeping (:func:`compress.ptq.ort_backend.quantize_to_file`)."""
     if task.config.brevitas == "none":
-        from compress.ptq.ort_backend import quantize_to_file
+        from edgecompress.compress.ptq.ort_backend import quantize_to_file
 
         return quantize_to_file(task.prepared, task.config, calib, out, task.calib_cache, nodes_to_exclude=list(task.exclude))
-    from compress.ptq.brevitas_backend import BrevitasError, quantize_to_onnx
+    from edgecompress.compress.ptq.brevitas_backend import BrevitasError, quantize_to_onnx
 
     if task.module is None:
         raise BrevitasError("brevitas configurations need the torch model: give the checkpoint, not an ONNX file")
@@ -168,7 +168,7 @@ def disjoint_validation(calib: dict[str, np.ndarray], val: dict[str, np.ndarray]
     if not dropped:
         return val, val_y, 0
     if not keep:
-        from compress.errors import DataError
+        from edgecompress.compress.errors import DataError
 
         raise DataError("every validation sample is also a calibration sample: give separate data for calibration "
                         "and evaluation (--calib-data and --eval-data, or --data with its own splits)")  # fmt: skip
@@ -193,15 +193,15 @@ def load_outputs(path: Path) -> list[np.ndarray]:
 
 def trial_score(metric: str, outputs: list[np.ndarray], labels: np.ndarray | None, fp32: list[np.ndarray]) -> float:
     """The metric's score of a quantized model's outputs (shared by trials and the sensitivity table)."""
-    from runtimes.measure import score
+    from edgecompress.runtimes.measure import score
 
     return score(metric, outputs, labels=labels, reference=fp32)
 
 
 def run_trial(task: TrialTask) -> TrialResult:
     """Measure one configuration (runs in the calling process or in a pool worker)."""
-    from compress.ptq.ort_backend import model_outputs, trial_failure_types
-    from export.verify import compare_all_outputs
+    from edgecompress.compress.ptq.ort_backend import model_outputs, trial_failure_types
+    from edgecompress.export.verify import compare_all_outputs
 
     calib = load_feeds(task.arrays / "calib.npz")
     val = load_feeds(task.arrays / "val.npz")
@@ -262,9 +262,9 @@ class Evaluator:
         latency: LatencySpec | None = None,
         module: Any = None,
     ):
-        from compress.ptq.ort_backend import calibration_samples, feeds_hash, model_outputs
-        from export.spec import as_feeds
-        from runtimes.measure import check_metric
+        from edgecompress.compress.ptq.ort_backend import calibration_samples, feeds_hash, model_outputs
+        from edgecompress.export.spec import as_feeds
+        from edgecompress.runtimes.measure import check_metric
 
         calib = as_feeds(calib, prepared.input_names)  # one array is accepted for a one-input model
         val = as_feeds(val, prepared.input_names)
@@ -272,7 +272,7 @@ class Evaluator:
         try:
             check_metric(metric, has_labels=val_y is not None, has_reference=True)
         except ValueError as exc:
-            from compress.errors import DataError
+            from edgecompress.compress.errors import DataError
 
             raise DataError(str(exc)) from None
         self.metric = metric
@@ -308,7 +308,7 @@ class Evaluator:
         self.module = module
         self.fp32_latency_ms: float | None = None
         if latency is not None:
-            from export.spec import slice_feeds
+            from edgecompress.export.spec import slice_feeds
 
             one = slice_feeds(val, 0, 1)
             save_feeds(self.arrays / "latency.npz", one)
@@ -328,13 +328,13 @@ class Evaluator:
         if callable(self._sensitive):
             self._sensitive = self._sensitive()
         if self._sensitive is None:
-            from compress.errors import ConfigError
+            from edgecompress.compress.errors import ConfigError
 
             raise ConfigError("keep_float='sensitive' needs a layer sensitivity ranking; none was given")
         return list(self._sensitive)
 
     def task(self, config: PTQConfig) -> TrialTask:
-        from compress.ptq.ort_backend import excluded_nodes
+        from edgecompress.compress.ptq.ort_backend import excluded_nodes
 
         order = self.sensitive_order() if config.keep_float == "sensitive" else None
         exclude = tuple(excluded_nodes(self.prepared, config, order))

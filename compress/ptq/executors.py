@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Protocol
 
-from compress.ptq.evaluator import LOST, TrialResult
+from edgecompress.compress.ptq.evaluator import LOST, TrialResult
 
 __all__ = ["LOST", "InProcessExecutor", "LocalPoolExecutor", "TrialExecutor", "make_executor"]
 
@@ -115,11 +115,11 @@ def make_executor(workers: int = 1, executor: str = "local", address: str | None
         MissingExtraError: ``ray`` without the ``cluster`` extra installed (exit 3).
     """
     if executor not in ("local", "ray"):
-        from compress.errors import ConfigError
+        from edgecompress.compress.errors import ConfigError
 
         raise ConfigError(f"unknown executor {executor!r}; valid: local, ray")
     if executor == "ray":
-        from compress.cluster import RayTrialExecutor
+        from edgecompress.compress.cluster import RayTrialExecutor
 
         return RayTrialExecutor(workers=workers or None, address=address)
     return InProcessExecutor() if workers <= 1 else LocalPoolExecutor(workers)

@@ -14,9 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.ptq.config import PTQConfig, QuantuneSearchConfig
-from compress.ptq.evaluator import Evaluator, LatencySpec, TrialResult, load_feeds, quantize_trial_model
-from compress.ptq.objective import Choice
+from edgecompress.compress.ptq.config import PTQConfig, QuantuneSearchConfig
+from edgecompress.compress.ptq.evaluator import (
+    Evaluator,
+    LatencySpec,
+    TrialResult,
+    load_feeds,
+    quantize_trial_model,
+)
+from edgecompress.compress.ptq.objective import Choice
 
 #: trials score top-1 style metrics in whole samples; a threshold under this many is noise
 MIN_SAMPLES_IN_THRESHOLD = 3
@@ -74,7 +80,7 @@ def ptq_algorithms(config: PTQConfig, float_layers: int = 0) -> list[str]:
 
 def objective_max_drop(config: QuantuneSearchConfig, target: Any) -> float:
     """The accuracy loss the latency objective accepts: the config's, else the target's budget, else 1 point."""
-    from compress.guard import DEFAULT_MAX_DROP
+    from edgecompress.compress.guard import DEFAULT_MAX_DROP
 
     if config.max_drop is not None:
         return float(config.max_drop)
@@ -96,8 +102,8 @@ def resolution_notes(samples: int, max_drop: float, objective: str, metric: str)
 
 def side_by_side(paths: list[Path], feeds: dict[str, Any], spec: LatencySpec, seconds: float) -> list[float]:
     """Batch-1 p50 (ms) of each model, measured interleaved in one run with the target's settings."""
-    from runtimes.measure import measure_interleaved
-    from runtimes.ort_runtime import OrtSession
+    from edgecompress.runtimes.measure import measure_interleaved
+    from edgecompress.runtimes.ort_runtime import OrtSession
 
     sessions = [OrtSession(str(p), list(spec.providers), spec.threads) for p in paths]
     return [s.p50_ms for s in measure_interleaved(sessions, feeds, rounds=4, min_runs=40, min_seconds=seconds)]

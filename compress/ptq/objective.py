@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from compress.ptq.evaluator import TrialResult
+from edgecompress.compress.ptq.evaluator import TrialResult
 
 OBJECTIVES = ("latency", "accuracy", "pareto")
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from compress.errors import ConfigError, DataError
-from compress.ptq.config import PTQConfig
-from export.spec import Feeds, slice_feeds
-from export.spec import batch_size as batch_size_of
+from edgecompress.compress.errors import ConfigError, DataError
+from edgecompress.compress.ptq.config import PTQConfig
+from edgecompress.export.spec import Feeds, slice_feeds
+from edgecompress.export.spec import batch_size as batch_size_of
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def model_outputs(model_path: Path | str, feeds: Feeds | np.ndarray, threads: in
     Raises:
         RuntimeExecutionError: onnxruntime cannot load the model (a failed trial).
     """
-    from runtimes.measure import run_all_batched
-    from runtimes.ort_runtime import OrtSession
+    from edgecompress.runtimes.measure import run_all_batched
+    from edgecompress.runtimes.ort_runtime import OrtSession
 
     return run_all_batched(OrtSession(str(model_path), ["CPUExecutionProvider"], threads), feeds, 250)

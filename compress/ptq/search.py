@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.errors import GateFailure, UnsupportedError
-from compress.progress import progress
-from compress.ptq.config import PTQConfig, QuantuneSearchConfig
-from compress.ptq.evaluator import LOST, Evaluator, LatencySpec, TrialResult, disjoint_validation
-from compress.ptq.executors import TrialExecutor, make_executor
-from compress.ptq.finalize import finalize, objective_max_drop, resolution_notes
-from compress.ptq.objective import better, choose, most_accurate
-from compress.ptq.strategies import SearchStrategy
+from edgecompress.compress.errors import GateFailure, UnsupportedError
+from edgecompress.compress.progress import progress
+from edgecompress.compress.ptq.config import PTQConfig, QuantuneSearchConfig
+from edgecompress.compress.ptq.evaluator import LOST, Evaluator, LatencySpec, TrialResult, disjoint_validation
+from edgecompress.compress.ptq.executors import TrialExecutor, make_executor
+from edgecompress.compress.ptq.finalize import finalize, objective_max_drop, resolution_notes
+from edgecompress.compress.ptq.objective import better, choose, most_accurate
+from edgecompress.compress.ptq.strategies import SearchStrategy
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,8 @@ class _SearchLoop:
 
 def _default_metric(prepared: Any, val: dict[str, Any], has_labels: bool, task: str | None) -> str:
     """top1 with labels, else agreement for a logits output, else cosine (from the fp32 outputs)."""
-    from compress.ptq.ort_backend import model_outputs
-    from runtimes.measure import default_metric
+    from edgecompress.compress.ptq.ort_backend import model_outputs
+    from edgecompress.runtimes.measure import default_metric
 
     head = {k: v[:2] for k, v in val.items()}
     return default_metric(has_labels, model_outputs(prepared.path, head), task)
@@ -199,7 +199,7 @@ def _batch_as_built(model: Any, inputs: list[Any]) -> list[Any]:
 
 
 def _sensitivity_ranking(evaluator: Evaluator, calib: Any, val: Any, val_y: Any) -> list[str]:
-    from compress.ptq.sensitivity import layer_sensitivity
+    from edgecompress.compress.ptq.sensitivity import layer_sensitivity
 
     cache = evaluator.workdir / f"sensitivity-{evaluator.data_hash[:16]}.json"
     if cache.is_file():
@@ -240,18 +240,18 @@ def quantize_artifact(
         UnsupportedError: every measured configuration failed.
     """
 
-    from compress.cache import cache_dir
-    from compress.ptq.database import TuningDatabase, load_prior
-    from compress.ptq.descriptors import model_descriptors
-    from compress.ptq.ort_backend import prepare_model
-    from compress.ptq.sensitivity import layer_sensitivity, sensitivity_markdown
-    from compress.ptq.space import enumerate_space
-    from compress.ptq.strategies import make_strategy
-    from export import StageRecord, write_onnx_artifact
+    from edgecompress.compress.cache import cache_dir
+    from edgecompress.compress.ptq.database import TuningDatabase, load_prior
+    from edgecompress.compress.ptq.descriptors import model_descriptors
+    from edgecompress.compress.ptq.ort_backend import prepare_model
+    from edgecompress.compress.ptq.sensitivity import layer_sensitivity, sensitivity_markdown
+    from edgecompress.compress.ptq.space import enumerate_space
+    from edgecompress.compress.ptq.strategies import make_strategy
+    from edgecompress.export import StageRecord, write_onnx_artifact
 
     t0 = time.perf_counter()
     if config.executor == "ray":  # fail before any work when the cluster extra is missing
-        from compress.cluster import import_ray
+        from edgecompress.compress.cluster import import_ray
 
         import_ray()
     prepared = prepare_model(source.model_path, cache_dir("quantune", "models"))
@@ -274,7 +274,7 @@ def quantize_artifact(
     executor = make_executor(config.workers or (0 if config.executor == "ray" else 1), config.executor, config.ray_address)
     try:
         if config.search == "none":
-            from compress.ptq.strategies import GridSearch
+            from edgecompress.compress.ptq.strategies import GridSearch
 
             strategy: SearchStrategy = GridSearch([config.config], seed=config.seed)
         else:
@@ -350,3 +350,18 @@ def quantize_artifact(
         extra={**source.manifest.extra, "ptq_config": chosen_cfg}, extra_files=files,
     )  # fmt: skip
     return QuantuneResult(art, result, evaluator.fp32_accuracy, sens, metrics)
+
+
+def guard_quantized(result: Any, test: Any, target: Any, reference: Any, *, max_drop: float | None,
+                    min_sqnr_db: float | None) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Score the int8 artifact on the test data against its fp32 source (the ``reference``
+    checkpoint, or the ONNX file it came from) with the search's metric, judge it and record the
+    verdict in its manifest."""
+    from edgecompress.compress.evaluation import check_artifact
+    from edgecompress.compress.guard import judge, record
+
+    art = result.artifact
+    check = check_artifact(art, test, target=target, reference=reference, metric=result.metrics["metric"])
+    verdict = judge(check, target=target, max_drop=max_drop, min_sqnr_db=min_sqnr_db)
+    record(art, verdict)
+    return check, verdict

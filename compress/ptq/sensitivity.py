@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from compress.progress import progress
-from compress.ptq.config import PTQConfig
+from edgecompress.compress.progress import progress
+from edgecompress.compress.ptq.config import PTQConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,9 @@ def layer_sensitivity(
         ``metric``'s score); ``error`` is set (and the numbers None) when onnxruntime cannot quantize
         that layer alone with ``config``.
     """
-    from compress.ptq.evaluator import trial_score
-    from compress.ptq.ort_backend import model_outputs, quantize_to_file, trial_failure_types
-    from export.verify import compare_all_outputs
+    from edgecompress.compress.ptq.evaluator import trial_score
+    from edgecompress.compress.ptq.ort_backend import model_outputs, quantize_to_file, trial_failure_types
+    from edgecompress.export.verify import compare_all_outputs
 
     base = config.model_copy(update={"keep_float": "none", "keep_float_k": 0, "exclude_nodes": ()})
     fp32_acc = trial_score(metric, fp32_outputs, val_y, fp32_outputs)

@@ -10,8 +10,8 @@ import itertools
 import math
 from typing import Any
 
-from compress.ptq.brevitas_backend import ALGORITHM_SETS
-from compress.ptq.config import PTQConfig, SearchSpace
+from edgecompress.compress.ptq.brevitas_backend import ALGORITHM_SETS
+from edgecompress.compress.ptq.config import PTQConfig, SearchSpace
 
 
 def _config_from_point(point: dict[str, Any]) -> PTQConfig:

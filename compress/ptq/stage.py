@@ -12,21 +12,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.checkpoint import ModelBundle
-from compress.ptq.config import QuantuneSearchConfig
-from compress.stages import StageContext, StageOutput, StageSpec, register_stage
+from edgecompress.compress.checkpoint import ModelBundle
+from edgecompress.compress.ptq.config import QuantuneSearchConfig
+from edgecompress.compress.stages import StageContext, StageOutput, StageSpec, register_stage
 
 ARTIFACT_DIR = "artifact"
 
 
 def _fp32_artifact(source: Any, work: Path) -> Any:
     if isinstance(source, ModelBundle):
-        from compress.exporting import export_model
+        from edgecompress.compress.exporting import export_model
 
         return export_model(source, "onnx", None, work)
     fmt = getattr(getattr(source, "manifest", None), "format", None)
     if fmt != "onnx":
-        from compress.errors import UnsupportedError
+        from edgecompress.compress.errors import UnsupportedError
 
         raise UnsupportedError(f"the ptq stage needs a PyTorch model or an fp32 'onnx' artifact, got {fmt or type(source).__name__!r}")
     return source
@@ -34,7 +34,7 @@ def _fp32_artifact(source: Any, work: Path) -> Any:
 
 def run_ptq_stage(source: Any, config: QuantuneSearchConfig, ctx: StageContext) -> StageOutput:
     """Search and write the quantized artifact into ``ctx.out_dir/artifact``."""
-    from compress.ptq.search import quantize_artifact
+    from edgecompress.compress.ptq.search import quantize_artifact
 
     fp32 = _fp32_artifact(source, ctx.out_dir / "fp32")
     target = ctx.targets[0] if ctx.targets else None
@@ -50,7 +50,7 @@ def run_ptq_stage(source: Any, config: QuantuneSearchConfig, ctx: StageContext) 
 
 def load_ptq_stage(out_dir: Path, source: Any, config: QuantuneSearchConfig) -> StageOutput:
     """The finished stage's artifact (hash-verified)."""
-    from export import load_artifact
+    from edgecompress.export import load_artifact
 
     art = load_artifact(Path(out_dir) / ARTIFACT_DIR)
     return StageOutput(artifact=art, metrics=dict(art.manifest.metrics.get("ptq", {})))

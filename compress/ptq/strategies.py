@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from compress.errors import ConfigError
-from compress.ptq.config import PTQConfig
-from compress.ptq.cost_model import CostModel, feature_vector
-from compress.ptq.database import PriorRow
-from compress.ptq.evaluator import TrialResult
-from compress.ptq.space import point_of
+from edgecompress.compress.errors import ConfigError
+from edgecompress.compress.ptq.config import PTQConfig
+from edgecompress.compress.ptq.cost_model import CostModel, feature_vector
+from edgecompress.compress.ptq.database import PriorRow
+from edgecompress.compress.ptq.evaluator import TrialResult
+from edgecompress.compress.ptq.space import point_of
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,6 @@ LSQ fake quantizers (Esser et al., ICLR 2020), SAM/SAGM optimizer wrappers (Fore
 exporter. Only the pydantic config is imported here; torch is imported by the sub-modules on use.
 """
 
-from compress.qat.config import FREEZE_MODES, METHODS, GAQATConfig
+from edgecompress.compress.qat.config import FREEZE_MODES, METHODS, GAQATConfig
 
 __all__ = ["FREEZE_MODES", "METHODS", "GAQATConfig"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from compress.scope import Scope
+from edgecompress.compress.scope import Scope
 
 METHODS = ("qat", "qat-sam", "qat-sagm", "gaqat")
 FREEZE_MODES = ("task", "smooth", "scale")
@@ -60,6 +60,11 @@ class GAQATConfig(BaseModel):
     checkpoint_every: int = Field(100, ge=1)
     early_stop_patience: int | None = Field(None, ge=1)
 
+    @field_validator("first_last_bits", mode="before")
+    @classmethod
+    def _same_bits(cls, value: object) -> object:
+        return None if value == 0 else value  # 0 (--first-last-bits 0): the same bits as the other layers
+
     @model_validator(mode="after")
     def _check(self) -> GAQATConfig:
         if self.method not in METHODS:
@@ -82,7 +87,7 @@ class GAQATConfig(BaseModel):
 
     def train_config(self):  # -> compress.training.TrainConfig (imported lazily: it pulls numpy)
         """The shared trainer's config."""
-        from compress.training import TrainConfig
+        from edgecompress.compress.training import TrainConfig
 
         return TrainConfig(
             max_steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.qat.config import GAQATConfig
-from compress.qat.quantizers import LSQQuantizer
-from compress.qat.sharpness import SharpnessAwareOptimizer, frozen_batchnorm_stats
-from compress.training import TrainConfig, TrainingHooks
+from edgecompress.compress.qat.config import GAQATConfig
+from edgecompress.compress.qat.quantizers import LSQQuantizer
+from edgecompress.compress.qat.sharpness import SharpnessAwareOptimizer, frozen_batchnorm_stats
+from edgecompress.compress.training import TrainConfig, TrainingHooks
 
 log = logging.getLogger(__name__)
 

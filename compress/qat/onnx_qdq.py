@@ -129,7 +129,7 @@ def export_qdq_onnx(module: Any, io: Any, path: Path, opset: int) -> None:
     example inputs and names, an ``export.torch_io.ExportIO``)."""
     import onnx
 
-    from export.onnx_export import torch_onnx_export
+    from edgecompress.export.onnx_export import torch_onnx_export
 
     module.eval()
     torch_onnx_export(module, io, path, opset)
@@ -147,8 +147,8 @@ def register_qdq_exporter() -> None:
     global _registered
     if _registered:
         return
-    from compress.qat.quantizers import is_quantized
-    from export import OnnxExporter, register_onnx_exporter
+    from edgecompress.compress.qat.quantizers import is_quantized
+    from edgecompress.export import OnnxExporter, register_onnx_exporter
 
     register_onnx_exporter(
         OnnxExporter("lsq-qdq", is_quantized, export_qdq_onnx, QDQ_FORMAT, QDQ_MIN_SQNR_DB)

@@ -8,11 +8,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from compress.errors import ConfigError
-from compress.qat.config import GAQATConfig
-from compress.qat.onnx_qdq import register_qdq_exporter
-from compress.qat.quantizers import LSQQuantizer, QuantWrapper, quant_wrappers
-from compress.scope import Scope
+from edgecompress.compress.errors import ConfigError
+from edgecompress.compress.qat.config import GAQATConfig
+from edgecompress.compress.qat.onnx_qdq import register_qdq_exporter
+from edgecompress.compress.qat.quantizers import LSQQuantizer, QuantWrapper, quant_wrappers
+from edgecompress.compress.scope import Scope
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def initialize_activation_scales(model: nn.Module, x: torch.Tensor | tuple[torch
 
     The model's BatchNorm running statistics are left unchanged.
     """
-    from compress.training import forward
+    from edgecompress.compress.training import forward
 
     was_training = model.training
     model.eval()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.errors import ConfigError
+from edgecompress.compress.errors import ConfigError
 
 MODES = ("sam", "sagm")
 

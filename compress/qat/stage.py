@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.qat.config import GAQATConfig
-from compress.stages import StageContext, StageOutput, StageSpec, register_stage
+from edgecompress.compress.qat.config import GAQATConfig
+from edgecompress.compress.stages import StageContext, StageOutput, StageSpec, register_stage
 
 
 def _run(bundle: Any, config: GAQATConfig, ctx: StageContext) -> StageOutput:
-    from compress.qat.train import keep_nm_pattern, quantized_bundle, run_qat
+    from edgecompress.compress.qat.train import keep_nm_pattern, quantized_bundle, run_qat
 
     keep_nm_pattern(bundle)
     result = run_qat(bundle.module, ctx.splits.for_model(bundle.spec), config, ctx.out_dir, resume=ctx.resume,
@@ -33,7 +33,7 @@ def _run(bundle: Any, config: GAQATConfig, ctx: StageContext) -> StageOutput:
 def _load(out_dir: Path, bundle: Any, config: GAQATConfig) -> StageOutput:
     import json
 
-    from compress.qat.train import keep_nm_pattern, load_quantized, quantized_bundle
+    from edgecompress.compress.qat.train import keep_nm_pattern, load_quantized, quantized_bundle
 
     keep_nm_pattern(bundle)
     model, _ = load_quantized(bundle.module, out_dir)

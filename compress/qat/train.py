@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.checkpoint import ModelBundle
-from compress.data import Dataset, Splits
-from compress.qat.config import GAQATConfig
-from compress.qat.gaqat import QATHooks
-from compress.qat.prepare import describe_quantization, initialize_activation_scales, prepare
-from compress.training import Trainer, TrainResult, batch_inputs, dist_info, evaluate_accuracy
+from edgecompress.compress.checkpoint import ModelBundle
+from edgecompress.compress.data import Dataset, Splits
+from edgecompress.compress.qat.config import GAQATConfig
+from edgecompress.compress.qat.gaqat import QATHooks
+from edgecompress.compress.qat.prepare import describe_quantization, initialize_activation_scales, prepare
+from edgecompress.compress.training import Trainer, TrainResult, batch_inputs, dist_info, evaluate_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def keep_nm_pattern(bundle: ModelBundle) -> None:
     through QAT: the mask is locked in place on ``bundle.module`` (the CLI and the stage both call this)."""
     record = bundle.metadata.get("nm_sparsity")
     if record:
-        from compress.sparsity.lock import lock_nm_pattern
+        from edgecompress.compress.sparsity.lock import lock_nm_pattern
 
         lock_nm_pattern(bundle.module, record)
 
@@ -96,7 +96,7 @@ def run_qat(
             {"config": config.model_dump(mode="json"), "state_dict": model.state_dict()}, out / QAT_STATE_FILE
         )
         if result.log_path is not None and result.log_path.exists():
-            from compress.qat.report import conflict_summary, plot_conflicts
+            from edgecompress.compress.qat.report import conflict_summary, plot_conflicts
 
             metrics["conflict"] = conflict_summary(result.log_path)
             plot = plot_conflicts(result.log_path, out / "gaqat_conflict.png")
@@ -131,11 +131,11 @@ def onnx_agreement(model: nn.Module, onnx_path: str | Path, ds: Dataset, spec: A
     """onnxruntime vs the fake-quantized torch model on a whole split: top-1 agreement, SQNR and cosine
     of every output, and both accuracies when the split has labels. ``spec`` is the model's
     ``ModelSpec`` (default: one input), ``ds`` in its forward order."""
-    from export.spec import ModelSpec
-    from export.verify import compare_all_outputs
-    from runtimes.measure import run_all_batched, top1_accuracy
-    from runtimes.ort_runtime import OrtSession
-    from runtimes.torch_runtime import TorchSession
+    from edgecompress.export.spec import ModelSpec
+    from edgecompress.export.verify import compare_all_outputs
+    from edgecompress.runtimes.measure import run_all_batched, top1_accuracy
+    from edgecompress.runtimes.ort_runtime import OrtSession
+    from edgecompress.runtimes.torch_runtime import TorchSession
 
     spec = spec if spec is not None else ModelSpec.single(ds.input_shape)
     model.eval()

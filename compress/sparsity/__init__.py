@@ -1,7 +1,7 @@
 """N:M structured sparsity: masks, SR-STE, MDGF/SDGF progressive gradient flow, verified export.
 
 Example:
-    >>> from compress.sparsity import NMSparsityConfig, apply_nm_sparsity
+    >>> from edgecompress.compress.sparsity import NMSparsityConfig, apply_nm_sparsity
     >>> sparse, metrics = apply_nm_sparsity(bundle, NMSparsityConfig(pattern="2:4", method="mdgf"), splits)
 """
 
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress.sparsity.config import NMSparsityConfig, parse_pattern
+from edgecompress.compress.sparsity.config import NMSparsityConfig, parse_pattern
 
 __all__ = ["NMSparsityConfig", "apply_nm_sparsity", "check_module_pattern", "export_sparse_onnx", "parse_pattern",
            "verify_onnx_nm"]  # fmt: skip
 
 _LAZY = {
-    "apply_nm_sparsity": "compress.sparsity.api",
-    "check_module_pattern": "compress.sparsity.api",
-    "export_sparse_onnx": "compress.sparsity.export",
-    "verify_onnx_nm": "compress.sparsity.export",
+    "apply_nm_sparsity": "edgecompress.compress.sparsity.api",
+    "check_module_pattern": "edgecompress.compress.sparsity.api",
+    "export_sparse_onnx": "edgecompress.compress.sparsity.export",
+    "verify_onnx_nm": "edgecompress.compress.sparsity.export",
 }
 
 
@@ -27,4 +27,4 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'compress.sparsity' has no attribute {name!r}")
+    raise AttributeError(f"module 'edgecompress.compress.sparsity' has no attribute {name!r}")

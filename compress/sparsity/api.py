@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compress.checkpoint import ModelBundle
-from compress.data import Splits
-from compress.sparsity.config import NMSparsityConfig
-from compress.sparsity.sparsifier import NMSparsifier, NMSparsityHooks
+from edgecompress.compress.checkpoint import ModelBundle
+from edgecompress.compress.data import Splits
+from edgecompress.compress.sparsity.config import NMSparsityConfig
+from edgecompress.compress.sparsity.sparsifier import NMSparsifier, NMSparsityHooks
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def apply_nm_sparsity(
     Example:
         >>> sparse, metrics = apply_nm_sparsity(bundle, NMSparsityConfig(pattern="2:4", method="srste"), splits)
     """
-    from compress.errors import ConfigError
-    from compress.training import TrainConfig, Trainer, evaluate_accuracy
+    from edgecompress.compress.errors import ConfigError
+    from edgecompress.compress.training import TrainConfig, Trainer, evaluate_accuracy
 
     if config.method != "oneshot" and splits is None:
         raise ConfigError(
@@ -65,7 +65,7 @@ def apply_nm_sparsity(
     if config.method == "oneshot":
         sparsifier.prune_oneshot()
     else:
-        from compress.sparsity.schedule import NMSchedule
+        from edgecompress.compress.sparsity.schedule import NMSchedule
 
         assert splits is not None  # checked above
         sparsifier.attach()
@@ -91,7 +91,7 @@ def apply_nm_sparsity(
         metrics["val_accuracy"] = evaluate_accuracy(model, splits.val, teacher=teacher, task=bundle.task)
         metrics["test_accuracy"] = evaluate_accuracy(model, splits.test, teacher=teacher, task=bundle.task)
     record["config"] = config.resolved()
-    from compress.sparsity.export import mark_sparse_module
+    from edgecompress.compress.sparsity.export import mark_sparse_module
 
     mark_sparse_module(model, record)
     metadata = dict(bundle.metadata)
@@ -119,8 +119,8 @@ def check_module_pattern(
     Raises:
         UnsupportedError: a recorded layer no longer exists in ``module``.
     """
-    from compress.errors import UnsupportedError
-    from compress.sparsity.masks import nm_violations
+    from edgecompress.compress.errors import UnsupportedError
+    from edgecompress.compress.sparsity.masks import nm_violations
 
     mods = dict(module.named_modules())
     out = {}

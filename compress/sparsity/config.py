@@ -24,8 +24,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compress.errors import ConfigError
-from compress.scope import Scope
+from edgecompress.compress.errors import ConfigError
+from edgecompress.compress.scope import Scope
 
 MAX_GROUP = 32
 METHODS = ("oneshot", "srste", "mdgf", "sdgf")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.sparsity.masks import layer_compressed_size, nm_violations, sparsity_of
+from edgecompress.compress.sparsity.masks import layer_compressed_size, nm_violations, sparsity_of
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +210,10 @@ def export_sparse_onnx(
     Raises:
         NMVerificationError: the written file breaks the pattern.
     """
-    from compress.exporting import source_info
-    from compress.sparsity.api import METADATA_KEY
-    from export import export_onnx
-    from export.artifact import StageRecord
+    from edgecompress.compress.exporting import source_info
+    from edgecompress.compress.sparsity.api import METADATA_KEY
+    from edgecompress.export import export_onnx
+    from edgecompress.export.artifact import StageRecord
 
     record = bundle.metadata[METADATA_KEY]
     mods = dict(bundle.module.named_modules())
@@ -272,8 +272,8 @@ def _is_marked_plain(module: Any) -> bool:
 
 def _export_and_verify(module: Any, example: Any, path: Path, opset: int) -> None:
     """``torch.onnx.export`` as the standard exporter does, then the N:M check on the written file."""
-    from export.errors import ExportError
-    from export.onnx_export import torch_onnx_export
+    from edgecompress.export.errors import ExportError
+    from edgecompress.export.onnx_export import torch_onnx_export
 
     torch_onnx_export(module, example, path, opset)
     record = getattr(module, MARKER)
@@ -290,7 +290,7 @@ _registered: list[bool] = []
 
 def register_nm_exporter() -> None:
     """Register (once) the ONNX exporter that verifies marked sparse models."""
-    from export.onnx_export import OnnxExporter, register_onnx_exporter
+    from edgecompress.export.onnx_export import OnnxExporter, register_onnx_exporter
 
     if not _registered:
         register_onnx_exporter(OnnxExporter("nm-sparse", _is_marked_plain, _export_and_verify, "onnx", 40.0))

@@ -39,7 +39,7 @@ def _find_layer(module: Any, name: str) -> Any:
     for cand in (name, f"{name}.layer", f"{name}.module"):
         if cand in mods and hasattr(mods[cand], "weight"):
             return mods[cand]
-    from compress.errors import UnsupportedError
+    from edgecompress.compress.errors import UnsupportedError
 
     raise UnsupportedError(f"sparse layer {name!r} is not in the model; cannot lock its N:M pattern")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from compress.errors import ConfigError
-from compress.sparsity.config import NMSparsityConfig
+from edgecompress.compress.errors import ConfigError
+from edgecompress.compress.sparsity.config import NMSparsityConfig
 
 
 def default_kappa(decay: str, total_steps: int, dense_fraction: float, alpha_target: float = 0.05,

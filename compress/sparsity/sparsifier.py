@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from compress.errors import ConfigError, UnsupportedError
-from compress.scope import Scope
-from compress.sparsity.config import ATTENTION_PATTERN, FEED_FORWARD_PATTERN, NMSparsityConfig
-from compress.sparsity.masks import nm_mask
-from compress.sparsity.schedule import NMSchedule, StepState
-from compress.training import TrainingHooks
+from edgecompress.compress.errors import ConfigError, UnsupportedError
+from edgecompress.compress.scope import Scope
+from edgecompress.compress.sparsity.config import ATTENTION_PATTERN, FEED_FORWARD_PATTERN, NMSparsityConfig
+from edgecompress.compress.sparsity.masks import nm_mask
+from edgecompress.compress.sparsity.schedule import NMSchedule, StepState
+from edgecompress.compress.training import TrainingHooks
 
 log = logging.getLogger(__name__)
 

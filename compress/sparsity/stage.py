@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compress.sparsity.config import NMSparsityConfig
-from compress.stages import StageContext, StageOutput, StageSpec, register_stage
+from edgecompress.compress.sparsity.config import NMSparsityConfig
+from edgecompress.compress.stages import StageContext, StageOutput, StageSpec, register_stage
 
 CHECKPOINT = "sparse.pt"
 METRICS = "sparsity_metrics.json"
@@ -20,8 +20,8 @@ METRICS = "sparsity_metrics.json"
 
 def run_sparsify(bundle: Any, config: NMSparsityConfig, ctx: StageContext) -> StageOutput:
     """Sparsify ``bundle`` and write ``sparse.pt`` and the metrics into ``ctx.out_dir``."""
-    from compress.checkpoint import save_checkpoint
-    from compress.sparsity.api import apply_nm_sparsity
+    from edgecompress.compress.checkpoint import save_checkpoint
+    from edgecompress.compress.sparsity.api import apply_nm_sparsity
 
     sparse, metrics = apply_nm_sparsity(
         bundle, config, ctx.splits, out_dir=ctx.out_dir / "train", resume=ctx.resume
@@ -32,7 +32,7 @@ def run_sparsify(bundle: Any, config: NMSparsityConfig, ctx: StageContext) -> St
     (ctx.out_dir / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     sparse.source = str(path)
     if config.lock_pattern:
-        from compress.sparsity.lock import lock_nm_pattern
+        from edgecompress.compress.sparsity.lock import lock_nm_pattern
 
         lock_nm_pattern(sparse.module, sparse.metadata["nm_sparsity"])
     return StageOutput(bundle=sparse, metrics=metrics, files={"checkpoint": str(path)})
@@ -44,7 +44,7 @@ def load_sparsify(out_dir: Path, input_bundle: Any, config: NMSparsityConfig) ->
 
     import torch
 
-    from compress.checkpoint import ModelBundle
+    from edgecompress.compress.checkpoint import ModelBundle
 
     state = torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=True)
     module = copy.deepcopy(input_bundle.module)
@@ -53,11 +53,11 @@ def load_sparsify(out_dir: Path, input_bundle: Any, config: NMSparsityConfig) ->
     metadata = json.loads(state.get("metadata_json", "{}"))
     bundle = ModelBundle(module, input_bundle.model_name, input_bundle.input_shape, dict(input_bundle.preprocessing),
                          input_bundle.num_classes, metadata, str(out_dir / CHECKPOINT))  # fmt: skip
-    from compress.sparsity.export import mark_sparse_module
+    from edgecompress.compress.sparsity.export import mark_sparse_module
 
     mark_sparse_module(module, metadata["nm_sparsity"])
     if config.lock_pattern:
-        from compress.sparsity.lock import lock_nm_pattern
+        from edgecompress.compress.sparsity.lock import lock_nm_pattern
 
         lock_nm_pattern(module, metadata["nm_sparsity"])
     metrics = json.loads((out_dir / METRICS).read_text()) if (out_dir / METRICS).exists() else {}

@@ -3,7 +3,7 @@
 The import goes through TVM's Relax ONNX frontend (fp32 graphs and QDQ int8 graphs alike), the
 weights are detached into a parameter file so the library holds only code, and the module is
 lowered with the target's default pipeline. CPU modules are first legalized and fused so that
-MetaSchedule tuning records (:mod:`export.tvm.tuning`) can be applied per fused operator.
+MetaSchedule tuning records (:mod:`edgecompress.export.tvm.tuning`) can be applied per fused operator.
 
 Reference: Chen et al., "TVM: An Automated End-to-End Optimizing Compiler for Deep Learning",
 OSDI 2018; Lai et al., "Relax: Composable Abstractions for End-to-End Dynamic Machine Learning",
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.errors import ExportError, UnsupportedExportError
-from export.tvm.onnx_prep import prepare_for_tvm
+from edgecompress.export.errors import ExportError, UnsupportedExportError
+from edgecompress.export.tvm.onnx_prep import prepare_for_tvm
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def device_kind(target: Any) -> str:
 
 def is_cross(target: Any) -> bool:
     """True when code for ``target`` cannot run on this machine's CPU."""
-    from targets import runs_on_host
+    from edgecompress.targets import runs_on_host
 
     return device_kind(target) != "cpu" or not runs_on_host(target.mtriple)
 

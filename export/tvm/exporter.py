@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from export.artifact import (
+from edgecompress.export.artifact import (
     Artifact,
     Manifest,
     StageRecord,
@@ -29,16 +29,16 @@ from export.artifact import (
     load_artifact,
     write_manifest,
 )
-from export.errors import CompiledOutputError, ExportError, UnsupportedExportError
-from export.onnx_export import bundle_source_info
-from export.spec import ModelSpec
-from export.tvm import compile as tc
-from export.tvm.records import has_any_records
-from export.tvm.rpc_measure import MeasureDevice, TuningNeedsDeviceError
-from export.tvm.safe_build import build_verified, choose_records, describe
-from export.tvm.tuning import TuneBudget
-from export.tvm.tuning import tune as run_tuning
-from export.verify import compare_all_outputs
+from edgecompress.export.errors import CompiledOutputError, ExportError, UnsupportedExportError
+from edgecompress.export.onnx_export import bundle_source_info
+from edgecompress.export.spec import ModelSpec
+from edgecompress.export.tvm import compile as tc
+from edgecompress.export.tvm.records import has_any_records
+from edgecompress.export.tvm.rpc_measure import MeasureDevice, TuningNeedsDeviceError
+from edgecompress.export.tvm.safe_build import build_verified, choose_records, describe
+from edgecompress.export.tvm.tuning import TuneBudget
+from edgecompress.export.tvm.tuning import tune as run_tuning
+from edgecompress.export.verify import compare_all_outputs
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def export_tvm_from_onnx(
     """
     import onnx
 
-    from export.tvm.tuning import TuneBudgetError
+    from edgecompress.export.tvm.tuning import TuneBudgetError
 
     if not onnx_artifact.manifest.format.startswith("onnx"):
         raise UnsupportedExportError(f"TVM compiles ONNX artifacts; got format {onnx_artifact.manifest.format!r}")
@@ -240,7 +240,7 @@ def export_tvm_from_program(
         ExportError: the compiled code disagrees with torch, or linking failed.
     """
 
-    from export.tvm.tuning import TuneBudgetError
+    from edgecompress.export.tvm.tuning import TuneBudgetError
 
     program = bundle.exported_program
     budget = TuneBudget.parse(tune, trials_per_task=trials_per_task)
@@ -253,7 +253,7 @@ def export_tvm_from_program(
     t0 = time.perf_counter()
     mod, params = tc.import_exported_program(program, batch, target.name)
     reference = program.module()
-    from export.torch_io import probe_outputs
+    from edgecompress.export.torch_io import probe_outputs
 
     spec = _static_inputs(bundle.spec, batch)
     spec = ModelSpec(spec.inputs, probe_outputs(reference, spec, batch))
@@ -291,7 +291,7 @@ def _program_static_batch(program: Any) -> int | None:
 
 
 def _verify_against_torch(folder: Path, lib_path: Path, reference: Any, batch: int, spec: ModelSpec) -> dict[str, Any]:
-    from export.torch_io import run_module
+    from edgecompress.export.torch_io import run_module
 
     feeds = spec.example_feeds(4 * batch)
     refs = [run_module(reference, {k: v[i : i + batch] for k, v in feeds.items()}, spec) for i in range(0, 4 * batch, batch)]
@@ -315,7 +315,7 @@ def _static_inputs(spec: ModelSpec, batch: int) -> ModelSpec:
 def _verify_against_onnxruntime(
     folder: Path, lib_path: Path, onnx_artifact: Artifact, batch: int, spec: ModelSpec, precision: str
 ) -> dict[str, Any]:
-    from export.onnx_export import onnx_outputs
+    from edgecompress.export.onnx_export import onnx_outputs
 
     feeds = spec.example_feeds(4 * batch)
     ref = onnx_outputs(onnx_artifact.model_path, feeds)
@@ -336,7 +336,7 @@ def run_local(lib_path: Path, params_path: Path, x: np.ndarray | dict[str, np.nd
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    from export.spec import as_feeds, numpy_dtype
+    from edgecompress.export.spec import as_feeds, numpy_dtype
 
     specs = spec.inputs if spec is not None else [TensorSpec(name="input", shape=[batch])]
     feeds = as_feeds(x, [i.name for i in specs])
@@ -411,7 +411,7 @@ def export_tvm_format(source: Any, target: Any, out: str | Path, **options: Any)
     if getattr(source, "exported_program", None) is not None:
         prog_opts = {k: v for k, v in opts.items() if k != "batch"}
         return export_tvm_from_program(source, target, out, batch=opts.get("batch"), **prog_opts)
-    from export.onnx_export import export_bundle_onnx
+    from edgecompress.export.onnx_export import export_bundle_onnx
 
     with tempfile.TemporaryDirectory(prefix="edgecompress-tvm-") as tmp:
         onnx_art = export_bundle_onnx(source, Path(tmp) / "onnx", target=target, opset=options.get("opset"))

@@ -13,7 +13,7 @@ code generation does not care, so the renaming is only visible in CUDA source.
   onnxruntime's optimizer does. TF-style "same" padding (EfficientNet-Lite, MobileNet ports) is
   exported as such ``Pad`` nodes; fused into the preceding convolution's task, a pad larger than
   its producer is what MetaSchedule schedules wrongly in TVM 0.27 (the padded last row and column
-  left unwritten, see :mod:`export.tvm.records`), and a separate pad is a wasted pass anyway.
+  left unwritten, see :mod:`edgecompress.export.tvm.records`), and a separate pad is a wasted pass anyway.
 * **Small integer initializers become constants.** The weights are imported as function
   parameters (``keep_params_in_input``) so that they can be saved apart from the code; an integer
   initializer used as a shape, an axis list or a bound is then a run-time value too, and every

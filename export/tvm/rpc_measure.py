@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.errors import ExportError
+from edgecompress.export.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def rpc_workers(device: MeasureDevice, plan: Any, device_type: str) -> tuple[Any
     from tvm.s_tir.meta_schedule.runner.rpc_runner import default_alloc_argument
     from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
 
-    from export.tvm.tuning import EVALUATOR, done_future, in_process_builder
+    from edgecompress.export.tvm.tuning import EVALUATOR, done_future, in_process_builder
 
     link = DeviceLink(device)
     config = EvaluatorConfig(enable_cpu_cache_flush=False, **EVALUATOR)
@@ -188,7 +188,7 @@ def candidate_packager(plan: Any) -> Callable[[Any], str]:
 
 
 def _package_candidate(plan: Any, rt_mod: Any) -> str:
-    from export.tvm import compile as tc
+    from edgecompress.export.tvm import compile as tc
 
     # a fresh folder per candidate: MetaSchedule removes the artifact's folder after the run
     return str(tc.export_library(rt_mod, Path(tempfile.mkdtemp(prefix="edgecompress-ms-")), plan))

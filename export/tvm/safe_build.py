@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.errors import CompiledOutputError
-from export.tvm import compile as tc
-from export.tvm.records import Selection, database_key, select_records
+from edgecompress.export.errors import CompiledOutputError
+from edgecompress.export.tvm import compile as tc
+from edgecompress.export.tvm.records import Selection, database_key, select_records
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def choose_records(fused: Any, tgt: Any, target: Any, root: Path | None) -> Sele
     """The verified records for every task of a fused module (verified only when the code runs here)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from export.tvm.tuning import _import_tensor_intrinsics
+    from edgecompress.export.tvm.tuning import _import_tensor_intrinsics
 
     _import_tensor_intrinsics()
     tasks = ms.relax_integration.extract_tasks(fused, tgt)

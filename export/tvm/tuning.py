@@ -9,7 +9,7 @@ How this module uses it:
 
 * one database folder per target (kind, triple, CPU), so a workload tuned for one model is
   found again for any other model that contains the same operator; databases of older x86-64
-  CPUs apply too, and every record is verified before use (:mod:`export.tvm.records`);
+  CPUs apply too, and every record is verified before use (:mod:`edgecompress.export.tvm.records`);
 * the budget is spread over tasks by their FLOPs, each task tuned in rounds that stop early
   when they stop improving, with a progress line per round;
 * tasks are tuned one at a time and each task's records are committed before the next starts,
@@ -21,7 +21,7 @@ How this module uses it:
 
 Measurement on the host uses an in-process builder and runner: on a busy two-core machine the
 default process pools spend longer starting than measuring, and time out. Targets whose code runs
-elsewhere (ARM64, GPUs) are measured on the device over TVM RPC (:mod:`export.tvm.rpc_measure`),
+elsewhere (ARM64, GPUs) are measured on the device over TVM RPC (:mod:`edgecompress.export.tvm.rpc_measure`),
 never on this machine or an emulator: their records go to that target's own database.
 """
 
@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from export.errors import ExportError
-from export.tvm import records
-from export.tvm.records import (  # noqa: F401  (the database helpers' old home: re-exported)
+from edgecompress.export.errors import ExportError
+from edgecompress.export.tvm import records
+from edgecompress.export.tvm.records import (  # noqa: F401  (the database helpers' old home: re-exported)
     RECORD_FILE,
     SHIPPED_DIR,
     WORKLOAD_FILE,
@@ -50,7 +50,7 @@ from export.tvm.records import (  # noqa: F401  (the database helpers' old home:
 )
 
 if TYPE_CHECKING:
-    from export.tvm.rpc_measure import MeasureDevice
+    from edgecompress.export.tvm.rpc_measure import MeasureDevice
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def tune(
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from export.tvm.rpc_measure import TuningDeviceError, candidate_packager, rpc_workers
+    from edgecompress.export.tvm.rpc_measure import TuningDeviceError, candidate_packager, rpc_workers
 
     _import_tensor_intrinsics()
     say = progress or (lambda line: log.info("%s", line))

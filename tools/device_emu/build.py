@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from runtimes.emulator import SITE, STAMP, WRAPPER, EmulatedDevice  # noqa: E402
+from edgecompress.runtimes.emulator import SITE, STAMP, WRAPPER, EmulatedDevice  # noqa: E402
 
 log = logging.getLogger("device-emu")
 
