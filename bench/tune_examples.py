@@ -143,7 +143,9 @@ def refine(modules: dict[str, Any], tgt: Any, target_spec: dict[str, Any], root:
             key = tuning.workload_hash(t.dispatched[0])
             if share >= min_share and share > chosen.get(key, (None, 0.0))[1]:
                 chosen[key] = (t, share)
-    builder, runner = tuning._in_process_workers()
+    from edgecompress.export.tvm.workers import in_process_workers
+
+    builder, runner = in_process_workers()
     order = sorted(chosen.items(), key=lambda kv: -kv[1][1])
     log.info("refining %d tasks with %d random trials each", len(order), trials)
     for i, (key, (task, share)) in enumerate(order):

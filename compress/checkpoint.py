@@ -174,33 +174,23 @@ def _load_into(module: Any, state: dict[str, Any], source: str) -> None:
 
 
 def restore_structure(module: Any, metadata: dict[str, Any], state: dict[str, Any]) -> Any:
-    """Rebuild what a technique changed in the architecture before its weights load: codebook
-    layers (``codebook_layout``), LSQ quantizers (``qat``), the locked N:M mask (a sparse model's
-    weights saved with their parametrization). So every technique's checkpoint loads here."""
-    record = metadata.get("nm_sparsity")
-    if record and any(".parametrizations.weight.original" in k for k in state):
-        from edgecompress.compress.sparsity.lock import lock_nm_pattern
+    """Rebuild what a technique changed in the architecture before its weights load: the locked N:M
+    mask, LSQ quantizers, codebook layers (each technique's restorer, in the order
+    :mod:`edgecompress.compress.registry` lists them). So every technique's checkpoint loads here."""
+    from edgecompress.compress import registry
 
-        lock_nm_pattern(module, record)
-    if "qat" in metadata and not metadata.get("codebook_layout"):
-        from edgecompress.compress.qat.config import GAQATConfig
-        from edgecompress.compress.qat.prepare import prepare
-
-        module = prepare(module, GAQATConfig.model_validate(metadata["qat"]["config"]))
-    if metadata.get("codebook_layout"):
-        from edgecompress.compress.codebook.api import rebuild_codebook_model
-
-        module = rebuild_codebook_model(module, metadata["codebook_layout"])
+    for restore in registry.restorers():
+        module = restore(module, metadata, state)
     return module
 
 
 def mark_technique(module: Any, metadata: dict[str, Any]) -> None:
-    """After loading: an N:M sparse model is marked again, so exporting it re-verifies the pattern."""
-    record = metadata.get("nm_sparsity")
-    if record:  # layers another technique replaced (QAT, codebooks) are left to that technique's exporter
-        from edgecompress.compress.sparsity.export import mark_sparse_module
+    """After loading: each technique's marker runs (an N:M sparse model is marked again, so exporting
+    it re-verifies the pattern); the module is put in eval mode."""
+    from edgecompress.compress import registry
 
-        mark_sparse_module(module, record)
+    for mark in registry.markers():
+        mark(module, metadata)
     if hasattr(module, "eval"):
         module.eval()
 

@@ -1,8 +1,9 @@
 """Exporting models to artifacts by format name (the layer the CLI and recipes call).
 
-Formats: ``onnx`` (built in) and any registered with :func:`register_export_format` (``tvm`` by the
-TVM backend). An ``.onnx`` file given instead of a checkpoint becomes an ONNX artifact as is
-(checked and shape-inferred).
+Formats are listed in :mod:`edgecompress.compress.registry` (``onnx``, ``ort``, ``tvm``). An
+``.onnx`` file given instead of a checkpoint becomes an ONNX artifact as is (checked and
+shape-inferred). A torch model is exported with the techniques' custom ONNX exporters (QDQ,
+codebooks, verified N:M), whichever format it goes to.
 """
 
 from __future__ import annotations
@@ -11,26 +12,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgecompress.compress import registry
 from edgecompress.compress.checkpoint import ModelBundle
 from edgecompress.compress.errors import ConfigError, UnsupportedError
 from edgecompress.export import Artifact, StageRecord, TensorSpec, sha256_file, write_onnx_artifact
 from edgecompress.export.onnx_export import bundle_source_info as source_info  # noqa: F401  (used by the techniques)
 from edgecompress.export.onnx_export import export_bundle_onnx
 
-# name -> fn(source: ModelBundle | Artifact, target, out, **options) -> Artifact
-_FORMATS: dict[str, Callable[..., Artifact]] = {}
-
-
-def register_export_format(name: str, fn: Callable[..., Artifact]) -> None:
-    _FORMATS[name] = fn
-
 
 def export_formats() -> list[str]:
-    _ensure_builtins()
-    return sorted(_FORMATS)
+    return sorted(registry.EXPORT_FORMATS)
 
 
-def _export_onnx_format(source: ModelBundle | Artifact, target: Any, out: Path, **options: Any) -> Artifact:
+def export_torch_onnx(bundle: ModelBundle, out: str | Path, *, target: Any = None, opset: int | None = None,
+                      **record: Any) -> Artifact:  # fmt: skip
+    """A torch model to a verified ONNX artifact, with every technique's custom exporter available;
+    ``record``: ``stages``, ``extra``, ``verify_inputs`` (see ``export.onnx_export.export_bundle_onnx``)."""
+    return export_bundle_onnx(bundle, out, target=target, opset=opset, exporters=registry.onnx_exporters(), **record)
+
+
+def export_onnx_format(source: ModelBundle | Artifact, target: Any, out: Path, **options: Any) -> Artifact:
     if isinstance(source, Artifact):
         if not source.manifest.format.startswith("onnx"):
             raise UnsupportedError(f"cannot turn a {source.manifest.format!r} artifact into ONNX")
@@ -42,7 +43,7 @@ def _export_onnx_format(source: ModelBundle | Artifact, target: Any, out: Path, 
             stages=source.manifest.stages, parent_hash=source.hash, metrics=dict(source.manifest.metrics),
             extra=dict(source.manifest.extra),
         )  # fmt: skip
-    return export_bundle_onnx(source, out, target=target, opset=options.get("opset"))
+    return export_torch_onnx(source, out, target=target, opset=options.get("opset"))
 
 
 def import_onnx_file(
@@ -106,13 +107,15 @@ def export_model(source: ModelBundle | Artifact, fmt: str, target: Any, out: str
     Raises:
         ConfigError: unknown format (lists the known ones).
     """
-    _ensure_builtins()
-    if fmt not in _FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; known: {', '.join(sorted(_FORMATS))}")
+    export = registry.export_format(fmt)
+    if export is None:
+        raise ConfigError(f"unknown export format {fmt!r}; known: {', '.join(export_formats())}")
     options = _with_tuning_device(fmt, target, _with_build_cluster(fmt, options))
+    if fmt != "onnx" and isinstance(source, ModelBundle):
+        options["exporters"] = registry.onnx_exporters()
     builds = options.get("builds")
     try:
-        return _FORMATS[fmt](source, target, Path(out), **options)
+        return export(source, target, Path(out), **options)
     finally:
         if builds is not None:
             builds.close()
@@ -171,19 +174,3 @@ def _with_tuning_device(fmt: str, target: Any, options: dict[str, Any]) -> dict[
     device = open_measure_device(target, rpc=given.get("rpc"), tracker=given.get("tracker"), key=given.get("key"),
                                  timeout=float(given.get("timeout", 60.0)))  # fmt: skip
     return {**rest, "device": device}
-
-
-def _ensure_builtins() -> None:
-    if "onnx" in _FORMATS:
-        return
-    register_export_format("onnx", _export_onnx_format)
-    from edgecompress.export.ort_mobile import (
-        export_ort_format,  # onnxruntime's mobile format (.ort, XNNPACK settings)
-    )
-
-    register_export_format("ort", export_ort_format)
-    try:
-        from edgecompress.export.tvm import export_tvm_format  # the TVM backend, when present
-    except ImportError:
-        return
-    register_export_format("tvm", export_tvm_format)

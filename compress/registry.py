@@ -35,12 +35,16 @@ EXPORT_FORMATS: dict[str, str] = {
 }
 """``compress export --format`` name -> ``fn(source, target, out, **options) -> Artifact``."""
 
-RESTORERS: dict[str, str] = {
-    "codebook": "edgecompress.compress.codebook.api:restore_codebook_layers",
-    "nm_sparsity": "edgecompress.compress.sparsity.export:mark_sparse_module",
-}
-"""Checkpoint metadata key -> ``fn(module, record)`` that rebuilds (or re-marks) the compressed layers
-of a saved model before its state is loaded."""
+RESTORERS: tuple[str, ...] = (
+    "edgecompress.compress.sparsity.lock:restore_locked_pattern",
+    "edgecompress.compress.qat.prepare:restore_quantizers",
+    "edgecompress.compress.codebook.api:restore_codebook_layers",
+)
+"""``fn(module, metadata, state) -> module``, run in order before a saved model's weights load: each
+rebuilds the layers its technique replaced (the checkpoint's metadata says whether it applies)."""
+
+MARKERS: tuple[str, ...] = ("edgecompress.compress.sparsity.export:mark_loaded_model",)
+"""``fn(module, metadata)``, run after a saved model's weights loaded."""
 
 
 def resolve(ref: str) -> Any:
@@ -68,6 +72,9 @@ def export_format(name: str) -> Any:
     return resolve(EXPORT_FORMATS[name]) if name in EXPORT_FORMATS else None
 
 
-def restorer(key: str) -> Any:
-    """The restorer for checkpoint metadata ``key`` (None when it needs none)."""
-    return resolve(RESTORERS[key]) if key in RESTORERS else None
+def restorers() -> list[Any]:
+    return [resolve(ref) for ref in RESTORERS]
+
+
+def markers() -> list[Any]:
+    return [resolve(ref) for ref in MARKERS]

@@ -3,13 +3,12 @@
 A stage takes a model (a :class:`ModelBundle`, or an ONNX :class:`Artifact` for ONNX stages),
 its validated config and a :class:`StageContext`, and returns a :class:`StageOutput`. It writes
 only inside ``ctx.out_dir``; the pipeline does progress, timing, caching and manifests around it.
-Each technique registers its stage in its own ``compress/<technique>/stage.py``.
+Each technique defines its ``STAGE`` in ``compress/<technique>/stage.py``; :mod:`edgecompress.compress.registry`
+lists them (imported when first used).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +19,6 @@ from pydantic import BaseModel
 from edgecompress.compress.checkpoint import ModelBundle
 from edgecompress.compress.data import Splits
 from edgecompress.compress.errors import ConfigError
-
-# Technique packages whose stage.py registers a stage (imported on first use, when present).
-STAGE_MODULES = (
-    "edgecompress.compress.sparsity.stage",
-    "edgecompress.compress.qat.stage",
-    "edgecompress.compress.codebook.stage",
-    "edgecompress.compress.ptq.stage",
-)
 
 
 @dataclass
@@ -75,37 +66,21 @@ class StageSpec:
     produces: str = "module"
 
 
-_STAGES: dict[str, StageSpec] = {}
-_loaded = False
-
-
-def register_stage(spec: StageSpec) -> StageSpec:
-    _STAGES[spec.name] = spec
-    return spec
-
-
-def _load_stage_modules() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in STAGE_MODULES:
-        if importlib.util.find_spec(mod.rsplit(".", 1)[0]) is not None and importlib.util.find_spec(mod) is not None:
-            importlib.import_module(mod)
-
-
 def get_stage(name: str) -> StageSpec:
     """The stage called ``name``.
 
     Raises:
         ConfigError: unknown stage (lists the known ones).
     """
-    _load_stage_modules()
-    if name not in _STAGES:
-        raise ConfigError(f"unknown stage {name!r}; known: {', '.join(sorted(_STAGES)) or '(none installed)'}")
-    return _STAGES[name]
+    from edgecompress.compress import registry
+
+    spec = registry.stage(name)
+    if spec is None:
+        raise ConfigError(f"unknown stage {name!r}; known: {', '.join(registry.stage_names())}")
+    return spec  # type: ignore[no-any-return]
 
 
 def list_stages() -> list[StageSpec]:
-    _load_stage_modules()
-    return [_STAGES[k] for k in sorted(_STAGES)]
+    from edgecompress.compress import registry
+
+    return [registry.stage(name) for name in registry.stage_names()]

@@ -17,7 +17,6 @@ from edgecompress.export.errors import ArtifactError, ExportError, UnsupportedEx
 from edgecompress.export.onnx_export import (
     OnnxExporter,
     export_onnx,
-    register_onnx_exporter,
     write_onnx_artifact,
 )
 from edgecompress.export.verify import compare_outputs, sqnr_db
@@ -35,7 +34,6 @@ __all__ = [
     "compare_outputs",
     "export_onnx",
     "load_artifact",
-    "register_onnx_exporter",
     "sha256_file",
     "sqnr_db",
     "write_manifest",

@@ -1,8 +1,8 @@
 """torch -> ONNX artifacts: opset >= 17, dynamic batch, checked, shape-inferred, verified on onnxruntime.
 
-Techniques whose modules need a special graph (QDQ quantizers, packed codebooks) register an
-exporter with :func:`register_onnx_exporter`; everything else goes through
-``torch.onnx.export``. After writing, the ONNX model is checked with ``onnx.checker``, shapes are
+Techniques whose modules need a special graph (QDQ quantizers, packed codebooks) pass their
+:class:`OnnxExporter` in ``exporters`` (the compress layer's registry lists them); everything else
+goes through ``torch.onnx.export``. After writing, the ONNX model is checked with ``onnx.checker``, shapes are
 inferred, and onnxruntime's outputs are compared with torch's on fixed inputs; the max absolute
 error and SQNR go into the manifest.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,14 +53,6 @@ class OnnxExporter:
     export: Callable[[Any, ExportIO, Path, int], None]
     format: str = "onnx"
     min_sqnr_db: float = 40.0
-
-
-_EXPORTERS: list[OnnxExporter] = []
-
-
-def register_onnx_exporter(exporter: OnnxExporter) -> None:
-    """Register a custom exporter (later registrations are tried first)."""
-    _EXPORTERS.insert(0, exporter)
 
 
 def torch_onnx_export(module: Any, io: ExportIO, path: Path, opset: int, **kwargs: Any) -> None:
@@ -123,12 +115,12 @@ def _program_batch(program: Any) -> int | None:
     return None
 
 
-def _pick_exporter(module: Any) -> OnnxExporter:
+def _pick_exporter(module: Any, exporters: Sequence[OnnxExporter]) -> OnnxExporter:
     import torch
 
     if isinstance(module, torch.export.ExportedProgram):
         return OnnxExporter("torch.export+dynamo", lambda m: True, _exported_program_export, "onnx", 40.0)
-    for exp in _EXPORTERS:
+    for exp in exporters:
         if exp.predicate(module):
             return exp
     return OnnxExporter("torch.onnx", lambda m: True, torch_onnx_export, "onnx", 40.0)
@@ -182,6 +174,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     verify_inputs: Feeds | np.ndarray | None = None,
     extra: dict[str, Any] | None = None,
+    exporters: Sequence[OnnxExporter] = (),
 ) -> Artifact:
     """Export a torch module to an ONNX artifact folder and verify it on onnxruntime.
 
@@ -194,6 +187,8 @@ def export_onnx(
         model_name, preprocessing, stages, parent_hash, extra: recorded in the manifest.
         opset: ONNX opset (at least 17).
         verify_inputs: feeds for the torch-vs-onnxruntime check (default: 8 fixed random samples).
+        exporters: custom exporters, tried in order; the first whose predicate accepts the module
+            writes the file (default and fallback: ``torch.onnx.export``).
 
     Returns:
         The loaded, hash-verified artifact.
@@ -212,7 +207,7 @@ def export_onnx(
         raise ExportError(f"opset {opset} is too old; use 17 or newer")
     if not isinstance(spec, ModelSpec):
         spec = ModelSpec.single(spec)
-    exporter = _pick_exporter(module)
+    exporter = _pick_exporter(module, exporters)
     batch, check_batch = 1, 8
     if isinstance(module, torch.export.ExportedProgram):
         # A program keeps the shapes it was exported with: a static batch stays static in ONNX.
@@ -341,11 +336,16 @@ def bundle_source_info(bundle: Any) -> dict[str, Any]:
     return info
 
 
-def export_bundle_onnx(bundle: Any, dest: str | Path, *, target: Any = None, opset: int | None = None) -> Artifact:
+def export_bundle_onnx(bundle: Any, dest: str | Path, *, target: Any = None, opset: int | None = None,
+                       exporters: Sequence[OnnxExporter] = (), stages: list[StageRecord] | None = None,
+                       extra: dict[str, Any] | None = None, verify_inputs: Feeds | None = None) -> Artifact:  # fmt: skip
     """Export a loaded checkpoint (duck-typed ``ModelBundle``: ``module``, ``spec``, ``model_name``,
     ``preprocessing``, ``metadata``, optional ``exported_program``) to a verified ONNX artifact, with
-    its stage lineage and source recorded. Every format that starts from ONNX (tvm, ort) uses this."""
+    its stage lineage (``stages``, default the bundle's recorded ones), its source and ``extra``
+    recorded. Every format that starts from ONNX (tvm, ort) uses this."""
     program = getattr(bundle, "exported_program", None)
+    if stages is None:
+        stages = [StageRecord(**s) for s in getattr(bundle, "metadata", {}).get("stages", [])]
     return export_onnx(
         program if program is not None else bundle.module,
         bundle.spec,
@@ -353,7 +353,9 @@ def export_bundle_onnx(bundle: Any, dest: str | Path, *, target: Any = None, ops
         target=target,
         model_name=bundle.model_name,
         preprocessing=bundle.preprocessing,
-        stages=[StageRecord(**s) for s in getattr(bundle, "metadata", {}).get("stages", [])],
+        stages=stages,
         opset=int(opset or DEFAULT_OPSET),
-        extra=bundle_source_info(bundle),
+        verify_inputs=verify_inputs,
+        extra={**bundle_source_info(bundle), **(extra or {})},
+        exporters=exporters,
     )

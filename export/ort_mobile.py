@@ -208,7 +208,7 @@ def export_ort_format(source: Any, target: Any, out: str | Path, **options: Any)
     """
     if options.get("tune"):
         raise ExportError("--tune applies to the tvm format; the ort format has nothing to tune")
-    unknown = set(options) - {"opset", "verify", "tune"}
+    unknown = set(options) - {"opset", "verify", "tune", "exporters"}
     if unknown:
         raise ExportError(f"unknown ort export options {sorted(unknown)}; valid: opset, verify")
     verify = bool(options.get("verify", True))
@@ -219,5 +219,6 @@ def export_ort_format(source: Any, target: Any, out: str | Path, **options: Any)
     from edgecompress.export.onnx_export import export_bundle_onnx
 
     with tempfile.TemporaryDirectory(prefix="edgecompress-ort-") as tmp:
-        onnx_art = export_bundle_onnx(source, Path(tmp) / "onnx", target=target, opset=options.get("opset"))
+        onnx_art = export_bundle_onnx(source, Path(tmp) / "onnx", target=target, opset=options.get("opset"),
+                                      exporters=options.get("exporters", ()))  # fmt: skip
         return export_ort_from_onnx(onnx_art, target, out, verify=verify)

@@ -177,9 +177,10 @@ def write_server_python(folder: Path, python: str) -> Path:
     cuda_lib = ""
     if cuda_driver_present():
         cuda_lib = str(Path(base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so")
-    import edgecompress
+    import importlib.util
 
-    root = str(Path(edgecompress.__file__).resolve().parents[1])  # the folder that holds the package
+    spec = importlib.util.find_spec("edgecompress")  # the folder that holds the package, without importing it
+    root = str(Path(spec.origin if spec and spec.origin else __file__).resolve().parents[1])
     paths = [root, str(Path(tvm.__file__).resolve().parents[1])]
     wrapper = folder / "python-cuda-jit"
     wrapper.write_text(_WRAPPER.format(python=python, paths=paths, wrapper=str(wrapper), cuda_lib=cuda_lib))

@@ -74,10 +74,12 @@ def _sqnr(reference: list[torch.Tensor], test: list[torch.Tensor]) -> float:
 
 
 def _export(module: nn.Module, dest: Path, fmt: str) -> None:
-    """Export to ONNX; ``export_onnx`` verifies onnxruntime against torch itself and raises on a mismatch."""
+    """Export to ONNX with the techniques' exporters; ``export_onnx`` verifies onnxruntime against torch
+    itself and raises on a mismatch."""
+    from edgecompress.compress import registry
     from edgecompress.export import export_onnx
 
-    art = export_onnx(module, INPUT_SHAPE, dest)
+    art = export_onnx(module, INPUT_SHAPE, dest, exporters=registry.onnx_exporters())
     assert art.manifest.format == fmt
     assert len(art.manifest.outputs) == len(_outputs(module, torch.zeros(1, *INPUT_SHAPE)))
 
@@ -172,8 +174,6 @@ def test_jlcm_without_learning_at_six_bits_stays_at_fp32(name: str, zoo_model, d
 
 @pytest.mark.parametrize("name", NAMES)
 def test_jlcm_four_bits_keeps_accuracy_and_exports(name: str, zoo_model, digits, tmp_path: Path) -> None:
-    from edgecompress.compress.codebook.stage import register_exporter
-
     model = zoo_model(name)
     small, report = apply_jlcm(model, _tensor(digits.calib), JLCMConfig(bits=4, groups=4, steps=20))
     drop = _accuracy(model, digits.test) - _accuracy(small, digits.test)
@@ -185,7 +185,6 @@ def test_jlcm_four_bits_keeps_accuracy_and_exports(name: str, zoo_model, digits,
         assert note and acct["overhead_layers"][0]["layer"] in note
     else:
         assert acct["overhead_note"] is None
-    register_exporter()
     _export(small, tmp_path / "cb", "onnx-codebook")
 
 

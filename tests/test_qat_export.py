@@ -18,14 +18,14 @@ def test_onnxruntime_agrees_with_fake_quant_on_test_split(cnn_checkpoint: Path, 
     import onnx
 
     from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.exporting import export_torch_onnx
     from edgecompress.compress.qat import GAQATConfig
     from edgecompress.compress.qat.train import onnx_agreement, quantize_model
-    from edgecompress.export import export_onnx
 
     bundle = load_checkpoint(cnn_checkpoint)
     cfg = GAQATConfig(bits=bits, per_channel=per_channel)
     model = quantize_model(bundle.module, cfg, mnist_splits.train.x)
-    art = export_onnx(model, (1, 28, 28), tmp_path / "art", model_name="cnn")
+    art = export_torch_onnx(bundle.derive(model), tmp_path / "art")
     assert art.manifest.format == "onnx-qdq"
     check = onnx_agreement(model, art.model_path, mnist_splits.test)
     assert check["top1_agreement"] >= 99.5

@@ -278,3 +278,12 @@ def test_efficientnet_lite1_pretrained_sees_a_cat():
         top1 = model(torch.from_numpy(x)).argmax(-1).tolist()
     assert set(top1[:4]) <= CAT_CLASSES, top1
     assert set(top1[4:]) <= COFFEE_CLASSES, top1
+
+
+def test_builtin_table_matches_the_pretrained_weights() -> None:
+    """The registry lists the EfficientNet-Lite inputs as data: they are the resolution the weights expect."""
+    from edgecompress.compress.models import builtin_model_spec
+    from edgecompress.compress.models.pretrained import PRETRAINED_INFO
+
+    for name, info in PRETRAINED_INFO.items():
+        assert builtin_model_spec(name).inputs[0].shape[1:] == list(info["input_shape"]), name

@@ -54,13 +54,11 @@ def test_shape_arithmetic_is_folded_and_exact() -> None:
 
 
 def test_codebook_model_compiles_and_keeps_codes_packed(tmp_path: Path) -> None:
-    from edgecompress.compress.codebook.stage import register_exporter
     from edgecompress.compress.exporting import export_model
     from edgecompress.export.tvm.compile import load_params
     from edgecompress.runtimes.tvm_runtime import TvmRuntime
     from edgecompress.targets import get_target
 
-    register_exporter()  # as the recipe pipeline does: codebook layers export as onnx-codebook graphs
     bundle = _codebook_bundle()
     art = export_model(bundle, "tvm", get_target("x86-64"), tmp_path / "tvm")
     assert art.manifest.metrics["export_check"]["max_abs_error"] < 1e-4  # checked against onnxruntime

@@ -241,19 +241,19 @@ def test_gpu_records_are_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     from tvm.s_tir.meta_schedule.runner import PyRunner
 
     from edgecompress.export.tvm import compile as tc
-    from edgecompress.export.tvm import export_tvm_from_onnx, tuning
+    from edgecompress.export.tvm import export_tvm_from_onnx, tuning, workers
     from edgecompress.targets import get_target
 
     @derived_object
     class StandInRunner(PyRunner):
         def run(self, inputs: list) -> list:
-            return [tuning.done_future([1e-5 * (i + 1)], None) for i, _ in enumerate(inputs)]
+            return [workers.done_future([1e-5 * (i + 1)], None) for i, _ in enumerate(inputs)]
 
     gpu, db = get_target("cuda-sm80"), tmp_path / "db"
     src = _artifact(tmp_path / "a", 6)
     untuned = export_tvm_from_onnx(src, gpu, tmp_path / "before", database_dir=db)
     assert untuned.manifest.extra["tuned"] is False and "tasks" not in untuned.manifest.extra
-    monkeypatch.setattr(tuning, "_in_process_workers", lambda: (tuning.in_process_builder(), StandInRunner()))
+    monkeypatch.setattr(tuning, "in_process_workers", lambda: (workers.in_process_builder(), StandInRunner()))
     mod, _ = tc.import_onnx(onnx.load(str(src.model_path)), {"input": [1, 8]}, gpu.name)
     tgt = tc.tvm_target(gpu)
     report = tuning.tune(tc.fuse_for_cpu(mod, tgt), tgt, dict(gpu.tvm), tuning.TuneBudget(trials=2, trials_per_task=2),

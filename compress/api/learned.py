@@ -52,7 +52,7 @@ def qat(model: Any, config: Any = None, *, data: Any = None, calib_data: Any = N
         >>> r.metrics["onnx_check"]["sqnr_db"]  # doctest: +SKIP
     """
     from edgecompress.compress.checkpoint import save_checkpoint
-    from edgecompress.compress.exporting import source_info
+    from edgecompress.compress.exporting import export_torch_onnx
     from edgecompress.compress.guard import guard_module_result
     from edgecompress.compress.qat.config import GAQATConfig
     from edgecompress.compress.qat.train import (
@@ -63,7 +63,7 @@ def qat(model: Any, config: Any = None, *, data: Any = None, calib_data: Any = N
         write_json,
     )
     from edgecompress.compress.training import dist_info
-    from edgecompress.export import StageRecord, export_onnx
+    from edgecompress.export import StageRecord
 
     cfg = as_config(GAQATConfig, config, options, "qat")
     tgt = as_target(target)
@@ -76,15 +76,11 @@ def qat(model: Any, config: Any = None, *, data: Any = None, calib_data: Any = N
     if dist_info()[0] != 0:  # a non-zero rank under torchrun: rank 0 writes the outputs
         return Result("qat", paths={"workdir": out})
     metrics = {k: v for k, v in trained.metrics.items() if k != "plot"}
-    art = export_onnx(
-        trained.model, bundle.spec, out / "onnx", target=tgt, model_name=bundle.model_name,
-        preprocessing=bundle.preprocessing,
-        stages=[StageRecord(stage="qat", config=cfg.model_dump(mode="json"),
-                            metrics={k: v for k, v in metrics.items() if k not in ("layers", "conflict")},
-                            seconds=metrics.get("wall_seconds"))],
-        extra={**source_info(bundle), "bits_weights": cfg.bits, "bits_activations": cfg.activation_bits,
-               "quantized_layers": metrics["layers"]},
-    )  # fmt: skip
+    record = StageRecord(stage="qat", config=cfg.model_dump(mode="json"), seconds=metrics.get("wall_seconds"),
+                         metrics={k: v for k, v in metrics.items() if k not in ("layers", "conflict")})  # fmt: skip
+    art = export_torch_onnx(bundle.derive(trained.model), out / "onnx", target=tgt, stages=[record],
+                            extra={"bits_weights": cfg.bits, "bits_activations": cfg.activation_bits,
+                                   "quantized_layers": metrics["layers"]})  # fmt: skip
     onnx_check = onnx_agreement(trained.model, art.model_path, splits.test, bundle.spec)
     if "onnxruntime_accuracy" in onnx_check:
         art.update_metrics(accuracy=onnx_check["onnxruntime_accuracy"])

@@ -303,3 +303,8 @@ def load_codebook_checkpoint(path: str | Path, *, base_module: nn.Module | None 
     module.load_state_dict(raw["state_dict"])
     module.eval()
     return ModelBundle(module, raw["model"], tuple(raw["input_shape"]), raw["preprocessing"], raw["num_classes"], meta)
+
+
+def restore_codebook_layers(module: Any, metadata: dict[str, Any], state: dict[str, Any]) -> Any:
+    """A codebook checkpoint: rebuild the codebook layers its layout records before the weights load."""
+    return rebuild_codebook_model(module, metadata["codebook_layout"]) if metadata.get("codebook_layout") else module

@@ -63,18 +63,15 @@ def export_codebook_artifact(bundle: Any, dest: str | Path, report: dict[str, An
     bytes), ``bits_per_weight`` and, when ``measure_memory``, ``memory`` (codebook vs float32).
     """
     from edgecompress.compress.codebook.layers import model_accounting
-    from edgecompress.compress.codebook.stage import register_exporter
-    from edgecompress.compress.exporting import source_info
-    from edgecompress.export import StageRecord, export_onnx
+    from edgecompress.compress.exporting import export_torch_onnx
+    from edgecompress.export import StageRecord
 
-    register_exporter()
     acct = model_accounting(bundle.module)
     stage = StageRecord(stage="codebook", config=report.get("config", {}),
                         metrics={"bits_per_weight": acct["bits_per_weight"]})  # fmt: skip
-    art = export_onnx(bundle.module, bundle.spec, dest, target=target, model_name=bundle.model_name,
-                      preprocessing=bundle.preprocessing, stages=[stage], verify_inputs=verify_inputs,
-                      extra={**source_info(bundle), "codebook_layers": [{k: v for k, v in layer.items() if k != "layer"} | {"layer": layer["layer"]}
-                                                 for layer in acct["layers"]]})  # fmt: skip
+    layers = [{k: v for k, v in layer.items() if k != "layer"} | {"layer": layer["layer"]} for layer in acct["layers"]]
+    art = export_torch_onnx(bundle, dest, target=target, stages=[stage], verify_inputs=verify_inputs,
+                            extra={"codebook_layers": layers})  # fmt: skip
     size = size_check(art.model_path, acct)
     metrics: dict[str, Any] = {"bits_per_weight": acct["bits_per_weight"], "size_check": size,
                                "file_bits_per_weight": size["file_bytes"] * 8 / acct["weights"]}  # fmt: skip

@@ -100,7 +100,7 @@ class CodebookWeight(nn.Module):
     def forward(self) -> torch.Tensor:
         """The dense weight in the layer's row order and shape."""
         if torch.onnx.is_in_onnx_export():
-            from edgecompress.compress.codebook.onnx_export import codebook_weight_op
+            from edgecompress.compress.codebook.symbolic import codebook_weight_op
 
             return codebook_weight_op(self).reshape(self.weight_shape)
         w = self.dense_2d()

@@ -18,60 +18,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from edgecompress.compress.codebook.layers import CodebookWeight
+from edgecompress.compress.codebook.symbolic import DOMAIN, op_type
 
 log = logging.getLogger(__name__)
 
-DOMAIN = "edgecompress.codebook"
 FORMAT = "onnx-codebook"
-
-
-def _op_type(variant: str, bits: int, permuted: bool = False) -> str:
-    return f"CodebookWeight{'Scales' if variant == 'scales' else 'Groups'}{'Permuted' if permuted else ''}{bits}"
-
-
-def _dense_from_tensors(packed: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None,
-                        bounds: torch.Tensor, row_gather: torch.Tensor, bits: int, out: int, d: int) -> torch.Tensor:  # fmt: skip
-    from edgecompress.compress.codebook.packing import unpack_indices
-
-    idx = unpack_indices(packed, bits, out * d).reshape(out, d)
-    gid = (torch.arange(out)[:, None] >= bounds[None, :].to(torch.int64)).sum(dim=1)
-    if scales is not None:
-        w = codebook[0].float()[idx] * scales.float()[gid][:, None]
-    else:
-        w = codebook.float()[gid[:, None], idx]
-    return w[row_gather.long()] if row_gather.numel() else w
-
-
-class _CodebookWeightFunction(torch.autograd.Function):
-    """Emits one ``edgecompress.codebook::CodebookWeight*`` node when traced by the ONNX exporter."""
-
-    @staticmethod
-    def forward(ctx: Any, packed: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor, bounds: torch.Tensor,
-                shape2d: torch.Tensor, row_gather: torch.Tensor, variant: str, bits: int, out: int,
-                d: int) -> torch.Tensor:  # fmt: skip
-        scales_or_none = scales if variant == "scales" else None
-        return _dense_from_tensors(packed, codebook, scales_or_none, bounds, row_gather, bits, out, d)
-
-    @staticmethod
-    def symbolic(g: Any, packed: Any, codebook: Any, scales: Any, bounds: Any, shape2d: Any, row_gather: Any,
-                 variant: str, bits: int, out: int, d: int) -> Any:  # fmt: skip
-        inputs = [packed, codebook, scales, bounds, shape2d] if variant == "scales" else [packed, codebook, bounds, shape2d]
-        permuted = row_gather.type().sizes()[0] > 0
-        if permuted:
-            inputs.append(row_gather)
-        res = g.op(f"{DOMAIN}::{_op_type(variant, bits, permuted)}", *inputs)
-        res.setType(codebook.type().with_dtype(torch.float32).with_sizes([out, d]))
-        return res
-
-
-def codebook_weight_op(store: CodebookWeight) -> torch.Tensor:
-    """The (out, D) weight of ``store`` in original row order, as a traceable custom op (ONNX export)."""
-    return _CodebookWeightFunction.apply(store.packed, store.codebook, store.scales, store.bounds, store.shape2d,
-                                         store.row_gather, store.variant, store.bits, store.rows,
-                                         store.row_length)  # fmt: skip
 
 
 def build_function(variant: str, bits: int, opset: int, permuted: bool = False) -> Any:
@@ -148,7 +99,7 @@ def build_function(variant: str, bits: int, opset: int, permuted: bool = False) 
         for attr in node.attribute:
             if attr.HasField("t"):
                 attr.t.name = ""
-    return helper.make_function(DOMAIN, _op_type(variant, bits, permuted), [short.get(x, x) for x in inputs],
+    return helper.make_function(DOMAIN, op_type(variant, bits, permuted), [short.get(x, x) for x in inputs],
                                 [short["weight"]], nodes, [helper.make_opsetid("", opset)])  # fmt: skip
 
 
@@ -190,13 +141,3 @@ def export_codebook_onnx(module: Any, example: Any, path: Path, opset: int) -> N
     _shorten_names(model)
     onnx.save(model, str(path))
     log.info("codebook ONNX export: %d weight functions (%s)", len(used), ", ".join(used))
-
-
-def register() -> None:
-    """Register the ``onnx-codebook`` exporter with :mod:`edgecompress.export` (idempotent)."""
-    from edgecompress.compress.codebook.stage import register_exporter
-
-    register_exporter()
-
-
-register()

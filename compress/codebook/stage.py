@@ -1,4 +1,4 @@
-"""The ``codebook`` recipe stage and the ``onnx-codebook`` exporter registration (both light to import).
+"""The ``codebook`` recipe stage and the ``onnx-codebook`` exporter (listed in :mod:`edgecompress.compress.registry`).
 
 JLCM: Yvinec, Dapogny, Bailly, ICLR 2024 (arXiv 2309.17361).
 """
@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from edgecompress.compress.codebook.config import JLCMConfig
-from edgecompress.compress.stages import StageContext, StageOutput, StageSpec, register_stage
+from edgecompress.compress.stages import StageContext, StageOutput, StageSpec
+from edgecompress.export.onnx_export import OnnxExporter
 
 MODEL_FILE = "model.pt"
 REPORT_FILE = "codebook_report.json"
 
-_exporter_registered: list[bool] = []
 
 
 def _has_codebook_layers(module: Any) -> bool:
@@ -31,14 +31,8 @@ def _export(module: Any, example: Any, path: Path, opset: int) -> None:
     export_codebook_onnx(module, example, path, opset)
 
 
-def register_exporter() -> None:
-    """Register the ``onnx-codebook`` ONNX exporter once (models holding codebook layers use it)."""
-    if _exporter_registered:
-        return
-    from edgecompress.export import OnnxExporter, register_onnx_exporter
-
-    register_onnx_exporter(OnnxExporter("jlcm-codebook", _has_codebook_layers, _export, "onnx-codebook", 40.0))
-    _exporter_registered.append(True)
+EXPORTER = OnnxExporter("jlcm-codebook", _has_codebook_layers, _export, "onnx-codebook", 40.0)
+"""Models holding codebook layers export as ``onnx-codebook`` graphs (see :mod:`edgecompress.compress.registry`)."""
 
 
 def run_codebook_stage(bundle: Any, config: JLCMConfig, ctx: StageContext) -> StageOutput:
@@ -108,13 +102,10 @@ def load_codebook_stage(out_dir: Path, bundle: Any, config: JLCMConfig) -> Stage
     return StageOutput(bundle=loaded, metrics=metrics, files={"model": MODEL_FILE, "report": REPORT_FILE})
 
 
-register_exporter()
-register_stage(
-    StageSpec(
-        name="codebook",
-        description="JLCM: packed codebooks with jointly learned codebooks, scales and mappings (2-4 bits/weight)",
-        config_cls=JLCMConfig,
-        run=run_codebook_stage,
-        load=load_codebook_stage,
-    )
+STAGE = StageSpec(
+    name="codebook",
+    description="JLCM: packed codebooks with jointly learned codebooks, scales and mappings (2-4 bits/weight)",
+    config_cls=JLCMConfig,
+    run=run_codebook_stage,
+    load=load_codebook_stage,
 )

@@ -30,7 +30,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgecompress.compress.errors import ConfigError, DataError
-from edgecompress.compress.models.registry import register_model
 
 log = logging.getLogger(__name__)
 
@@ -216,16 +215,6 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-# Example inputs (export tracing, verification, profiling) draw token ids over the byte vocabulary and
-# an all-ones mask; real checks use real text.
-_INPUTS = [
-    {"name": "input_ids", "shape": ["batch", 64], "dtype": "int64", "range": [0, 260]},
-    {"name": "attention_mask", "shape": ["batch", 64], "dtype": "int64", "range": [1, 2]},
-]
-
-
-@register_model("text-encoder", "BERT-style byte-level text encoder: 4 blocks, width 128, mean-pooled",
-                inputs=_INPUTS, task="embedding")  # fmt: skip
 def text_encoder(vocab_size: int = 260, max_len: int = 64, width: int = 128, layers: int = 4, heads: int = 4,
                  ffn: int = 256, norm_first: bool = True, dropout: float = 0.0,
                  num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:  # fmt: skip

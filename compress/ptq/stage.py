@@ -14,7 +14,7 @@ from typing import Any
 
 from edgecompress.compress.checkpoint import ModelBundle
 from edgecompress.compress.ptq.config import QuantuneSearchConfig
-from edgecompress.compress.stages import StageContext, StageOutput, StageSpec, register_stage
+from edgecompress.compress.stages import StageContext, StageOutput, StageSpec
 
 ARTIFACT_DIR = "artifact"
 
@@ -56,14 +56,12 @@ def load_ptq_stage(out_dir: Path, source: Any, config: QuantuneSearchConfig) -> 
     return StageOutput(artifact=art, metrics=dict(art.manifest.metrics.get("ptq", {})))
 
 
-register_stage(
-    StageSpec(
-        name="ptq",
-        description="Quantune post-training int8 quantization search on onnxruntime (QDQ): grid/random/genetic/XGBoost",
-        config_cls=QuantuneSearchConfig,
-        run=run_ptq_stage,
-        load=load_ptq_stage,
-        consumes="module",
-        produces="onnx",
-    )
+STAGE = StageSpec(
+    name="ptq",
+    description="Quantune post-training int8 quantization search on onnxruntime (QDQ): grid/random/genetic/XGBoost",
+    config_cls=QuantuneSearchConfig,
+    run=run_ptq_stage,
+    load=load_ptq_stage,
+    consumes="module",
+    produces="onnx",
 )

@@ -10,7 +10,6 @@ from torch import nn
 
 from edgecompress.compress.errors import ConfigError
 from edgecompress.compress.qat.config import GAQATConfig
-from edgecompress.compress.qat.onnx_qdq import register_qdq_exporter
 from edgecompress.compress.qat.quantizers import LSQQuantizer, QuantWrapper, quant_wrappers
 from edgecompress.compress.scope import Scope
 
@@ -55,7 +54,6 @@ def prepare(model: nn.Module, config: GAQATConfig, scope: Scope | None = None) -
         wb = config.first_last_bits if edge and config.first_last_bits else config.bits
         ab = config.first_last_bits if edge and config.first_last_bits else config.activation_bits
         _set_child(model, name, QuantWrapper(cast(nn.Module, module), wb, ab, config.per_channel))
-    register_qdq_exporter()
     log.info("QAT: quantized %d layers (W%d A%d, edges %s)", len(chosen), config.bits, config.activation_bits,
              config.first_last_bits)  # fmt: skip
     return model
@@ -88,3 +86,12 @@ def describe_quantization(model: nn.Module) -> list[dict[str, Any]]:
             "per_channel": w.weight_quant.channel_shape is not None,
         })  # fmt: skip
     return rows
+
+
+def restore_quantizers(module: Any, metadata: dict[str, Any], state: dict[str, Any]) -> Any:
+    """A QAT checkpoint (without codebooks): put the LSQ quantizers back before the weights load."""
+    if "qat" not in metadata or metadata.get("codebook_layout"):
+        return module
+    from edgecompress.compress.qat.config import GAQATConfig
+
+    return prepare(module, GAQATConfig.model_validate(metadata["qat"]["config"]))

@@ -116,7 +116,7 @@ class LSQQuantizer(nn.Module):
             self.initialize(v)
         q_n, q_p = self.qrange
         if torch.onnx.is_in_onnx_export():
-            from edgecompress.compress.qat.onnx_qdq import qdq_for_export
+            from edgecompress.compress.qat.qdq_symbolic import qdq_for_export
 
             return qdq_for_export(v, self.scale, q_n, q_p, self.channel_shape is not None, self.kind)
         return lsq_fake_quant(v, self.scale, q_n, q_p, self.grad_factor(v))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecompress.compress.qat.config import GAQATConfig
-from edgecompress.compress.stages import StageContext, StageOutput, StageSpec, register_stage
+from edgecompress.compress.stages import StageContext, StageOutput, StageSpec
 
 
 def _run(bundle: Any, config: GAQATConfig, ctx: StageContext) -> StageOutput:
@@ -42,12 +42,10 @@ def _load(out_dir: Path, bundle: Any, config: GAQATConfig) -> StageOutput:
     return StageOutput(bundle=quantized_bundle(model, bundle, config, metrics), metrics=metrics)
 
 
-QAT_STAGE = register_stage(
-    StageSpec(
-        name="qat",
-        description="LSQ quantization-aware training (QAT, QAT+SAM, QAT+SAGM, GAQAT) to a QDQ ONNX model",
-        config_cls=GAQATConfig,
-        run=_run,
-        load=_load,
-    )
+STAGE = StageSpec(
+    name="qat",
+    description="LSQ quantization-aware training (QAT, QAT+SAM, QAT+SAGM, GAQAT) to a QDQ ONNX model",
+    config_cls=GAQATConfig,
+    run=_run,
+    load=_load,
 )

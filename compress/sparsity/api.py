@@ -10,12 +10,11 @@ from typing import Any
 
 from edgecompress.compress.checkpoint import ModelBundle
 from edgecompress.compress.data import Splits
-from edgecompress.compress.sparsity.config import NMSparsityConfig
+from edgecompress.compress.sparsity.config import METADATA_KEY, NMSparsityConfig
 from edgecompress.compress.sparsity.sparsifier import NMSparsifier, NMSparsityHooks
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "nm_sparsity"
 
 
 def apply_nm_sparsity(

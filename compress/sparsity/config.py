@@ -53,6 +53,10 @@ def parse_pattern(text: str) -> tuple[int, int]:
     return n, m
 
 
+METADATA_KEY = "nm_sparsity"
+"""Where a sparse model's N:M record (pattern, layers, method) lives in its checkpoint metadata."""
+
+
 class NMSparsityConfig(BaseModel):
     """How to make a model N:M sparse.
 

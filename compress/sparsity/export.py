@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgecompress.compress.sparsity.masks import layer_compressed_size, nm_violations, sparsity_of
+from edgecompress.export.onnx_export import OnnxExporter
 
 log = logging.getLogger(__name__)
 
@@ -210,18 +211,15 @@ def export_sparse_onnx(
     Raises:
         NMVerificationError: the written file breaks the pattern.
     """
-    from edgecompress.compress.exporting import source_info
-    from edgecompress.compress.sparsity.api import METADATA_KEY
-    from edgecompress.export import export_onnx
+    from edgecompress.compress.exporting import export_torch_onnx
+    from edgecompress.compress.sparsity.config import METADATA_KEY
     from edgecompress.export.artifact import StageRecord
 
     record = bundle.metadata[METADATA_KEY]
     mods = dict(bundle.module.named_modules())
     weights = {layer: mods[layer].weight.detach().cpu().numpy() for layer in record["layers"]}
     recorded = stages if stages is not None else [StageRecord(**s) for s in bundle.metadata.get("stages", [])]
-    art = export_onnx(bundle.module, bundle.spec, dest, target=target, model_name=bundle.model_name,
-                      preprocessing=bundle.preprocessing, stages=recorded,
-                      extra={**source_info(bundle), "nm_pattern": record["pattern"]})  # fmt: skip
+    art = export_torch_onnx(bundle, dest, target=target, stages=recorded, extra={"nm_pattern": record["pattern"]})
     check = verify_onnx_nm(art.model_path, record, weights=weights)
     metrics = {
         **check,
@@ -256,7 +254,14 @@ MARKER = "_edgecompress_nm_record"
 def mark_sparse_module(module: Any, record: dict[str, Any]) -> None:
     """Tag a sparse model so that any ONNX export of it (recipes, ``compress export``) verifies its pattern."""
     setattr(module, MARKER, record)
-    register_nm_exporter()
+
+
+def mark_loaded_model(module: Any, metadata: dict[str, Any]) -> None:
+    """A loaded N:M sparse model is marked again; layers another technique replaced (QAT, codebooks)
+    are left to that technique's exporter."""
+    record = metadata.get("nm_sparsity")
+    if record:
+        mark_sparse_module(module, record)
 
 
 def _is_marked_plain(module: Any) -> bool:
@@ -285,13 +290,6 @@ def _export_and_verify(module: Any, example: Any, path: Path, opset: int) -> Non
         raise ExportError(str(exc)) from None
 
 
-_registered: list[bool] = []
-
-
-def register_nm_exporter() -> None:
-    """Register (once) the ONNX exporter that verifies marked sparse models."""
-    from edgecompress.export.onnx_export import OnnxExporter, register_onnx_exporter
-
-    if not _registered:
-        register_onnx_exporter(OnnxExporter("nm-sparse", _is_marked_plain, _export_and_verify, "onnx", 40.0))
-        _registered.append(True)
+EXPORTER = OnnxExporter("nm-sparse", _is_marked_plain, _export_and_verify, "onnx", 40.0)
+"""A marked N:M sparse model of plain layers exports with its pattern verified on the written file
+(listed in :mod:`edgecompress.compress.registry`)."""

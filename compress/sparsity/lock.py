@@ -79,3 +79,12 @@ def unlock_nm_pattern(module: Any) -> int:
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
             count += 1
     return count
+
+
+def restore_locked_pattern(module: Any, metadata: dict[str, Any], state: dict[str, Any]) -> Any:
+    """A checkpoint of a model whose N:M pattern was locked holds the weights with their
+    parametrization: lock the fresh module the same way before they load."""
+    record = metadata.get("nm_sparsity")
+    if record and any(".parametrizations.weight.original" in k for k in state):
+        lock_nm_pattern(module, record)
+    return module

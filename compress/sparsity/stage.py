@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecompress.compress.sparsity.config import NMSparsityConfig
-from edgecompress.compress.stages import StageContext, StageOutput, StageSpec, register_stage
+from edgecompress.compress.stages import StageContext, StageOutput, StageSpec
 
 CHECKPOINT = "sparse.pt"
 METRICS = "sparsity_metrics.json"
@@ -64,14 +64,12 @@ def load_sparsify(out_dir: Path, input_bundle: Any, config: NMSparsityConfig) ->
     return StageOutput(bundle=bundle, metrics=metrics, files={"checkpoint": str(out_dir / CHECKPOINT)})
 
 
-SPARSIFY_STAGE = register_stage(
-    StageSpec(
-        name="sparsify",
-        description="N:M structured sparsity: one-shot, SR-STE, MDGF (exp/linear), SDGF (stepwise/geometric)",
-        config_cls=NMSparsityConfig,
-        run=run_sparsify,
-        load=load_sparsify,
-        consumes="module",
-        produces="module",
-    )
+STAGE = StageSpec(
+    name="sparsify",
+    description="N:M structured sparsity: one-shot, SR-STE, MDGF (exp/linear), SDGF (stepwise/geometric)",
+    config_cls=NMSparsityConfig,
+    run=run_sparsify,
+    load=load_sparsify,
+    consumes="module",
+    produces="module",
 )

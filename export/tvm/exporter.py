@@ -396,11 +396,12 @@ def export_tvm_format(source: Any, target: Any, out: str | Path, **options: Any)
     the program instead (:func:`export_tvm_from_program`). Options: ``tune``, ``trials_per_task``,
     ``database_dir``, ``batch``, ``opset``, ``verify``, ``use_database``, ``device`` (a
     :class:`~export.tvm.rpc_measure.MeasureDevice` that times tuning candidates), ``builds`` (compiles
-    them elsewhere, e.g. on a Ray cluster).
+    them elsewhere, e.g. on a Ray cluster), ``exporters`` (the custom ONNX exporters a bundle's
+    modules need, see :func:`export.onnx_export.export_onnx`).
     """
     valid = ("tune", "trials_per_task", "database_dir", "batch", "verify", "use_database", "device", "builds", "progress")
     opts = {k: v for k, v in options.items() if k in valid and v is not None}
-    unknown = set(options) - {*valid, "opset"}
+    unknown = set(options) - {*valid, "opset", "exporters"}
     if unknown:
         raise ExportError(f"unknown TVM export options {sorted(unknown)}; valid: {', '.join(sorted({*valid, 'opset'}))}")
     require_tuning_device(target, opts.get("tune"), opts.get("device"))  # before any exporting: fail fast
@@ -414,6 +415,7 @@ def export_tvm_format(source: Any, target: Any, out: str | Path, **options: Any)
     from edgecompress.export.onnx_export import export_bundle_onnx
 
     with tempfile.TemporaryDirectory(prefix="edgecompress-tvm-") as tmp:
-        onnx_art = export_bundle_onnx(source, Path(tmp) / "onnx", target=target, opset=options.get("opset"))
+        onnx_art = export_bundle_onnx(source, Path(tmp) / "onnx", target=target, opset=options.get("opset"),
+                                      exporters=options.get("exporters", ()))  # fmt: skip
         return export_tvm_from_onnx(onnx_art, target, out, **opts)
 

@@ -137,7 +137,7 @@ def rpc_workers(device: MeasureDevice, plan: Any, device_type: str) -> tuple[Any
     from tvm.s_tir.meta_schedule.runner.rpc_runner import default_alloc_argument
     from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
 
-    from edgecompress.export.tvm.tuning import EVALUATOR, done_future, in_process_builder
+    from edgecompress.export.tvm.workers import EVALUATOR, done_future, in_process_builder
 
     link = DeviceLink(device)
     config = EvaluatorConfig(enable_cpu_cache_flush=False, **EVALUATOR)

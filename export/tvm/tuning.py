@@ -27,7 +27,6 @@ never on this machine or an emulator: their records go to that target's own data
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from edgecompress.export.tvm.records import (  # noqa: F401  (the database helpe
     default_database_root,
     workload_hash,
 )
+from edgecompress.export.tvm.workers import in_process_workers
 
 if TYPE_CHECKING:
     from edgecompress.export.tvm.rpc_measure import MeasureDevice
@@ -58,9 +58,6 @@ LEDGER_FILE = "attempted.json"
 DEFAULT_TRIALS_PER_TASK = 16
 #: The cap per task under a time budget (the time shares and early stopping decide before it).
 TIMED_TRIALS_PER_TASK = 512
-#: How a candidate is timed, on this machine or on a device: 3 calls per measurement and at least
-#: 20 ms, enough to rank schedules (the artifact's latency is measured later by `compress profile`).
-EVALUATOR = {"number": 3, "repeat": 1, "min_repeat_ms": 20}
 _BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*$")
 
 
@@ -210,7 +207,7 @@ def tune(
             todo.append((task, choice))
     link = None
     if device is None:
-        workers = _in_process_workers()
+        workers = in_process_workers()
     else:
         if plan is None:
             raise ValueError("tuning on a device needs the target's library plan (how to package candidates)")
@@ -429,80 +426,3 @@ def _flops(mod: Any) -> float:
         return 1.0
 
 
-def done_future(res: list[float] | None, error: str | None) -> Any:
-    """A MetaSchedule runner future that is already finished (these runners measure synchronously)."""
-    return _done_future_class()(res, error)
-
-
-@functools.cache
-def _done_future_class() -> Any:
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.runner import PyRunnerFuture, RunnerResult
-
-    @derived_object
-    class DoneFuture(PyRunnerFuture):
-        def __init__(self, res: list[float] | None, error: str | None) -> None:
-            super().__init__()
-            self.res = res
-            self.error = error
-
-        def done(self) -> bool:
-            return True
-
-        def result(self) -> Any:
-            return RunnerResult(self.res, self.error)
-
-    return DoneFuture
-
-
-def in_process_builder(export: Callable[[Any], str] | None = None) -> Any:
-    """A MetaSchedule builder that compiles candidates in this process (no worker pool).
-
-    ``export`` packages a compiled candidate and returns its path (default: MetaSchedule's ``.tar``,
-    which ``tvm.runtime.load_module`` links on load).
-    """
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
-
-    package = export or default_export
-
-    @derived_object
-    class InProcessBuilder(PyBuilder):
-        def build(self, build_inputs: list[Any]) -> list[Any]:
-            results = []
-            for bi in build_inputs:
-                try:
-                    results.append(BuilderResult(package(default_build(bi.mod, bi.target, None)), None))
-                except Exception as exc:  # a candidate schedule that does not compile: a failed trial
-                    results.append(BuilderResult(None, f"in-process build failed: {exc}"))
-            return results
-
-    return InProcessBuilder()
-
-
-def _in_process_workers() -> tuple[Any, Any]:
-    """A MetaSchedule builder and runner that work in this process (no worker pools)."""
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner
-    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument, default_run_evaluator
-
-    config = EvaluatorConfig(enable_cpu_cache_flush=False, **EVALUATOR)
-
-    @derived_object
-    class InProcessRunner(PyRunner):
-        def run(self, runner_inputs: list[Any]) -> list[Any]:
-            import tvm
-
-            futures = []
-            for ri in runner_inputs:
-                try:
-                    lib = tvm.runtime.load_module(str(ri.artifact_path))
-                    dev = tvm.runtime.device(str(ri.device_type), 0)
-                    args = default_alloc_argument(dev, tuple(a.as_json() for a in ri.args_info), 1)
-                    futures.append(done_future(list(default_run_evaluator(lib, dev, config, args)), None))
-                except Exception as exc:  # a candidate that crashes at run time: a failed trial
-                    futures.append(done_future(None, f"in-process run failed: {exc}"))
-            return futures
-
-    return in_process_builder(), InProcessRunner()
