@@ -169,8 +169,8 @@ def _with_tuning_device(fmt: str, target: Any, options: dict[str, Any]) -> dict[
         raise ConfigError("give either rpc (one device server) or tracker (a TVM tracker of devices), not both")
     if rest.get("tune") is None:
         raise ConfigError("a device (rpc/tracker) is used to time tuning candidates: add a tuning budget (--tune 10m)")
-    from edgecompress.runtimes.tvm_rpc import open_measure_device
+    from edgecompress.runtimes.tvm_tuning import open_tuning_device
 
-    device = open_measure_device(target, rpc=given.get("rpc"), tracker=given.get("tracker"), key=given.get("key"),
+    device = open_tuning_device(target, rpc=given.get("rpc"), tracker=given.get("tracker"), key=given.get("key"),
                                  timeout=float(given.get("timeout", 60.0)))  # fmt: skip
     return {**rest, "device": device}

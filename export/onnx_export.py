@@ -132,14 +132,11 @@ def onnx_outputs(onnx_path: Path | str, inputs: Feeds | np.ndarray, *, batch_siz
 
     Inputs are cast to the graph's input dtypes and run in batches of ``batch_size``.
     """
-    import onnxruntime as ort
-
+    from edgecompress.export.ort_session import ort_session
     from edgecompress.export.spec import batch_size as feeds_batch
     from edgecompress.export.spec import dtype_name, numpy_dtype, slice_feeds
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(onnx_path)
     graph_inputs = sess.get_inputs()
     feeds = as_feeds(inputs, [i.name for i in graph_inputs])
     casts = {i.name: numpy_dtype(dtype_name(i.type)) for i in graph_inputs}

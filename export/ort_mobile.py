@@ -32,6 +32,7 @@ from edgecompress.export.artifact import (
     write_manifest,
 )
 from edgecompress.export.errors import ExportError
+from edgecompress.export.ort_session import ort_session
 from edgecompress.export.verify import compare_outputs
 
 FORMAT = "ort"
@@ -117,9 +118,7 @@ def convert_to_ort(onnx_path: Path, out_dir: Path, *, runtime_optimizations: boo
 def open_session(model_path: Path, settings: dict[str, Any]) -> Any:
     """An onnxruntime session for the ``.ort`` file with ``settings`` (providers this onnxruntime
     build lacks, such as XNNPACK in the x86 wheels, are skipped)."""
-    from edgecompress.runtimes.ort_runtime import build_session
-
-    return build_session(str(model_path), [str(p) for p in settings["providers"]], 0, settings)
+    return ort_session(model_path, providers=[str(p) for p in settings["providers"]], settings=settings)
 
 
 def export_ort_from_onnx(onnx_artifact: Artifact, target: Any, dest: str | Path, *, verify: bool = True) -> Artifact:
@@ -176,8 +175,6 @@ def export_ort_from_onnx(onnx_artifact: Artifact, target: Any, dest: str | Path,
 
 
 def _verify(model_path: Path, onnx_artifact: Artifact, settings: dict[str, Any]) -> dict[str, Any]:
-    import onnxruntime as ort
-
     spec = onnx_artifact.manifest.inputs[0] if onnx_artifact.manifest.inputs else None
     dims = [d for d in (spec.shape if spec else [])]
     sample = [int(d) for d in dims[1:] if isinstance(d, int) or str(d).isdigit()]
@@ -185,9 +182,7 @@ def _verify(model_path: Path, onnx_artifact: Artifact, settings: dict[str, Any])
         raise ExportError(f"artifact {onnx_artifact.path} does not record a static input shape; re-export it")
     batch = int(dims[0]) if isinstance(dims[0], int) and int(dims[0]) > 0 else 4
     x = np.random.default_rng(0).standard_normal((batch, *sample)).astype(np.float32)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    ref_sess = ort.InferenceSession(str(onnx_artifact.model_path), opts, providers=["CPUExecutionProvider"])
+    ref_sess = ort_session(onnx_artifact.model_path)
     ref = ref_sess.run(None, {ref_sess.get_inputs()[0].name: x})[0]
     try:
         sess = open_session(model_path, settings)

@@ -19,6 +19,16 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return 10.0 * float(np.log10(signal / noise))
 
 
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in % of ``(N, classes)`` logits against integer labels."""
+    return float(100.0 * np.mean(np.asarray(logits).argmax(1) == np.asarray(labels)))
+
+
+def top1_agreement(reference: np.ndarray, test: np.ndarray) -> float:
+    """How often (%) ``test``'s top-1 class is ``reference``'s (logits of the same samples)."""
+    return float(100.0 * np.mean(np.asarray(reference).argmax(1) == np.asarray(test).argmax(1)))
+
+
 def compare_outputs(reference: np.ndarray, test: np.ndarray) -> dict[str, float]:
     """Max absolute error, SQNR and top-1 agreement (for logits) between two output arrays."""
     ref = np.asarray(reference)
@@ -27,7 +37,7 @@ def compare_outputs(reference: np.ndarray, test: np.ndarray) -> dict[str, float]
         raise ValueError(f"output shapes differ: reference {ref.shape} vs {out.shape}")
     result = {"max_abs_error": float(np.max(np.abs(ref.astype(np.float64) - out))), "sqnr_db": sqnr_db(ref, out)}
     if ref.ndim == 2 and ref.shape[1] > 1:
-        result["top1_agreement"] = float(100.0 * np.mean(ref.argmax(1) == out.argmax(1)))
+        result["top1_agreement"] = top1_agreement(ref, out)
     return result
 
 
@@ -70,5 +80,5 @@ def compare_all_outputs(reference: Sequence[np.ndarray], test: Sequence[np.ndarr
     }
     first = np.asarray(reference[0])
     if first.ndim == 2 and first.shape[1] > 1:
-        result["top1_agreement"] = float(100.0 * np.mean(first.argmax(1) == np.asarray(test[0]).argmax(1)))
+        result["top1_agreement"] = top1_agreement(first, test[0])
     return result

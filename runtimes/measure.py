@@ -17,7 +17,13 @@ import numpy as np
 
 from edgecompress.export.spec import Feeds, as_feeds, slice_feeds
 from edgecompress.export.spec import batch_size as batch_size_of
-from edgecompress.export.verify import compare_all_outputs, cosine_similarity, sqnr_db
+from edgecompress.export.verify import (
+    compare_all_outputs,
+    cosine_similarity,
+    sqnr_db,
+    top1_accuracy,
+    top1_agreement,
+)
 
 
 @dataclass
@@ -139,11 +145,6 @@ def run_batched(session: Any, x: np.ndarray | Mapping[str, np.ndarray], batch_si
     return run_all_batched(session, x, batch_size)[0]
 
 
-def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy in %."""
-    return float(100.0 * np.mean(np.asarray(logits).argmax(1) == labels))
-
-
 METRICS = ("top1", "agreement", "cosine", "sqnr")
 METRIC_UNITS = {"top1": "%", "agreement": "%", "cosine": "% (100 x mean cosine)", "sqnr": "dB"}
 
@@ -192,7 +193,7 @@ def score(metric: str, outputs: list[np.ndarray], *, labels: np.ndarray | None =
     if metric == "agreement":
         if not is_logits(reference[0]):
             raise ValueError(f"metric 'agreement' needs logits (N, classes); the first output has shape {reference[0].shape}")
-        return float(100.0 * np.mean(reference[0].argmax(1) == outputs[0].argmax(1)))
+        return top1_agreement(reference[0], outputs[0])
     if metric == "cosine":
         return 100.0 * cosine_similarity(reference, outputs)
     if metric == "sqnr":

@@ -19,42 +19,14 @@ log = logging.getLogger(__name__)
 
 
 def build_session(model_path: str, providers: list[str], threads: int, settings: dict[str, Any] | None = None) -> Any:
-    """An ``InferenceSession`` with the providers this onnxruntime has, in the order given.
+    """:func:`edgecompress.export.ort_session.ort_session` for the runtime: a model onnxruntime cannot
+    load raises :class:`RuntimeExecutionError`."""
+    from edgecompress.export.ort_session import SessionError, ort_session
 
-    ``settings`` is an artifact's recorded ``ort_session`` (see :mod:`edgecompress.export.ort_mobile`): provider
-    options, session config entries and thread counts are applied as recorded. A provider that
-    this build lacks is skipped; when it was the one holding the threads (XNNPACK's own pool, with
-    onnxruntime's intra-op pool at one thread), its thread count goes to the intra-op pool instead,
-    so the model is not measured single-threaded by accident.
-
-    Raises:
-        RuntimeExecutionError: onnxruntime cannot load the model.
-    """
-    import onnxruntime as ort
-
-    settings = settings or {}
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    for key, value in settings.get("session_config", {}).items():
-        opts.add_session_config_entry(str(key), str(value))
-    available = set(ort.get_available_providers())
-    options = settings.get("provider_options", {})
-    skipped = [p for p in providers if p not in available]
-    usable = [p for p in providers if p in available] or ["CPUExecutionProvider"]
-    if skipped:
-        log.info("onnxruntime providers not available here, skipped: %s", ", ".join(skipped))
-    intra = int(settings.get("intra_op_num_threads") or threads or 0)
-    for p in skipped:  # a skipped provider's own thread pool goes to onnxruntime's
-        intra = max(intra, int(options.get(p, {}).get("intra_op_num_threads", 0) or 0))
-    if intra:
-        opts.intra_op_num_threads = intra
-        opts.inter_op_num_threads = int(settings.get("inter_op_num_threads") or 1)
-    chosen = [(p, options[p]) if options.get(p) else p for p in usable]
     try:
-        return ort.InferenceSession(model_path, opts, providers=chosen)
-    except Exception as exc:  # onnxruntime raises its own exception classes
-        raise RuntimeExecutionError(f"onnxruntime cannot load {model_path}: {exc}") from None
+        return ort_session(model_path, providers=providers, threads=threads, settings=settings)
+    except SessionError as exc:
+        raise RuntimeExecutionError(str(exc)) from None
 
 
 class OrtSession:

@@ -290,49 +290,6 @@ def emulated_device_reason(where: str, target: Any, same_machine: bool | None) -
     return ""
 
 
-def open_measure_device(
-    target: Any, *, rpc: str | None = None, tracker: str | None = None, key: str | None = None, timeout: float = 60.0
-) -> Any:
-    """Connect to the device that will time tuning candidates; returns an
-    :class:`export.tvm.rpc_measure.MeasureDevice` for :func:`export.tvm.tuning.tune`.
-
-    Connects once now, so a dead server, a wrong key or a busy tracker fails before any compiling.
-
-    Raises:
-        DeviceConnectionError: the device cannot be reached or refuses the key; the device is an
-            emulator (emulated timings say nothing about the real device, so tuning on one is refused);
-            the device has no ``cuda``/``opencl`` device the target needs.
-    """
-    from edgecompress.export.tvm.compile import device_kind
-    from edgecompress.export.tvm.rpc_measure import MeasureDevice
-
-    first, where = connect(rpc=rpc, tracker=tracker, key=key, timeout=timeout)
-    try:
-        reason = emulated_device_reason(where, target, shares_this_machine(first, min(timeout, 10.0)))
-        if reason:
-            raise DeviceConnectionError(
-                f"refusing to tune on {where}: {reason}. Emulated timings are thousands of times slower than the real "
-                "device and rank schedules differently, so the records would be wrong for it; tune on the real device "
-                "(--rpc HOST:PORT or --tracker HOST:PORT --key K) and use the emulator only to check outputs"
-            )
-        kind = device_kind(target)
-        probe = first.device(kind, 0)
-        if not with_deadline(lambda: bool(probe.exist), timeout, f"looking for a {kind} device on {where}"):
-            raise DeviceConnectionError(f"the device at {where} has no {kind} device, which target {target.name!r} runs on")
-    except DeviceConnectionError:
-        first = probe = None  # a device server serves one session at a time: free it for the next client
-        raise
-    pending = [first]
-
-    def open_session() -> Any:
-        if pending:
-            return pending.pop()
-        return connect(rpc=rpc, tracker=tracker, key=key, timeout=timeout)[0]
-
-    return MeasureDevice(where=where, connect=open_session, call=with_deadline, release=pending.clear,
-                         errors=(DeviceConnectionError, RuntimeUnavailableError), timeout=timeout)  # fmt: skip
-
-
 def profile_remote(
     artifact: Any,
     *,

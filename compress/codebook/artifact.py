@@ -20,15 +20,12 @@ log = logging.getLogger(__name__)
 
 _MEMORY_PROBE = r"""
 import json, sys
-import numpy as np, onnxruntime as ort, psutil
+import numpy as np, onnxruntime, psutil
+from edgecompress.export.ort_session import ort_session
 proc = psutil.Process()
 path, level = sys.argv[1], sys.argv[2]
 before = proc.memory_info().rss
-opts = ort.SessionOptions()
-opts.log_severity_level = 3
-opts.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                 "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
-sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+sess = ort_session(path, optimization={"all": "all", "none": "disabled"}[level])
 loaded = proc.memory_info().rss
 types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
          "tensor(int32)": np.int32, "tensor(bool)": np.bool_}

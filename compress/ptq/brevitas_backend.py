@@ -125,7 +125,6 @@ def _free_batch(path: Path, sample: tuple[Any, ...]) -> None:
     ``dynamic_axes``) when onnxruntime still runs it so; otherwise the graph stays at batch 1, which
     sessions run in slices (onnxruntime fails some symbolic-batch QCDQ graphs, EfficientNet-Lite's)."""
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(path))
     for v in [*model.graph.input, *model.graph.output]:
@@ -136,10 +135,10 @@ def _free_batch(path: Path, sample: tuple[Any, ...]) -> None:
     del model.graph.value_info[:]  # shapes inferred for batch 1
     free = path.with_name(path.stem + "-batch.onnx")
     onnx.save(model, str(free))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
+    from edgecompress.export.ort_session import ort_session
+
     try:
-        sess = ort.InferenceSession(str(free), opts, providers=["CPUExecutionProvider"])
+        sess = ort_session(free, log_level=4)
         names = [i.name for i in sess.get_inputs()]
         sess.run(None, {n: np.concatenate([t.numpy()] * 2) for n, t in zip(names, sample, strict=True)})
     except Exception:  # onnxruntime's own error classes: keep the batch-1 graph

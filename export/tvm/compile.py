@@ -167,7 +167,8 @@ def _fold_shapes(onnx_model: Any, shapes: dict[str, list[int]]) -> Any:
     import tempfile
 
     import onnx
-    import onnxruntime as ort
+
+    from edgecompress.export.ort_session import ort_session
 
     model = onnx.ModelProto()
     model.CopyFrom(onnx_model)
@@ -179,12 +180,8 @@ def _fold_shapes(onnx_model: Any, shapes: dict[str, list[int]]) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "folded.onnx"
         onnx.save(model, str(src))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath = str(dst)
         try:
-            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+            ort_session(src, optimization="basic", optimized_model_path=dst)
             return onnx.load(str(dst))
         except Exception:  # onnxruntime cannot load it either: report the frontend's error
             return None

@@ -34,10 +34,11 @@ from edgecompress.export.onnx_export import bundle_source_info
 from edgecompress.export.spec import ModelSpec
 from edgecompress.export.tvm import compile as tc
 from edgecompress.export.tvm.records import has_any_records
-from edgecompress.export.tvm.rpc_measure import MeasureDevice, TuningNeedsDeviceError
+from edgecompress.export.tvm.rpc_measure import TuningNeedsDeviceError
 from edgecompress.export.tvm.safe_build import build_verified, choose_records, describe
 from edgecompress.export.tvm.tuning import TuneBudget
 from edgecompress.export.tvm.tuning import tune as run_tuning
+from edgecompress.export.tvm.workers import CandidateRunner
 from edgecompress.export.verify import compare_all_outputs
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def export_tvm_from_onnx(
     batch: int = 1,
     verify: bool = True,
     use_database: bool = True,
-    device: MeasureDevice | None = None,
+    device: CandidateRunner | None = None,
     builds: Any = None,
     progress: Callable[[str], None] | None = None,
 ) -> Artifact:
@@ -94,7 +95,7 @@ def export_tvm_from_onnx(
         verify: compare with onnxruntime when the library runs on this machine.
         use_database: apply tuning records found in the databases (False: plain untuned build).
         device: the device that times tuning candidates over TVM RPC (``runtimes.tvm_rpc.
-            open_measure_device``); required to tune a target whose code does not run here
+            open_tuning_device``); required to tune a target whose code does not run here
             (ARM64, GPUs), optional for the host CPU (None: timed in this process).
         builds: compiles tuning candidates elsewhere (a Ray cluster, ``compress.cluster.RayBuilds``;
             see :func:`export.tvm.tuning.tune`); None compiles them in this process.
@@ -141,7 +142,7 @@ def export_tvm_from_onnx(
                               measure=device, builds=builds, progress=progress)  # fmt: skip
 
 
-def require_tuning_device(target: Any, budget: TuneBudget | str | int | None, device: MeasureDevice | None) -> None:
+def require_tuning_device(target: Any, budget: TuneBudget | str | int | None, device: CandidateRunner | None) -> None:
     """Tuning code that runs on another device needs that device: never tune it here or skip silently.
 
     Raises:
@@ -161,7 +162,7 @@ def _compile_and_write(
     mod: Any, params: list[Any], src: Manifest, parent_hash: str | None, target: Any, dest: str | Path, *,
     budget: TuneBudget | None, database_dir: str | Path | None, batch: int, inputs: list[TensorSpec], precision: str,
     verify: bool, use_database: bool, check_fn: Callable[[Path, Path], dict[str, Any]], t0: float,
-    measure: MeasureDevice | None = None, builds: Any = None, progress: Callable[[str], None] | None = None,
+    measure: CandidateRunner | None = None, builds: Any = None, progress: Callable[[str], None] | None = None,
 ) -> Artifact:  # fmt: skip
     """Fuse, tune or apply tuning records, build, write the library + params + manifest, verify."""
     tgt = tc.tvm_target(target)
@@ -224,7 +225,7 @@ def export_tvm_from_program(
     batch: int | None = None,
     verify: bool = True,
     use_database: bool = True,
-    device: MeasureDevice | None = None,
+    device: CandidateRunner | None = None,
     builds: Any = None,
     progress: Callable[[str], None] | None = None,
 ) -> Artifact:
@@ -395,7 +396,7 @@ def export_tvm_format(source: Any, target: Any, out: str | Path, **options: Any)
     compiled; a bundle with ``exported_program`` set (a ``.pt2`` input) is imported directly from
     the program instead (:func:`export_tvm_from_program`). Options: ``tune``, ``trials_per_task``,
     ``database_dir``, ``batch``, ``opset``, ``verify``, ``use_database``, ``device`` (a
-    :class:`~export.tvm.rpc_measure.MeasureDevice` that times tuning candidates), ``builds`` (compiles
+    :class:`~edgecompress.export.tvm.workers.CandidateRunner` that times tuning candidates), ``builds`` (compiles
     them elsewhere, e.g. on a Ray cluster), ``exporters`` (the custom ONNX exporters a bundle's
     modules need, see :func:`export.onnx_export.export_onnx`).
     """

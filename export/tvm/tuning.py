@@ -50,7 +50,7 @@ from edgecompress.export.tvm.records import (  # noqa: F401  (the database helpe
 from edgecompress.export.tvm.workers import in_process_workers
 
 if TYPE_CHECKING:
-    from edgecompress.export.tvm.rpc_measure import MeasureDevice
+    from edgecompress.export.tvm.workers import CandidateRunner
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def tune(
     *,
     root: Path | None = None,
     seed: int = 0,
-    device: MeasureDevice | None = None,
+    device: CandidateRunner | None = None,
     plan: Any = None,
     builds: Callable[[Callable[[Any], str] | None], Any] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -171,8 +171,9 @@ def tune(
     (``progress``, or the log).
 
     Args:
-        device: time candidates on this device over TVM RPC (required for code that does not run
-            here: ARM64, GPUs); None times them in this process.
+        device: the runner that times candidates on the device (a ``CandidateRunner``, made by
+            ``runtimes.tvm_tuning.open_tuning_device``; required for code that does not run here:
+            ARM64, GPUs); None times them in this process.
         plan: with ``device``, how candidates are packaged for it (a
             :class:`export.tvm.compile.LibraryPlan`: the cross compiler, or a ``.tar``).
         builds: compiles candidates elsewhere (a Ray cluster, :class:`compress.cluster.RayBuilds`):
@@ -188,7 +189,7 @@ def tune(
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from edgecompress.export.tvm.rpc_measure import TuningDeviceError, candidate_packager, rpc_workers
+    from edgecompress.export.tvm.rpc_measure import TuningDeviceError, candidate_packager
 
     _import_tensor_intrinsics()
     say = progress or (lambda line: log.info("%s", line))
@@ -205,14 +206,12 @@ def tune(
             report.tasks_from_database += 1  # tuned already, or given its trials (none built: e.g. a layout op)
         else:
             todo.append((task, choice))
-    link = None
     if device is None:
         workers = in_process_workers()
     else:
         if plan is None:
             raise ValueError("tuning on a device needs the target's library plan (how to package candidates)")
-        builder, runner, link = rpc_workers(device, plan, _device_type(tgt))
-        workers = (builder, runner)
+        workers = device.workers(plan, _device_type(tgt))
         report.measured_on = device.where
     if builds is not None:
         workers = (builds(None if device is None else candidate_packager(plan)), workers[1])
@@ -232,12 +231,12 @@ def tune(
             share = weights[i] / sum(weights[i:])
             label = f"[{i + 1}/{len(todo)}] {task.task_name}"
             done = _tune_task(task, user, workers, target_spec, cap, clock.seconds_for(share), clock, label, say, seed)
-            if link is not None and link.lost is not None:
+            if device is not None and device.lost is not None:
                 report.tasks_left += 1
                 report.seconds = round(clock.elapsed(), 2)
                 raise TuningDeviceError(
-                    f"the device {link.device.where} stopped answering while tuning {task.task_name} "
-                    f"({link.lost}). The {report.tasks_tuned} task(s) finished before and the candidates measured so far "
+                    f"the device {device.where} stopped answering while tuning {task.task_name} "
+                    f"({device.lost}). The {report.tasks_tuned} task(s) finished before and the candidates measured so far "
                     f"are saved in {user_dir}; rerun the same command to resume"
                 )
             ledger[choice.workload] = ledger.get(choice.workload, 0) + done
@@ -246,8 +245,8 @@ def tune(
             report.trials += done
             report.task_names.append(task.task_name)
     finally:
-        if link is not None:
-            link.close()
+        if device is not None:
+            device.close()
     report.seconds = round(clock.elapsed(), 2)
     return report
 

@@ -7,11 +7,34 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 #: How a candidate is timed, on this machine or on a device: 3 calls per measurement and at least
 #: 20 ms, enough to rank schedules (the artifact's latency is measured later by `compress profile`).
 EVALUATOR = {"number": 3, "repeat": 1, "min_repeat_ms": 20}
+
+
+class CandidateRunner(Protocol):
+    """Where tuning times its candidates when not in this process: a device over TVM RPC
+    (:class:`edgecompress.runtimes.tvm_tuning.TuningDevice` is the one the toolchain makes).
+
+    Attributes:
+        where: for messages and the manifest (``"rpc host:port"``).
+        lost: why the device stopped answering, None while it answers.
+    """
+
+    where: str
+
+    @property
+    def lost(self) -> str | None: ...
+
+    def workers(self, plan: Any, device_type: str) -> tuple[Any, Any]:
+        """MetaSchedule's builder and runner for this device (candidates packaged per ``plan``)."""
+        ...
+
+    def close(self) -> None:
+        """Release the device's session (a TVM device server serves one client at a time)."""
+        ...
 
 
 def done_future(res: list[float] | None, error: str | None) -> Any:
