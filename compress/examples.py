@@ -101,10 +101,10 @@ def train_example(
     bundle = ModelBundle(
         model,
         name,
-        splits.train.input_shape,
-        splits.train.preprocessing,
-        10,
-        {
+        input_shape=splits.train.input_shape,
+        preprocessing=splits.train.preprocessing,
+        num_classes=10,
+        metadata={
             "trained_on": data,
             "steps": result.steps,
             "seed": seed,

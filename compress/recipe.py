@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgecompress.compress.errors import ConfigError
+from edgecompress.compress.errors import ConfigError, describe_validation
 
 RECIPE_VERSION = 1
 
@@ -265,39 +265,17 @@ class Recipe(BaseModel):
             try:
                 out.append((name, spec.config_cls.model_validate(cfg)))
             except ValidationError as exc:
-                raise ConfigError(f"stage {i} ({name}): {_format_validation(exc, spec.config_cls)}") from None
+                raise ConfigError(f"stage {i} ({name}): {describe_validation(exc, spec.config_cls)}") from None
         return out
 
 
-def _format_validation(exc: ValidationError, cls: type[BaseModel] | None = None) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden" and cls is not None:
-            msg += f"; valid keys: {', '.join(cls.model_fields)}"
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
-
-
-def _valid_keys_hint(exc: ValidationError) -> str:
-    """For unknown keys, list the valid ones of the model they appeared in."""
+def _model_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
+    """The recipe model an unknown key at ``loc`` (its parent's location) belongs to."""
     models: dict[tuple[str, ...], type[BaseModel]] = {(): Recipe, ("model",): ModelSpec, ("auto",): AutoSpec}
-    parts = []
-    for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            parent = loc[:-1]
-            cls: type[BaseModel] | None = models.get(parent)
-            if cls is None and parent[:1] == ("gates",):
-                cls = GateSpec
-            elif cls is None and parent[:1] == ("export",):
-                cls = ExportSpec
-            if cls is not None:
-                msg = f"unknown key {loc[-1]!r}; valid keys: {', '.join(cls.model_fields)}"
-        parts.append(f"{'.'.join(loc) or '(top level)'}: {msg}")
-    return "; ".join(parts)
+    if loc in models:
+        return models[loc]
+    nested: dict[str, type[BaseModel]] = {"gates": GateSpec, "export": ExportSpec}
+    return nested.get(loc[0]) if loc else None
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -311,7 +289,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_valid_keys_hint(exc)}") from None
+        raise ConfigError(f"{source}: {describe_validation(exc, model_at=_model_at)}") from None
     from edgecompress.compress.compat import check_stage_order, check_targets
     from edgecompress.targets import get_target
 

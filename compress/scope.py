@@ -55,3 +55,25 @@ class Scope(BaseModel):
         for name, module in model.named_modules():
             if name and self.matches(name, module):
                 yield name, module
+
+    def layers(self, model, kinds: tuple[type, ...], technique: str, *, keep=None, why: str = "") -> list[tuple[str, object]]:
+        """The ``(name, module)`` in scope that are of ``kinds`` (and pass ``keep(name, module)``).
+
+        Raises:
+            ConfigError: none is: the message names the technique, the scope and what would match.
+        """
+        chosen = [(n, m) for n, m in self.select(model) if isinstance(m, kinds) and (keep is None or keep(n, m))]
+        if not chosen:
+            self.nothing_selected(model, kinds, technique, why=why)
+        return chosen
+
+    def nothing_selected(self, model, kinds: tuple[type, ...], technique: str, *, why: str = "") -> None:
+        """Raise the error of a scope that selects no layer the technique can change."""
+        from edgecompress.compress.errors import ConfigError
+
+        names = "/".join(k.__name__ for k in kinds)
+        raise ConfigError(
+            f"the {technique} scope (include {self.include}, exclude {self.exclude}) selects no {names} layer of "
+            f"{type(model).__name__}{why}; set scope.include to class names ({', '.join(k.__name__ for k in kinds)}) "
+            "or 're:' patterns over module names"
+        )

@@ -197,6 +197,7 @@ def _emulator_or_skip() -> EmulatedDevice:
 
 
 @pytest.mark.slow
+@pytest.mark.device
 @pytest.mark.timeout(2400)  # may build the root first (about 2 minutes plus downloads), then ~3 minutes
 def test_emulated_arm64_end_to_end(cli, untrained_cnn_checkpoint, tmp_path: Path) -> None:
     """A cross-compiled ARM64 .so runs under qemu behind `compress device-server --emulate arm64`:

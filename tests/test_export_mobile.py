@@ -92,7 +92,6 @@ def test_cli_export_ort(cnn, cli, tmp_path: Path) -> None:
 
 
 def test_pt2_program_compiles_to_tvm(cnn, tmp_path: Path) -> None:
-    pytest.importorskip("tvm")
     import torch
 
     from edgecompress.compress.checkpoint import load_checkpoint

@@ -51,11 +51,14 @@ def test_each_strategy_measures_distinct_configs_and_keeps_the_best(name: str, e
         assert keys == [c.key() for c in space[:5]]
 
 
-def test_trained_cnn_int8_is_close_to_fp32_and_distribution_is_a_cliff(evaluator) -> None:
+def test_trained_cnn_int8_is_close_to_fp32_and_distribution_calibration_loses(evaluator) -> None:
     good = evaluator.evaluate(PTQConfig(calibration="minmax", calib_size=16, per_channel=True))
     assert good.ok and good.accuracy is not None
     assert good.accuracy >= evaluator.fp32_accuracy - 2.0
     assert good.sqnr_db is not None and good.sqnr_db > 15
+    cliff = evaluator.evaluate(PTQConfig(calibration="distribution", calib_size=16, per_channel=True))
+    # onnxruntime's distribution calibrator on 16 samples clips this CNN's activations: 90 % vs 97 %
+    assert cliff.ok and cliff.accuracy is not None and cliff.accuracy <= good.accuracy - 4.0
     again = evaluator.evaluate(PTQConfig(calibration="minmax", calib_size=16, per_channel=True))
     assert again.accuracy == good.accuracy  # served from the cache, never paid twice
     measured = evaluator.measured

@@ -48,11 +48,28 @@ def test_resume_equals_uninterrupted(mnist_splits, tmp_path):
     assert steps == sorted(steps) and len(steps) == len(set(steps))
 
 
-def test_early_stop_restores_best(mnist_splits, tmp_path):
+def test_early_stop_restores_best(mnist_splits, tmp_path, monkeypatch):
+    """Validation scores 50, 80, 60, 55: training stops after two evaluations without gain and hands
+    back the weights of the 80 evaluation (step 10), not the last ones."""
+    import edgecompress.compress.training as training
+
     train, val = _small(mnist_splits)
-    cfg = TrainConfig(max_steps=400, batch_size=32, lr=0.5, optimizer="sgd", eval_every=5, early_stop_patience=2)
-    result = Trainer(create_model("cnn"), train, val, cfg, tmp_path).fit()
-    assert result.stopped_early and result.steps < 400
+    scores, snapshots = iter([50.0, 80.0, 60.0, 55.0]), []
+
+    def scripted(model, ds, **_):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    monkeypatch.setattr(training, "evaluate_accuracy", scripted)
+    cfg = TrainConfig(max_steps=400, batch_size=32, lr=1e-2, optimizer="sgd", eval_every=5, early_stop_patience=2)
+    model = create_model("cnn")
+    result = Trainer(model, train, val, cfg, tmp_path).fit()
+    assert result.stopped_early and result.steps == 20
+    assert (result.best_val_accuracy, result.final_val_accuracy) == (80.0, 55.0)
+    best, last = snapshots[1], snapshots[3]
+    weights = model.state_dict()
+    assert any(not torch.equal(best[k], last[k]) for k in best)  # training moved the weights on
+    assert all(torch.equal(weights[k], best[k]) for k in best)  # and the best ones were restored
 
 
 def test_learns(mnist_splits):

@@ -7,8 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tvm")
-
 
 def _gemm_artifact(folder: Path, seed: int):
     """A one-operator model (Gemm 8 -> 4): one tuning task, so a tiny budget covers it."""

@@ -33,7 +33,7 @@ from edgecompress.compress.codebook.layers import (
     model_accounting,
 )
 from edgecompress.compress.codebook.learn import TrainableCodebookLayer, distill, learn_layer
-from edgecompress.compress.errors import CheckpointError, UnsupportedError
+from edgecompress.compress.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,10 @@ def _capture(model: nn.Module, name: str, inputs: Batch, *, want: str, batch: in
 
 def select_layers(model: nn.Module, config: JLCMConfig) -> list[str]:
     """Names of the Linear/Conv2d layers the config's scope selects (and big enough)."""
-    names = [name for name, mod in config.scope.select(model)
-             if isinstance(mod, nn.Linear | nn.Conv2d) and mod.weight.numel() >= config.min_weights]  # fmt: skip
-    if not names:
-        raise UnsupportedError(f"no Linear/Conv2d layer of {type(model).__name__} matches scope "
-                               f"include={config.scope.include} exclude={config.scope.exclude} "
-                               f"with at least {config.min_weights} weights")  # fmt: skip
-    return names
+    chosen = config.scope.layers(model, (nn.Linear, nn.Conv2d), "codebook",
+                                 keep=lambda _, mod: mod.weight.numel() >= config.min_weights,
+                                 why=f" with at least {config.min_weights} weights")  # fmt: skip
+    return [name for name, _ in chosen]
 
 
 @torch.no_grad()
@@ -139,7 +136,7 @@ def apply_jlcm(model: nn.Module, calib_inputs: Batch, config: JLCMConfig, *, kee
         bits-per-weight accounting and the layout needed to reload a checkpoint.
 
     Raises:
-        UnsupportedError: no layer in scope.
+        ConfigError: no layer in scope.
 
     Example:
         >>> small, report = apply_jlcm(model, calib_x, JLCMConfig(bits=3, groups=8))
@@ -274,11 +271,9 @@ def rebuild_codebook_model(base: nn.Module, layout: list[dict[str, Any]]) -> nn.
 def save_codebook_checkpoint(bundle: Any, path: str | Path, layout: list[dict[str, Any]],
                              model_kwargs: dict[str, Any] | None = None) -> Path:  # fmt: skip
     """Write a compressed model as a checkpoint whose metadata carries the codebook layout."""
-    from edgecompress.compress.checkpoint import ModelBundle, save_checkpoint
+    from edgecompress.compress.checkpoint import save_checkpoint
 
-    meta = {**bundle.metadata, "codebook_layout": layout}
-    out = bundle.derive(bundle.module, metadata=meta) if isinstance(bundle, ModelBundle) else \
-        ModelBundle(bundle.module, bundle.model_name, bundle.input_shape, bundle.preprocessing, bundle.num_classes, meta)
+    out = bundle.derive(bundle.module, metadata={**bundle.metadata, "codebook_layout": layout})
     return save_checkpoint(out, path, model_kwargs=model_kwargs or {"num_classes": bundle.num_classes})
 
 
@@ -291,6 +286,7 @@ def load_codebook_checkpoint(path: str | Path, *, base_module: nn.Module | None 
 
     from edgecompress.compress.checkpoint import ModelBundle
     from edgecompress.compress.models import create_model
+    from edgecompress.export.spec import ModelSpec
 
     try:
         raw = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -302,7 +298,9 @@ def load_codebook_checkpoint(path: str | Path, *, base_module: nn.Module | None 
     module = rebuild_codebook_model(base, layout)
     module.load_state_dict(raw["state_dict"])
     module.eval()
-    return ModelBundle(module, raw["model"], tuple(raw["input_shape"]), raw["preprocessing"], raw["num_classes"], meta)
+    spec = ModelSpec.from_json(json.loads(raw["model_spec_json"])) if raw.get("model_spec_json") else ModelSpec([])
+    return ModelBundle(module, raw["model"], input_shape=tuple(raw["input_shape"]), preprocessing=raw["preprocessing"],
+                       num_classes=raw["num_classes"], metadata=meta, source=str(path), spec=spec)  # fmt: skip
 
 
 def restore_codebook_layers(module: Any, metadata: dict[str, Any], state: dict[str, Any]) -> Any:

@@ -162,11 +162,6 @@ class CodebookConv2d(nn.Module):
 CODEBOOK_LAYERS = (CodebookLinear, CodebookConv2d)
 
 
-def has_codebook_layers(module: Any) -> bool:
-    """Whether ``module`` contains at least one codebook layer (the exporter's predicate)."""
-    return isinstance(module, nn.Module) and any(isinstance(m, CODEBOOK_LAYERS) for m in module.modules())
-
-
 def _tensor_bits(t: torch.Tensor) -> int:
     return t.numel() * _BYTES[t.dtype] * 8
 

@@ -10,16 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgecompress.compress.errors import ConfigError
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
-KEEP_FLOAT_MODES = ("none", "first_last", "sensitive")
-STRATEGIES = ("quantune", "random", "grid", "genetic", "none")
-SPACE_PRESETS = ("tiny", "bench", "default", "full")
+SpacePreset = Literal["tiny", "bench", "default", "full"]
+SPACE_PRESETS: tuple[str, ...] = get_args(SpacePreset)
 
 
 class PTQConfig(BaseModel):

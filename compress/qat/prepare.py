@@ -8,7 +8,6 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from edgecompress.compress.errors import ConfigError
 from edgecompress.compress.qat.config import GAQATConfig
 from edgecompress.compress.qat.quantizers import LSQQuantizer, QuantWrapper, quant_wrappers
 from edgecompress.compress.scope import Scope
@@ -45,10 +44,7 @@ def prepare(model: nn.Module, config: GAQATConfig, scope: Scope | None = None) -
     if bad:
         log.info("QAT leaves modules it cannot quantize in float: %s", ", ".join(bad[:10]))
     if not chosen:
-        raise ConfigError(
-            f"the QAT scope {scope.include} (exclude {scope.exclude}) selects no Conv2d or Linear layer of "
-            f"{type(model).__name__}; valid class names: Conv2d, Linear, or re: patterns over module names"
-        )
+        scope.nothing_selected(model, SUPPORTED, "QAT")
     for i, (name, module) in enumerate(chosen):
         edge = i in (0, len(chosen) - 1) and config.first_last_bits is not None
         wb = config.first_last_bits if edge and config.first_last_bits else config.bits

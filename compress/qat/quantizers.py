@@ -166,11 +166,6 @@ def quant_wrappers(model: nn.Module) -> list[tuple[str, QuantWrapper]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantWrapper)]
 
 
-def scale_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(name, scale)`` of every LSQ quantizer (the parameters GAQAT watches)."""
-    return [(n, m.scale) for n, m in model.named_modules() if isinstance(m, LSQQuantizer)]
-
-
 def is_quantized(model: Any) -> bool:
     """Whether ``model`` holds LSQ quantizers (the QDQ exporter's predicate)."""
     return isinstance(model, nn.Module) and any(isinstance(m, LSQQuantizer) for m in model.modules())

@@ -73,10 +73,8 @@ def select_layers(model: Any, config: NMSparsityConfig) -> tuple[dict[str, Any],
                 continue
         layers[name] = mod
     if not layers:
-        raise ConfigError(
-            f"the sparsity scope selects no Linear/Conv2d layer of this model (scope {scope.model_dump()}); "
-            f"set scope.include to class names or 're:' patterns of its layers"
-        )
+        scope.nothing_selected(model, (torch.nn.Linear, torch.nn.Conv2d), "sparsity",
+                               why=" (after skipping indivisible layers)" if skipped else "")  # fmt: skip
     return layers, skipped
 
 

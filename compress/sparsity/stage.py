@@ -44,15 +44,14 @@ def load_sparsify(out_dir: Path, input_bundle: Any, config: NMSparsityConfig) ->
 
     import torch
 
-    from edgecompress.compress.checkpoint import ModelBundle
 
     state = torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=True)
     module = copy.deepcopy(input_bundle.module)
     module.load_state_dict(state["state_dict"])
     module.eval()
     metadata = json.loads(state.get("metadata_json", "{}"))
-    bundle = ModelBundle(module, input_bundle.model_name, input_bundle.input_shape, dict(input_bundle.preprocessing),
-                         input_bundle.num_classes, metadata, str(out_dir / CHECKPOINT))  # fmt: skip
+    bundle = input_bundle.derive(module, metadata=metadata, source=str(out_dir / CHECKPOINT),
+                                 preprocessing=dict(input_bundle.preprocessing))  # fmt: skip
     from edgecompress.compress.sparsity.export import mark_sparse_module
 
     mark_sparse_module(module, metadata["nm_sparsity"])
