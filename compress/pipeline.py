@@ -230,7 +230,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False, all
         GateFailure: after writing every output, when a gate failed or a measure regressed beyond its
             gate (exit code 4).
     """
-    from edgecompress.compress.exporting import export_model
+    from edgecompress.compress.api.deploy import export
     from edgecompress.compress.regression import compare_runs, load_run
     from edgecompress.targets import get_target
 
@@ -251,7 +251,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, allow_code: bool = False, all
         target = get_target(e.target)
         source = final.artifact if final.bundle is None or (final.artifact is not None and e.format == "onnx") \
             else final.bundle
-        art = export_model(source, e.format, target, out / "artifacts" / f"{target.name}-{e.format}", **e.export_options())
+        art = export(source, e, workdir=out / "artifacts" / f"{target.name}-{e.format}", allow_failed=allow_failed).artifact
         old = baseline_artifact(base, baseline, target.name, e.format) if base is not None and baseline else None
         results.append(_export_result(recipe, e, art, target, splits, reference, old))
     failures = [f for r in results for f in r["failed_gates"]]

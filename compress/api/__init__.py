@@ -5,8 +5,9 @@ Each verb is keyword-only after the model: ``verb(model, config=None, *, data=..
 workdir=..., **options) -> Result``. See :mod:`edgecompress` for an example.
 """
 
-from edgecompress.compress.api.deploy import check, export, profile, run
+from edgecompress.compress.api.deploy import check, export, profile
 from edgecompress.compress.api.learned import codebook, qat
+from edgecompress.compress.api.recipes import run
 from edgecompress.compress.api.result import Data, Result
 from edgecompress.compress.api.techniques import quantize, sparsify
 

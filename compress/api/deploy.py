@@ -1,7 +1,8 @@
-"""Deployment as verbs: ``export`` (an artifact for a target), ``check`` (accuracy on its runtime),
-``profile`` (latency on this machine or a device) and ``run`` (a whole recipe).
+"""Deployment as verbs: ``export`` (an artifact for a target), ``check`` (accuracy on its runtime)
+and ``profile`` (latency on this machine or a device); ``run`` (a recipe) is in
+:mod:`edgecompress.compress.api.recipes`.
 
-``compress export | check | profile | run`` call exactly these functions.
+``compress export | check | profile`` and the recipe pipeline's exports call these functions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def export(model: Any, config: Any = None, *, format: str = "onnx", target: Any 
            use_tuned_records: bool = True, executor: str | None = None, ray_address: str | None = None,
            allow_failed: bool = False, progress: Any = None, model_factory: str | None = None,
            trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None,
-           inputs: list[Any] | None = None) -> Result:  # fmt: skip
+           inputs: list[Any] | None = None, **options: Any) -> Result:  # fmt: skip
     """Export ``model`` for a target as a verified artifact (its outputs checked against the source).
 
     Args:
@@ -38,6 +39,8 @@ def export(model: Any, config: Any = None, *, format: str = "onnx", target: Any 
         executor, ray_address: TVM tuning builds on a Ray cluster (``executor="ray"``).
         allow_failed: take an input whose accuracy guard failed.
         progress: TVM tuning: a callable that gets one line per task and round.
+        options: more options of the format (TVM: ``trials_per_task``, ``database_dir``, ``batch``,
+            ``verify``; a recipe entry's ``options``).
 
     Example:
         >>> art = ec.export("ex/cnn.pt", format="tvm", target="x86-64", workdir="art-tvm/").artifact  # doctest: +SKIP
@@ -52,10 +55,11 @@ def export(model: Any, config: Any = None, *, format: str = "onnx", target: Any 
         from edgecompress.compress.recipe import ExportSpec
 
         spec = as_config(ExportSpec, config, {}, "export")
-        format, target = spec.format, spec.target
-        opts = spec.export_options()
-        tune, rpc, tracker, key = opts.get("tune", tune), spec.rpc, spec.tracker, spec.key
-        timeout, executor, ray_address = spec.timeout, opts.get("executor", executor), opts.get("ray_address", ray_address)
+        format, target, rpc, tracker, key, timeout = spec.format, spec.target, spec.rpc, spec.tracker, spec.key, spec.timeout
+        opts = {k: v for k, v in spec.options.items()}
+        tune, executor, ray_address = opts.pop("tune", tune), opts.pop("executor", executor), opts.pop("ray_address", ray_address)
+        opset = int(opts.pop("opset", opset))
+        options = {**opts, **options}
     tgt = as_target(target)
     device: dict[str, Any] = {"rpc": rpc, "tracker": tracker, "key": key, "timeout": timeout if (rpc or tracker) else None,
                               "executor": executor, "ray_address": ray_address}  # fmt: skip
@@ -71,7 +75,7 @@ def export(model: Any, config: Any = None, *, format: str = "onnx", target: Any 
         if isinstance(source, ModelBundle):
             what = f"checkpoint {model}" if isinstance(model, str | Path) else f"model {source.model_name}"
             refuse_failed(source.metadata.get("guard"), what, allow_failed=allow_failed)
-        art = export_model(source, format, tgt, out, opset=opset, tune=tune, **device)
+        art = export_model(source, format, tgt, out, opset=opset, tune=tune, **device, **options)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     m = art.manifest
@@ -192,39 +196,3 @@ def profile(artifact: Any, *, target: Any = None, batch: int = 1, threads: int |
     res = Result("profile", artifact=art, metrics={**summary, "stats": stats}, failures=failures,
                  summary={**summary, "passed": not failures}, paths={"artifact": art.path})  # fmt: skip
     return res.raise_for_failure() if raise_on_failure else res
-
-
-def run(recipe: Any, *, workdir: str | Path | None = None, auto: bool = False, allow_code: bool = False,
-        allow_failed: bool = False, baseline: str | Path | None = None) -> Result:  # fmt: skip
-    """Run a recipe: its stages, an export per target, checks, profiles, gates and the report.
-
-    Args:
-        recipe: a recipe file, its dict, or a ``Recipe``.
-        workdir: the run folder (stages, artifacts, report); rerunning into it resumes.
-        auto: try candidate chains within the budgets and pick the best.
-        allow_code: let the recipe's model factory import Python code.
-        allow_failed: take a model checkpoint whose accuracy guard failed.
-        baseline: a previous run folder (or its summary.json) to judge this run against.
-
-    Raises:
-        GateFailure: a gate failed (everything is written first; the summary is in ``workdir``).
-
-    Example:
-        >>> ec.run("examples/demo.yaml", workdir="demo-out/").summary["results"][0]["metrics"]  # doctest: +SKIP
-    """
-    from edgecompress.compress.errors import ConfigError
-    from edgecompress.compress.pipeline import run_recipe
-    from edgecompress.compress.recipe import Recipe, load_recipe, parse_recipe
-
-    r = recipe if isinstance(recipe, Recipe) else (parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe))
-    out = workdir_for("run", workdir)
-    if baseline is not None and auto:
-        raise ConfigError("--baseline judges a plain run; with --auto, compare the chosen candidate's run folder "
-                          "with: compress compare BASE RUN")  # fmt: skip
-    if auto:
-        from edgecompress.compress.auto import run_auto
-
-        summary = run_auto(r, out, allow_code=allow_code, allow_failed=allow_failed)
-    else:
-        summary = run_recipe(r, out, allow_code=allow_code, allow_failed=allow_failed, baseline=baseline)
-    return Result("run", metrics=summary, summary=summary, paths={"workdir": out, "report": out / "report.md"})
