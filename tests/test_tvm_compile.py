@@ -128,3 +128,27 @@ def test_shipped_database_covers_example(name: str, tmp_path: Path, shipped_tune
     art = export_tvm_format(bundle, host, tmp_path / "tvm", database_dir=tmp_path / "empty-db")
     extra = art.manifest.extra
     assert extra["tuned"] == shipped_tuned and extra["tuned_tasks"] == extra["tasks"]
+
+
+def test_qdq_pad_with_a_dequantized_value_compiles(tmp_path: Path) -> None:
+    """onnxruntime's quantizer gives a Pad its constant through DequantizeLinear (EfficientNet-Lite's
+    int8 graph); TVM's frontend failed on it with an AttributeError. The value is folded first."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgecompress.export import TensorSpec, write_onnx_artifact
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.targets import get_target
+
+    inits = [numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+             numpy_helper.from_array(np.array(3, np.uint8), "q"), numpy_helper.from_array(np.array(0.5, np.float32), "s"),
+             numpy_helper.from_array(np.array(1, np.uint8), "zp")]  # fmt: skip
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["pad_value"]),
+             helper.make_node("Pad", ["input", "pads", "pad_value"], ["output"], mode="constant")]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2, 4, 4])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 2, 6, 6])], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    src = write_onnx_artifact(model, tmp_path / "src", fmt="onnx", inputs=[TensorSpec(name="input", shape=["batch", 2, 4, 4])])
+    art = export_tvm_from_onnx(src, get_target("x86-64"), tmp_path / "tvm")
+    assert art.manifest.metrics["export_check"]["max_abs_error"] == 0.0  # the border is (3 - 1) * 0.5 = 1.0 exactly

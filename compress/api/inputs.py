@@ -167,6 +167,15 @@ def as_splits(data: Any = None, *, calib_data: Any = None, eval_data: Any = None
                      input_shape=input_shape)  # fmt: skip
 
 
+def splits_for(bundle: Any, data: Any = None, *, calib_data: Any = None, eval_data: Any = None, seed: int = 0) -> Any:
+    """:func:`as_splits` with the torch model's preprocessing and input size, named and ordered as its inputs."""
+    from edgecompress.compress.data import image_shape
+
+    splits = as_splits(data, calib_data=calib_data, eval_data=eval_data, seed=seed,
+                       preprocessing=bundle.preprocessing or None, input_shape=image_shape(bundle.spec.inputs))  # fmt: skip
+    return splits.for_model(bundle.spec)
+
+
 def as_dataset(obj: Any, role: str) -> Any:
     """A ``Dataset`` from Python data (paths, names and ``Dataset`` objects pass through)."""
     from edgecompress.compress.data import Dataset

@@ -11,17 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgecompress.compress.api.inputs import as_bundle, as_config, as_splits, as_target, workdir_for
+from edgecompress.compress.api.inputs import as_bundle, as_config, as_target, splits_for, workdir_for
 from edgecompress.compress.api.result import Result
-
-
-def _load(model: Any, data: Any, calib_data: Any, eval_data: Any, seed: int, load: dict[str, Any]) -> tuple[Any, Any]:
-    from edgecompress.compress.data import image_shape
-
-    bundle = as_bundle(model, **load)
-    splits = as_splits(data, calib_data=calib_data, eval_data=eval_data, seed=seed,
-                       preprocessing=bundle.preprocessing or None, input_shape=image_shape(bundle.spec.inputs))  # fmt: skip
-    return bundle, splits.for_model(bundle.spec)
 
 
 def qat(model: Any, config: Any = None, *, data: Any = None, calib_data: Any = None, eval_data: Any = None,
@@ -67,8 +58,9 @@ def qat(model: Any, config: Any = None, *, data: Any = None, calib_data: Any = N
 
     cfg = as_config(GAQATConfig, config, options, "qat")
     tgt = as_target(target)
-    bundle, splits = _load(model, data, calib_data, eval_data, cfg.seed, dict(
-        model_factory=model_factory, trust_pickle=trust_pickle, input_shape=input_shape, inputs=inputs))  # fmt: skip
+    bundle = as_bundle(model, model_factory=model_factory, trust_pickle=trust_pickle, input_shape=input_shape,
+                       inputs=inputs)  # fmt: skip
+    splits = splits_for(bundle, data, calib_data=calib_data, eval_data=eval_data, seed=cfg.seed)
     out = workdir_for("qat", workdir)
     out.mkdir(parents=True, exist_ok=True)
     keep_nm_pattern(bundle)
@@ -135,8 +127,9 @@ def codebook(model: Any, config: Any = None, *, data: Any = None, calib_data: An
 
     cfg = as_config(JLCMConfig, config, options, "codebook")
     tgt = as_target(target)
-    bundle, splits = _load(model, data, calib_data, eval_data, 0, dict(
-        model_factory=model_factory, trust_pickle=trust_pickle, input_shape=input_shape, inputs=inputs))  # fmt: skip
+    bundle = as_bundle(model, model_factory=model_factory, trust_pickle=trust_pickle, input_shape=input_shape,
+                       inputs=inputs)  # fmt: skip
+    splits = splits_for(bundle, data, calib_data=calib_data, eval_data=eval_data)
     out = workdir_for("codebook", workdir)
     keep = sparse_layers(bundle)
     module, report = apply_jlcm(bundle.module, dataset_tensors(splits.calib, cfg.calib_samples), cfg, keep_zeros=keep,

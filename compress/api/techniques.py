@@ -19,16 +19,10 @@ from edgecompress.compress.api.inputs import (
     as_source,
     as_splits,
     as_target,
+    splits_for,
     workdir_for,
 )
 from edgecompress.compress.api.result import Result
-
-
-def _data_for(bundle: Any, data: Any, calib_data: Any, eval_data: Any, seed: int = 0) -> Any:
-    from edgecompress.compress.data import image_shape
-
-    return as_splits(data, calib_data=calib_data, eval_data=eval_data, seed=seed,
-                     preprocessing=bundle.preprocessing or None, input_shape=image_shape(bundle.spec.inputs))  # fmt: skip
 
 
 def _finish(result: Result, raise_on_failure: bool) -> Result:
@@ -80,7 +74,7 @@ def sparsify(model: Any, config: Any = None, *, data: Any = None, calib_data: An
         raise ConfigError(f"--method {cfg.method} trains the model and needs --data or --calib-data (or use --method oneshot)")
     splits = None
     if data is not None or calib_data is not None or eval_data is not None:
-        splits = _data_for(bundle, data, calib_data, eval_data, seed=cfg.seed)
+        splits = splits_for(bundle, data, calib_data=calib_data, eval_data=eval_data, seed=cfg.seed)
     out = workdir_for("sparsify", workdir)
     out.mkdir(parents=True, exist_ok=True)
     sparse, metrics = apply_nm_sparsity(bundle, cfg, splits, out_dir=out / "train", resume=resume)

@@ -124,7 +124,8 @@ def import_onnx(
         raise UnsupportedExportError(
             f"operator(s) {ops} not supported by TVM's ONNX frontend for target {target_name!r}"
         ) from None
-    except (RuntimeError, NotImplementedError, ValueError) as exc:
+    except (RuntimeError, NotImplementedError, ValueError, AttributeError, TypeError, KeyError, IndexError) as exc:
+        # the frontend's own bugs (an AttributeError inside a converter) are its refusal too: named, exit 3
         m = re.search(r"Error converting operator (\w+)", _captured.get("last", "") + str(exc))
         op = f" operator {m.group(1)}" if m else ""
         detail = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1][:200]

@@ -40,7 +40,45 @@ def prepare_for_tvm(model: Any) -> Any:
         import onnx.inliner
 
         model = onnx.inliner.inline_local_functions(model)
-    return sanitize_onnx_names(fold_pad_into_conv(fold_constant_nodes(small_integer_initializers_as_constants(model))))
+    model = fold_pad_values(fold_constant_nodes(small_integer_initializers_as_constants(model)))
+    return sanitize_onnx_names(fold_pad_into_conv(model))
+
+
+def fold_pad_values(model: Any) -> Any:
+    """A copy of ``model`` where a ``Pad`` whose constant value is computed from constants (a QDQ
+    graph's ``DequantizeLinear`` of a quantized zero) gets that value as a ``Constant``: TVM's
+    frontend reads the value only from a constant and fails on anything else."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    values = _constant_values(model)
+    nodes, changed = [], False
+    for node in model.graph.node:
+        value = node.input[2] if node.op_type == "Pad" and len(node.input) > 2 else ""
+        source = producers.get(value)
+        if value and value not in values and source is not None and all(i in values for i in source.input if i):
+            try:
+                (result,) = ReferenceEvaluator(source).run(None, {i: values[i] for i in source.input if i})[:1]
+            except Exception:  # the reference evaluator lacks it: leave the graph as it is
+                result = None
+            if result is not None:
+                name = f"{value}__pad_value"
+                nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(result, name)))
+                values[name] = result
+                node = _with_input(node, 2, name)
+                changed = True
+        nodes.append(node)
+    return _copy_with(model, nodes=nodes) if changed else model
+
+
+def _with_input(node: Any, index: int, name: str) -> Any:
+    import onnx
+
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    out.input[index] = name
+    return out
 
 
 def _has_subgraph(node: Any) -> bool:
