@@ -135,18 +135,16 @@ def run(models: list[str], min_seconds: float, rpc: bool, tune: int | None, thre
                 # Without --tune: the shipped databases only (an empty user database), so the numbers
                 # do not depend on what this machine's user cache happens to hold.
                 db = None if tune else tmp / "no-user-database"
-                try:
-                    arts = {
-                        "tvm fp32 untuned": export_tvm_from_onnx(onnx_art, host, tmp / name / "tvm-u", use_database=False),
-                        "tvm fp32 tuned": export_tvm_from_onnx(onnx_art, host, tmp / name / "tvm-t", tune=tune,
-                                                               database_dir=db),
-                    }  # fmt: skip
-                    if qdq is not None:
-                        arts["tvm int8 (QDQ) untuned"] = export_tvm_from_onnx(qdq, host, tmp / name / "tvm-q",
-                                                                              use_database=False)  # fmt: skip
-                except (ExportError, UnsupportedExportError) as exc:
-                    arts = {}
-                    rows.append({"model": name, "runtime": "tvm", "p50_ms": None, "note": f"export failed: {exc}"[:160]})
+                builds = [("tvm fp32 untuned", onnx_art, "tvm-u", {"use_database": False}),
+                          ("tvm fp32 tuned", onnx_art, "tvm-t", {"tune": tune, "database_dir": db})]
+                if qdq is not None:
+                    builds.append(("tvm int8 (QDQ) untuned", qdq, "tvm-q", {"use_database": False}))
+                arts = {}
+                for label, src, folder, options in builds:  # a failing build is a row saying so; the rest are measured
+                    try:
+                        arts[label] = export_tvm_from_onnx(src, host, tmp / name / folder, **options)
+                    except (ExportError, UnsupportedExportError) as exc:
+                        rows.append({"model": name, "runtime": label, "p50_ms": None, "note": f"export failed: {exc}"[:160]})
                 compile_s = time.perf_counter() - t0
                 sessions: list[tuple[str, Any, str]] = [
                     ("torch eager fp32", TorchSession(bundle.module.eval(), threads=threads), ""),

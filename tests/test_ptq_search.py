@@ -327,3 +327,30 @@ def test_a_time_budget_that_ends_mid_flight_cancels_the_rest_and_keeps_the_best(
     assert [t.config.key() for t in res.trials] == [space[k].key() for k in (0, 1, 2, 5)]
     assert len(evaluator.recorded) == 4  # every finished trial is kept and recorded
     assert res.best is not None and res.best.accuracy == max(t.accuracy for t in res.trials)
+
+
+def test_keep_float_depthwise_leaves_every_depthwise_conv_in_float(tmp_path: Path) -> None:
+    """``keep_float: depthwise`` (in the default space): the depthwise convs stay float, the others are int8."""
+    import onnx
+
+    from edgecompress.compress.models import create_model
+    from edgecompress.compress.ptq.ort_backend import excluded_nodes, prepare_model, quantize_to_file
+    from edgecompress.export import export_onnx
+
+    art = export_onnx(create_model("mobilenetv2").eval(), (1, 28, 28), tmp_path / "fp32", model_name="mobilenetv2")
+    prepared = prepare_model(art.model_path, tmp_path / "cache")
+    graph = onnx.load(str(prepared.path)).graph
+    groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in graph.node if n.op_type == "Conv"}
+    assert prepared.depthwise_nodes and set(prepared.depthwise_nodes) == {n for n, g in groups.items() if g > 1}
+    config = PTQConfig(calibration="minmax", calib_size=8, per_channel=True, keep_float="depthwise")
+    assert "depthwise" in space_preset("default").keep_float
+    excluded = excluded_nodes(prepared, config, None)
+    assert excluded == sorted(prepared.depthwise_nodes)
+    calib = {prepared.input_names[0]: np.random.default_rng(0).normal(size=(8, 1, 28, 28)).astype(np.float32)}
+    quantize_to_file(prepared, config, calib, tmp_path / "q.onnx", tmp_path / "calib", nodes_to_exclude=excluded)
+    q = onnx.load(str(tmp_path / "q.onnx")).graph
+    dequantized = {n.output[0] for n in q.node if n.op_type == "DequantizeLinear"}
+    convs = {n.name: n for n in q.node if n.op_type == "Conv"}
+    for name in prepared.depthwise_nodes:  # float weights, float input: no DequantizeLinear feeds it
+        assert not set(convs[name].input) & dequantized, name
+    assert any(set(c.input) & dequantized for n, c in convs.items() if n not in prepared.depthwise_nodes)

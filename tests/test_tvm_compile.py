@@ -131,8 +131,9 @@ def test_shipped_database_covers_example(name: str, tmp_path: Path, shipped_tune
 
 
 def test_qdq_pad_with_a_dequantized_value_compiles(tmp_path: Path) -> None:
-    """onnxruntime's quantizer gives a Pad its constant through DequantizeLinear (EfficientNet-Lite's
-    int8 graph); TVM's frontend failed on it with an AttributeError. The value is folded first."""
+    """onnxruntime's quantizer gives a Pad its constant through QuantizeLinear -> DequantizeLinear
+    (EfficientNet-Lite's int8 graph); TVM's frontend failed on it with an AttributeError. The value
+    is folded to a constant first."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -141,9 +142,10 @@ def test_qdq_pad_with_a_dequantized_value_compiles(tmp_path: Path) -> None:
     from edgecompress.targets import get_target
 
     inits = [numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
-             numpy_helper.from_array(np.array(3, np.uint8), "q"), numpy_helper.from_array(np.array(0.5, np.float32), "s"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "value"), numpy_helper.from_array(np.array(0.5, np.float32), "s"),
              numpy_helper.from_array(np.array(1, np.uint8), "zp")]  # fmt: skip
-    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["pad_value"]),
+    nodes = [helper.make_node("QuantizeLinear", ["value", "s", "zp"], ["q"]),  # 1.0 -> 3
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["pad_value"]),  # 3 -> 1.0
              helper.make_node("Pad", ["input", "pads", "pad_value"], ["output"], mode="constant")]  # fmt: skip
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2, 4, 4])],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 2, 6, 6])], inits)  # fmt: skip

@@ -33,8 +33,10 @@ class PTQConfig(BaseModel):
         weight_symmetric: symmetric weights (zero point 0) vs asymmetric.
         reduce_range: 7-bit weights, for CPUs without VNNI.
         weight_bits: 8, or 4 (``QInt4`` through QDQ; onnxruntime runs it, slowly on CPU convs).
-        keep_float: nodes left in float: ``none``, ``first_last`` (first and last weighted layers) or
-            ``sensitive`` (the ``keep_float_k`` most sensitive weighted layers).
+        keep_float: nodes left in float: ``none``, ``first_last`` (first and last weighted layers),
+            ``sensitive`` (the ``keep_float_k`` most sensitive weighted layers) or ``depthwise`` (every
+            depthwise convolution: onnxruntime's int8 depthwise kernels are often slower than its
+            float ones, and every trial's measured latency says whether leaving them in float pays).
         keep_float_k: how many sensitive layers stay in float (``sensitive`` only).
         exclude_nodes: ONNX node names always left in float.
         brevitas: ``none`` (onnxruntime's ``quantize_static``) or the brevitas post-training algorithms
@@ -57,7 +59,7 @@ class PTQConfig(BaseModel):
     weight_symmetric: bool = True
     reduce_range: bool = False
     weight_bits: Literal[8, 4] = 8
-    keep_float: Literal["none", "first_last", "sensitive"] = "none"
+    keep_float: Literal["none", "first_last", "sensitive", "depthwise"] = "none"
     keep_float_k: int = Field(0, ge=0)
     exclude_nodes: tuple[str, ...] = ()
     brevitas: str = "none"
@@ -129,7 +131,7 @@ class SearchSpace(BaseModel):
     """The dimensions of the search: each a list of values; the space is their product.
 
     ``calibration`` entries are ``minmax``, ``entropy``, ``distribution`` or ``percentile<P>``
-    (e.g. ``percentile99.99``). ``keep_float`` entries are ``none``, ``first_last`` or
+    (e.g. ``percentile99.99``). ``keep_float`` entries are ``none``, ``first_last``, ``depthwise`` or
     ``sensitive<K>``. Dimension order is the grid-search order (first = outermost loop).
     """
 
@@ -158,8 +160,8 @@ class SearchSpace(BaseModel):
     @classmethod
     def _check_keep_float(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for item in v:
-            if item not in ("none", "first_last") and not re.fullmatch(r"sensitive[1-9]\d*", item):
-                raise ValueError(f"unknown keep_float {item!r}; valid: none, first_last, sensitive<K>")
+            if item not in ("none", "first_last", "depthwise") and not re.fullmatch(r"sensitive[1-9]\d*", item):
+                raise ValueError(f"unknown keep_float {item!r}; valid: none, first_last, depthwise, sensitive<K>")
         return v
 
     @model_validator(mode="after")
@@ -193,12 +195,12 @@ def space_preset(name: str) -> SearchSpace:
     if name == "bench":
         return SearchSpace(calib_size=(1, 100), weight_symmetric=(True,), brevitas=ALGORITHM_SETS)
     if name == "default":
-        return SearchSpace(brevitas=ALGORITHM_SETS)
+        return SearchSpace(keep_float=("none", "first_last", "depthwise"), brevitas=ALGORITHM_SETS)
     if name == "full":
         return SearchSpace(
             calibration=("minmax", "entropy", "percentile99.9", "percentile99.99", "percentile99.999", "distribution"),
             calib_size=(1, 100, 1000), reduce_range=(False, True), weight_bits=(8, 4),
-            keep_float=("none", "first_last", "sensitive2"), brevitas=ALGORITHM_SETS,
+            keep_float=("none", "first_last", "depthwise", "sensitive2"), brevitas=ALGORITHM_SETS,
         )  # fmt: skip
     raise ConfigError(f"unknown search space {name!r}; valid: {', '.join(SPACE_PRESETS)}")
 

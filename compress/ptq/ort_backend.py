@@ -70,6 +70,7 @@ class PreparedModel:
         weighted_nodes: names of Conv/Gemm/MatMul nodes in graph order (the layers of mixed precision
             and of the sensitivity report).
         node_types: op type of each weighted node.
+        depthwise_nodes: the depthwise convolutions (one input channel per group, several groups).
     """
 
     path: Path
@@ -77,6 +78,7 @@ class PreparedModel:
     input_names: tuple[str, ...]
     weighted_nodes: tuple[str, ...]
     node_types: tuple[str, ...]
+    depthwise_nodes: tuple[str, ...] = ()
 
 
 def file_hash(path: Path) -> str:
@@ -135,7 +137,22 @@ def prepare_model(onnx_path: str | Path, cache_folder: Path) -> PreparedModel:
     if not inputs:
         raise ConfigError(f"{src} has no graph inputs to calibrate")
     weighted = [(n.name, n.op_type) for n in model.graph.node if n.op_type in WEIGHTED_OPS]
-    return PreparedModel(dst, digest, tuple(inputs), tuple(n for n, _ in weighted), tuple(t for _, t in weighted))
+    return PreparedModel(dst, digest, tuple(inputs), tuple(n for n, _ in weighted), tuple(t for _, t in weighted),
+                         depthwise_convs(model))  # fmt: skip
+
+
+def depthwise_convs(model: Any) -> tuple[str, ...]:
+    """Names of the ``Conv`` nodes with more than one group and one input channel per group."""
+    from onnx import helper
+
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        group = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+        weight = dims.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if group > 1 and weight is not None and len(weight) > 1 and weight[1] == 1:
+            out.append(node.name)
+    return tuple(out)
 
 
 def calibration_batch_size(n: int, most: int = 64) -> int:
@@ -203,6 +220,8 @@ def excluded_nodes(prepared: PreparedModel, config: PTQConfig, sensitive_order: 
         if sensitive_order is None:
             raise ConfigError("keep_float='sensitive' needs the layer sensitivity ranking of this model")
         names += sensitive_order[: config.keep_float_k]
+    elif config.keep_float == "depthwise":
+        names += prepared.depthwise_nodes
     return sorted(set(names))
 
 

@@ -71,7 +71,7 @@ ONE_HOT_VOCABULARY: dict[str, tuple[Any, ...]] = {
     "weight_symmetric": (False, True),
     "reduce_range": (False, True),
     "weight_bits": (8, 4),
-    "keep_float": ("none", "first_last", "sensitive"),
+    "keep_float": ("none", "first_last", "sensitive", "depthwise"),
     "brevitas": ("none", *ALGORITHM_SETS),
 }
 

@@ -46,30 +46,46 @@ def prepare_for_tvm(model: Any) -> Any:
 
 def fold_pad_values(model: Any) -> Any:
     """A copy of ``model`` where a ``Pad`` whose constant value is computed from constants (a QDQ
-    graph's ``DequantizeLinear`` of a quantized zero) gets that value as a ``Constant``: TVM's
-    frontend reads the value only from a constant and fails on anything else."""
+    graph's ``DequantizeLinear(QuantizeLinear(0))``) gets that value as a ``Constant``: TVM's frontend
+    reads the value only from a constant and fails on anything else."""
     from onnx import helper, numpy_helper
-    from onnx.reference import ReferenceEvaluator
 
     producers = {o: n for n in model.graph.node for o in n.output}
     values = _constant_values(model)
     nodes, changed = [], False
     for node in model.graph.node:
         value = node.input[2] if node.op_type == "Pad" and len(node.input) > 2 else ""
-        source = producers.get(value)
-        if value and value not in values and source is not None and all(i in values for i in source.input if i):
-            try:
-                (result,) = ReferenceEvaluator(source).run(None, {i: values[i] for i in source.input if i})[:1]
-            except Exception:  # the reference evaluator lacks it: leave the graph as it is
-                result = None
+        if value and value not in values:
+            result = _evaluate(value, producers, values, depth=8)
             if result is not None:
                 name = f"{value}__pad_value"
                 nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(result, name)))
-                values[name] = result
                 node = _with_input(node, 2, name)
                 changed = True
         nodes.append(node)
     return _copy_with(model, nodes=nodes) if changed else model
+
+
+def _evaluate(name: str, producers: dict[str, Any], values: dict[str, Any], depth: int) -> Any:
+    """The value of tensor ``name`` when it is computed from constants alone (a few standard nodes
+    deep), else None; ``values`` caches what is computed."""
+    from onnx.reference import ReferenceEvaluator
+
+    if name in values:
+        return values[name]
+    node = producers.get(name)
+    if node is None or depth == 0 or node.domain not in ("", "ai.onnx") or _has_subgraph(node):
+        return None
+    inputs = [i for i in node.input if i]
+    feeds = {i: _evaluate(i, producers, values, depth - 1) for i in inputs}
+    if any(v is None for v in feeds.values()):
+        return None
+    try:
+        outputs = ReferenceEvaluator(node).run(None, feeds)
+    except Exception:  # an operator the reference evaluator lacks: not a constant here
+        return None
+    values.update(zip(node.output, outputs, strict=False))
+    return values.get(name)
 
 
 def _with_input(node: Any, index: int, name: str) -> Any:
