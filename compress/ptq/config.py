@@ -35,8 +35,8 @@ class PTQConfig(BaseModel):
         weight_bits: 8, or 4 (``QInt4`` through QDQ; onnxruntime runs it, slowly on CPU convs).
         keep_float: nodes left in float: ``none``, ``first_last`` (first and last weighted layers),
             ``sensitive`` (the ``keep_float_k`` most sensitive weighted layers) or ``depthwise`` (every
-            depthwise convolution: onnxruntime's int8 depthwise kernels are often slower than its
-            float ones, and every trial's measured latency says whether leaving them in float pays).
+            depthwise convolution, for runtimes whose int8 depthwise kernels are slow; each trial's
+            measured latency says whether it pays: on onnxruntime's x86 CPU provider it does not).
         keep_float_k: how many sensitive layers stay in float (``sensitive`` only).
         exclude_nodes: ONNX node names always left in float.
         brevitas: ``none`` (onnxruntime's ``quantize_static``) or the brevitas post-training algorithms
