@@ -215,7 +215,7 @@ def test_space_round_trip_and_sizes() -> None:
     from edgecompress.compress.ptq.space import point_of
 
     space = enumerate_space(space_preset("full"))
-    assert len(space) == 6 * 3 * 2 * 2 * 2 * 2 * 2 * 3
+    assert len(space) == 6 * 3 * 2 * 2 * 2 * 2 * 2 * 4  # keep_float: none, first_last, depthwise, sensitive2
     assert len({c.key() for c in space}) == len(space)
     assert len(enumerate_space(space_preset("bench"))) == 80
     c = next(c for c in space if c.keep_float == "sensitive" and c.calibration == "percentile")
