@@ -77,6 +77,12 @@ def fused_module_from_onnx(artifact: Any, host: Any) -> Any:
     return tc.fuse_for_cpu(mod, tc.tvm_target(host))
 
 
+def _model_name(artifact: str) -> str:
+    from edgecompress.export import load_artifact
+
+    return load_artifact(artifact).manifest.model_name or Path(artifact).name
+
+
 def demo_onnx_artifacts(work: Path) -> list[Path]:
     """The ONNX artifacts ``make demo`` compiles with TVM (runs ``examples/demo.yaml`` once, cached in ``work``).
 
@@ -252,8 +258,13 @@ def _right(task_mod: Any, rec: Any, tgt: Any, check: Any) -> bool:
     return reason is None
 
 
-def write_database(records: list[tuple[Any, Any]], tgt: Any, dest: Path, target_spec: dict[str, Any]) -> int:
-    """Write ``records`` as a fresh JSON database in ``dest`` (replacing its files, with ``target.json``)."""
+MODELS_FILE = "models.json"  # what a shipped folder was tuned for (tests expect its models tuned on its CPUs)
+
+
+def write_database(records: list[tuple[Any, Any]], tgt: Any, dest: Path, target_spec: dict[str, Any],
+                   models: list[str]) -> int:  # fmt: skip
+    """Write ``records`` as a fresh JSON database in ``dest`` (replacing its files, with ``target.json``
+    and ``models.json``: the models it covers, those tuned now plus those it covered before)."""
     import json
     import os
 
@@ -284,7 +295,9 @@ def write_database(records: list[tuple[Any, Any]], tgt: Any, dest: Path, target_
         verdicts = {f"{workload_hash(r.workload.mod)}:{record_id(r)}": {"ok": True, "source": "shipped"}
                     for r in reloaded.get_all_tuning_records()}  # fmt: skip
         (tmp / CHECKS_FILE).write_text(json.dumps(verdicts, indent=1, sort_keys=True))
-        for f in (WORKLOAD_FILE, RECORD_FILE, TARGET_FILE, CHECKS_FILE):
+        before = json.loads((dest / MODELS_FILE).read_text()) if (dest / MODELS_FILE).is_file() else []
+        (tmp / MODELS_FILE).write_text(json.dumps(sorted({*before, *models}), indent=1) + "\n")
+        for f in (WORKLOAD_FILE, RECORD_FILE, TARGET_FILE, CHECKS_FILE, MODELS_FILE):
             os.replace(tmp / f, dest / f)
     return len(records)
 
@@ -378,7 +391,8 @@ def main() -> None:
     # Without --from-scratch the shipped workloads of models not given here are kept; with it, the
     # folder holds exactly the tasks of the modules tuned in this run.
     records = best_records(modules, tgt, [args.work / key, shipped], keep=None if args.from_scratch else shipped)
-    n = write_database(records, tgt, shipped, dict(host.tvm))
+    covered = [n if not n.startswith("onnx:") else _model_name(n[len("onnx:"):]) for n in modules]
+    n = write_database(records, tgt, shipped, dict(host.tvm), covered)
     size = sum(f.stat().st_size for f in shipped.iterdir() if f.is_file())
     log.info("wrote %d records to %s (%.1f MB) in %.0f s", n, shipped, size / 1e6, time.perf_counter() - t0)
 
