@@ -8,7 +8,6 @@ codebooks, verified N:M), whichever format it goes to.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +55,17 @@ def import_onnx_file(
     recorded in the manifest; the graph itself is unchanged.
 
     Raises:
+        ArtifactError: the file does not exist.
         ConfigError: the file is not a valid ONNX model.
         SpecError: an ``--input`` names no input of the model or has the wrong number of dims.
     """
     import onnx
 
     p = Path(path)
+    if not p.is_file():
+        from edgecompress.export import ArtifactError
+
+        raise ArtifactError(f"ONNX file {str(p)!r} does not exist")
     try:
         model = onnx.load(str(p))
         onnx.checker.check_model(model)
@@ -76,29 +80,6 @@ def import_onnx_file(
         stages=[StageRecord(stage="import-onnx", config={"source": str(p.resolve())})],
         extra={"source_onnx": str(p.resolve()), "source_sha256": sha256_file(p)},
     )  # fmt: skip
-
-
-def onnx_file_or_checkpoint(
-    model: str | Path, out: str | Path, *, target: Any = None, load: Callable[[], ModelBundle] | None = None,
-    inputs: list[TensorSpec] | None = None,
-) -> Artifact:
-    """An fp32 ONNX artifact at ``out`` for ``model``: an ``.onnx`` file imported as is, or a checkpoint
-    (loaded by ``load``) exported. Used by the commands that work on ONNX (quantize, export).
-
-    Raises:
-        ArtifactError: the ONNX file does not exist.
-    """
-    from edgecompress.compress.checkpoint import is_onnx_file, load_checkpoint
-
-    p = Path(model)
-    if is_onnx_file(p):
-        if not p.is_file():
-            from edgecompress.export import ArtifactError
-
-            raise ArtifactError(f"ONNX file {str(p)!r} does not exist")
-        return import_onnx_file(p, out, target=target, inputs=inputs)
-    bundle = load() if load is not None else load_checkpoint(p)
-    return export_model(bundle, "onnx", target, out)
 
 
 def export_model(source: ModelBundle | Artifact, fmt: str, target: Any, out: str | Path, **options: Any) -> Artifact:

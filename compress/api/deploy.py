@@ -46,36 +46,34 @@ def export(model: Any, config: Any = None, *, format: str = "onnx", target: Any 
         >>> art = ec.export("ex/cnn.pt", format="tvm", target="x86-64", workdir="art-tvm/").artifact  # doctest: +SKIP
         >>> art.manifest.extra["tuned"]  # doctest: +SKIP
     """
-    from edgecompress.compress.checkpoint import ModelBundle
+    from edgecompress.compress.checkpoint import ModelBundle, is_onnx_file
     from edgecompress.compress.exporting import export_model
     from edgecompress.compress.guard import input_guard_status, refuse_failed
 
-    if config is not None:
+    if config is not None:  # a recipe's export entry: its options, device fields included
         from edgecompress.compress.api.inputs import as_config
         from edgecompress.compress.recipe import ExportSpec
 
         spec = as_config(ExportSpec, config, {}, "export")
-        format, target, rpc, tracker, key, timeout = spec.format, spec.target, spec.rpc, spec.tracker, spec.key, spec.timeout
-        opts = {k: v for k, v in spec.options.items()}
-        tune, executor, ray_address = opts.pop("tune", tune), opts.pop("executor", executor), opts.pop("ray_address", ray_address)
-        opset = int(opts.pop("opset", opset))
-        options = {**opts, **options}
-    tgt = as_target(target)
-    device: dict[str, Any] = {"rpc": rpc, "tracker": tracker, "key": key, "timeout": timeout if (rpc or tracker) else None,
-                              "executor": executor, "ray_address": ray_address}  # fmt: skip
+        format, target = spec.format, spec.target
+        given = {"opset": opset, **spec.export_options(), **options}
+    else:
+        given = {"opset": opset, "tune": tune, "rpc": rpc, "tracker": tracker, "key": key, "executor": executor,
+                 "ray_address": ray_address, "timeout": timeout if (rpc or tracker) else None, **options}  # fmt: skip
     if format == "tvm":
-        device.update(use_database=use_tuned_records, progress=progress)
+        given.update(use_database=use_tuned_records, progress=progress)
+    tgt = as_target(target)
     out = workdir_for("export", workdir)
     work = out.with_name(f".{out.name}.onnx-src")
     try:
-        if isinstance(model, str | Path) and Path(model).suffix.lower() == ".onnx":
+        if isinstance(model, str | Path) and is_onnx_file(model):
             refuse_failed(input_guard_status(model), str(model), allow_failed=allow_failed)
         source = as_source(model, work, target=tgt, model_factory=model_factory, trust_pickle=trust_pickle,
                            input_shape=input_shape, inputs=inputs)  # fmt: skip
         if isinstance(source, ModelBundle):
             what = f"checkpoint {model}" if isinstance(model, str | Path) else f"model {source.model_name}"
             refuse_failed(source.metadata.get("guard"), what, allow_failed=allow_failed)
-        art = export_model(source, format, tgt, out, opset=opset, tune=tune, **device, **options)
+        art = export_model(source, format, tgt, out, **{k: v for k, v in given.items() if v is not None})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     m = art.manifest

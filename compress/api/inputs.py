@@ -103,9 +103,9 @@ def as_source(model: Any, work: Path, *, target: Any = None, model_factory: str 
     if isinstance(model, str | Path) and is_onnx_file(model):
         if input_shape:
             raise ConfigError("an ONNX file brings its own inputs: fix dynamic dims with --input NAME:SHAPE")
-        from edgecompress.compress.exporting import onnx_file_or_checkpoint
+        from edgecompress.compress.exporting import import_onnx_file
 
-        return onnx_file_or_checkpoint(model, work, target=target, inputs=input_specs(inputs))
+        return import_onnx_file(model, work, target=target, inputs=input_specs(inputs))
     return as_bundle(model, model_factory=model_factory, trust_pickle=trust_pickle, input_shape=input_shape,
                      inputs=inputs)  # fmt: skip
 

@@ -131,6 +131,7 @@ def quantize(model: Any, config: Any = None, *, data: Any = None, calib_data: An
         >>> r.metrics["speedup_vs_fp32"]  # doctest: +SKIP
     """
     from edgecompress.compress.data import image_shape
+    from edgecompress.compress.exporting import export_torch_onnx
     from edgecompress.compress.ptq.config import PTQConfig, QuantuneSearchConfig
     from edgecompress.compress.ptq.search import guard_quantized, quantize_artifact
 
@@ -146,7 +147,7 @@ def quantize(model: Any, config: Any = None, *, data: Any = None, calib_data: An
         from edgecompress.compress.checkpoint import ModelBundle
 
         bundle = source if isinstance(source, ModelBundle) else None
-        fp32 = source if bundle is None else _fp32_onnx(bundle, work, tgt)
+        fp32 = source if bundle is None else export_torch_onnx(bundle, work, target=tgt)
         splits = as_splits(data, calib_data=calib_data, eval_data=eval_data,
                            preprocessing=fp32.manifest.preprocessing or None, input_shape=image_shape(fp32.manifest.inputs))  # fmt: skip
         if eval_data is not None and "val_samples" not in options:  # evaluation data given whole is used whole
@@ -174,12 +175,6 @@ def _search_config(config: Any, ptq_cls: Any) -> Any:
     if isinstance(data, dict) and data and set(data) <= set(ptq_cls.model_fields):
         return {"search": "none", "config": data}
     return data
-
-
-def _fp32_onnx(bundle: Any, work: Path, target: Any) -> Any:
-    from edgecompress.compress.exporting import export_model
-
-    return export_model(bundle, "onnx", target, work)
 
 
 def _quantize_summary(res: Any, check: dict[str, Any], verdict: dict[str, Any]) -> dict[str, Any]:

@@ -69,7 +69,6 @@ def fold_pad_values(model: Any) -> Any:
 def _evaluate(name: str, producers: dict[str, Any], values: dict[str, Any], depth: int) -> Any:
     """The value of tensor ``name`` when it is computed from constants alone (a few standard nodes
     deep), else None; ``values`` caches what is computed."""
-    from onnx.reference import ReferenceEvaluator
 
     if name in values:
         return values[name]
@@ -80,12 +79,21 @@ def _evaluate(name: str, producers: dict[str, Any], values: dict[str, Any], dept
     feeds = {i: _evaluate(i, producers, values, depth - 1) for i in inputs}
     if any(v is None for v in feeds.values()):
         return None
-    try:
-        outputs = ReferenceEvaluator(node).run(None, feeds)
-    except Exception:  # an operator the reference evaluator lacks: not a constant here
+    outputs = _run_node(node, feeds)
+    if outputs is None:
         return None
     values.update(zip(node.output, outputs, strict=False))
     return values.get(name)
+
+
+def _run_node(node: Any, feeds: dict[str, Any]) -> list[Any] | None:
+    """``node``'s outputs on ``feeds`` by onnx's reference evaluator (None for an operator it lacks)."""
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        return list(ReferenceEvaluator(node).run(None, feeds))
+    except Exception:  # an operator the reference evaluator lacks: left to TVM at run time
+        return None
 
 
 def _with_input(node: Any, index: int, name: str) -> Any:
@@ -127,7 +135,6 @@ def fold_constant_nodes(model: Any, max_elements: int = FOLD_MAX_ELEMENTS) -> An
     ``max_elements`` values are left to run time (they would bloat the compiled code).
     """
     from onnx import helper, numpy_helper
-    from onnx.reference import ReferenceEvaluator
 
     known: dict[str, Any] = {}
     nodes: list[Any] = []
@@ -136,10 +143,7 @@ def fold_constant_nodes(model: Any, max_elements: int = FOLD_MAX_ELEMENTS) -> An
         standard = node.domain in ("", "ai.onnx")
         inputs = [i for i in node.input if i]
         if standard and not _has_subgraph(node) and all(i in known for i in inputs):
-            try:
-                values = ReferenceEvaluator(node).run(None, {i: known[i] for i in inputs})
-            except Exception:  # an operator the reference evaluator lacks: leave it to TVM
-                values = None
+            values = _run_node(node, {i: known[i] for i in inputs})
             if values is not None and all(getattr(v, "size", max_elements + 1) <= max_elements for v in values):
                 known.update(zip(node.output, values, strict=True))
                 if node.op_type == "Constant":
