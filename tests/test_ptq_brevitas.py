@@ -14,35 +14,89 @@ def _sqnr(ref: np.ndarray, out: np.ndarray) -> float:
     return float(10 * np.log10((ref**2).sum() / max(((ref - out) ** 2).sum(), 1e-30)))
 
 
+def _trial_model(bundle, config, calib, val, tmp_path: Path):  # noqa: ANN001, ANN202
+    """The int8 model a Quantune trial builds for ``config`` (through the evaluator's own task)."""
+    from edgecompress.compress.exporting import export_torch_onnx
+    from edgecompress.compress.ptq.evaluator import Evaluator, quantize_trial_model
+    from edgecompress.compress.ptq.ort_backend import prepare_model
+
+    art = export_torch_onnx(bundle, tmp_path / "fp32")
+    ev = Evaluator(prepare_model(art.model_path, tmp_path / "models"), calib, val, None, metric="agreement",
+                   database=None, workdir=tmp_path / "ev", module=bundle.module)  # fmt: skip
+    out = tmp_path / "q.onnx"
+    quantize_trial_model(ev.task(config), calib, out)
+    return out
+
+
 @pytest.mark.parametrize("algorithms", ["equalize+bias_correction", "gptq"])
 def test_a_brevitas_config_exports_qdq_that_onnxruntime_runs_like_brevitas(algorithms: str, cnn_checkpoint: Path,
                                                                             mnist_splits, tmp_path: Path) -> None:  # fmt: skip
+    """The QDQ graph holds brevitas' int8 weights exactly, and onnxruntime (activations int8 as well)
+    computes what the brevitas-quantized torch model computes (>= 30 dB)."""
+    import onnx
     import torch
+    from onnx import numpy_helper
 
     from edgecompress.compress.checkpoint import load_checkpoint
-    from edgecompress.compress.ptq.brevitas_backend import quantize_to_onnx
+    from edgecompress.compress.ptq import brevitas_backend as bb
     from edgecompress.compress.ptq.ort_backend import model_outputs
 
     bundle = load_checkpoint(cnn_checkpoint)
-    names = tuple(bundle.spec.input_names) if hasattr(bundle.spec, "input_names") else ("x",)
+    names = tuple(bundle.spec.input_names)
     calib = mnist_splits.calib.feeds(list(bundle.spec.inputs))
     val = mnist_splits.val.head(64).feeds(list(bundle.spec.inputs))
-    config = PTQConfig(brevitas=algorithms, calibration="percentile", percentile=99.999, calib_size=64,
-                       per_channel=True, activation_symmetric=True)  # fmt: skip
-    out = tmp_path / "q.onnx"
-    fake_quant = quantize_to_onnx(bundle.module, config, calib, names, out)
-    with torch.no_grad():
-        ref = fake_quant(*(torch.from_numpy(val[n]) for n in names))
-    ref = np.asarray(getattr(ref, "value", ref))
+    config = PTQConfig(brevitas=algorithms, calibration="percentile", percentile=99.999, calib_size=64, per_channel=True)
+    out = _trial_model(bundle, config, calib, val, tmp_path)
+    with torch.no_grad():  # the brevitas model, rebuilt here: float graph, then rounded weights
+        model = bb.float_model(bundle.module, set(algorithms.split("+")))
+        scales = bb.quantize_weights(model, config, calib, names)
+        ref = model(*(torch.from_numpy(val[n]) for n in names)).numpy()
     ort_out = model_outputs(out, val)[0]
     assert _sqnr(ref, ort_out) >= 30.0  # onnxruntime computes what brevitas simulated
-    import onnx
-
-    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    graph = onnx.load(str(out))
+    ops = {n.op_type for n in graph.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # a standard QDQ graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    int8 = [v for k, v in inits.items() if k.endswith("_quantized") and v.dtype == np.int8 and v.ndim == 4]
+    rounded = [model.get_submodule(name).weight.detach().numpy() / s.reshape(-1, 1, 1, 1) for name, s in scales.items()
+               if model.get_submodule(name).weight.ndim == 4]  # fmt: skip
+    assert rounded and len(int8) == len(rounded)
+    for q in int8:  # every int8 conv weight in the graph is one of brevitas' rounded weights, exactly
+        assert any(q.shape == r.shape and np.array_equal(q, np.round(r)) for r in rounded)
     with torch.no_grad():
         fp32 = bundle.module(torch.from_numpy(val[names[0]])).numpy()
     assert (fp32.argmax(1) == ort_out.argmax(1)).mean() >= 0.95
+
+
+def test_convs_called_inside_a_padding_subclass_are_quantized(tmp_path: Path) -> None:
+    """A conv subclass that pads in its own forward (TensorFlow "same", EfficientNet-Lite) traces into a
+    functional call: it must become a module, or brevitas leaves its weights in float (the bug seen on
+    EfficientNet-Lite: only the classifier was quantized)."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from torch import nn
+
+    from edgecompress.compress.ptq import brevitas_backend as bb
+
+    class SameConv(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(F.pad(x, [0, 1, 0, 1]), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(SameConv(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU6(), SameConv(8, 8, 3, groups=8),
+                        nn.ReLU6(), nn.Flatten(), nn.LazyLinear(4)).eval()  # fmt: skip
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+        model = bb.float_model(net, {"gptq"})
+        assert torch.allclose(model(x), ref, atol=1e-5)  # the same function, batch norm merged
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        scales = bb.quantize_weights(model, PTQConfig(brevitas="gptq", calib_size=4), {"x": x.numpy()}, ("x",))
+    assert len(scales) == 3  # both padded convs and the linear layer were quantized
+    for name, s in scales.items():
+        w = model.get_submodule(name).weight.detach().numpy()
+        k = w / s.reshape(-1, *([1] * (w.ndim - 1)))
+        assert np.allclose(k, np.round(k), atol=1e-3) and np.abs(k).max() <= 127.0001  # on the int8 grid
 
 
 def test_checkpoint_search_measures_brevitas_configs_and_onnx_input_has_none(cnn_checkpoint: Path, mnist_splits,

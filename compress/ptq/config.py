@@ -20,6 +20,10 @@ SpacePreset = Literal["tiny", "bench", "default", "full"]
 SPACE_PRESETS: tuple[str, ...] = get_args(SpacePreset)
 
 
+#: the version of how brevitas configurations are built (2: brevitas' weights, onnxruntime's QDQ graph)
+BREVITAS_FLOW = 2
+
+
 class PTQConfig(BaseModel):
     """One static post-training quantization configuration (onnxruntime ``quantize_static``, QDQ).
 
@@ -39,11 +43,12 @@ class PTQConfig(BaseModel):
             measured latency says whether it pays: on onnxruntime's x86 CPU provider it does not).
         keep_float_k: how many sensitive layers stay in float (``sensitive`` only).
         exclude_nodes: ONNX node names always left in float.
-        brevitas: ``none`` (onnxruntime's ``quantize_static``) or the brevitas post-training algorithms
-            applied to the torch model (:mod:`edgecompress.compress.ptq.brevitas_backend`): ``calibrate``,
-            ``equalize``, ``bias_correction``, ``gptq``, ``gpfq`` or ``+``-joined sets of them. Brevitas
-            configurations calibrate by percentile (99.999), use symmetric activations and int8
-            symmetric weights, and keep no layer in float.
+        brevitas: ``none`` (onnxruntime's ``quantize_static`` on the model as given) or brevitas'
+            post-training algorithms applied to the torch model first
+            (:mod:`edgecompress.compress.ptq.brevitas_backend`): ``equalize`` (cross-layer equalization),
+            ``bias_correction``, ``gptq``, ``gpfq`` or ``+``-joined sets of them. Their int8 symmetric
+            weights (per channel or per tensor) are brevitas'; activations are calibrated by onnxruntime
+            as the other fields say; no layer is kept in float.
 
     Example:
         >>> PTQConfig(calibration="percentile", percentile=99.99, per_channel=True).key()[:8]  # doctest: +SKIP
@@ -71,12 +76,11 @@ class PTQConfig(BaseModel):
 
             if self.brevitas not in ALGORITHM_SETS:
                 raise ValueError(f"unknown brevitas algorithms {self.brevitas!r}; valid: none, {', '.join(ALGORITHM_SETS)}")
-            fixed = {"calibration": "percentile", "percentile": 99.999, "activation_symmetric": True,
-                     "weight_symmetric": True, "reduce_range": False, "weight_bits": 8, "keep_float": "none"}  # fmt: skip
+            fixed = {"weight_symmetric": True, "reduce_range": False, "weight_bits": 8, "keep_float": "none"}
             wrong = [f"{k}={getattr(self, k)!r}" for k, v in fixed.items() if getattr(self, k) != v]
             if wrong:
-                raise ValueError(f"brevitas configurations fix {', '.join(f'{k}={v!r}' for k, v in fixed.items())}; "
-                                 f"got {', '.join(wrong)}")  # fmt: skip
+                raise ValueError(f"brevitas configurations fix {', '.join(f'{k}={v!r}' for k, v in fixed.items())} "
+                                 f"(brevitas rounds int8 symmetric weights); got {', '.join(wrong)}")  # fmt: skip
         if self.keep_float == "sensitive" and self.keep_float_k < 1:
             raise ValueError("keep_float='sensitive' needs keep_float_k >= 1 (how many layers stay in float)")
         if self.keep_float != "sensitive" and self.keep_float_k:
@@ -90,7 +94,23 @@ class PTQConfig(BaseModel):
             d.pop("percentile")
         if self.brevitas == "none":  # onnxruntime configurations keep the keys they had before brevitas
             d.pop("brevitas")
+        else:  # brevitas' weights through onnxruntime's quantizer: trials of the retired QCDQ path never match
+            d["brevitas_flow"] = BREVITAS_FLOW
         return d
+
+    @classmethod
+    def from_canonical(cls, stored: dict[str, Any]) -> PTQConfig:
+        """The configuration of a stored :meth:`canonical` dict.
+
+        Raises:
+            ValueError: (pydantic's ValidationError included) not a configuration of this space, e.g. a
+                brevitas trial of the retired QCDQ flow.
+        """
+        d = dict(stored)
+        flow = d.pop("brevitas_flow", None)
+        if d.get("brevitas", "none") != "none" and flow != BREVITAS_FLOW:
+            raise ValueError(f"brevitas configuration of flow {flow!r}, not {BREVITAS_FLOW}")
+        return cls(**d)
 
     def key(self) -> str:
         """A stable identifier of the configuration (cache and database key)."""

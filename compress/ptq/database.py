@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecompress.compress.errors import ConfigError
+from edgecompress.compress.ptq.config import PTQConfig
 
 SEED_DATABASE = Path(__file__).with_name("seed_trials.sqlite")
 SCHEMA_VERSION = 1
@@ -204,6 +205,8 @@ class TuningDatabase:
             name, desc = models[t.model_hash]
             if name in exclude_names:
                 continue
+            if not _valid_config(t.config):  # a configuration of an older space (e.g. brevitas' retired QCDQ path)
+                continue
             delta = (t.accuracy if t.accuracy is not None else 0.0) - t.fp32_accuracy
             if not math.isfinite(delta):  # an SQNR-scored model: fp32 against itself is unbounded, no change to learn
                 continue
@@ -218,6 +221,14 @@ class TuningDatabase:
         for t in trials:
             self.put_trial(t)
         return len(trials)
+
+
+def _valid_config(config: dict[str, Any]) -> bool:
+    try:
+        PTQConfig.from_canonical(config)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _stored(row: tuple[Any, ...]) -> StoredTrial:

@@ -132,19 +132,28 @@ class TrialTask:
 
 
 def quantize_trial_model(task: TrialTask, calib: dict[str, np.ndarray], out: Path) -> dict[str, Any]:
-    """Write the quantized model of ``task.config`` to ``out``: onnxruntime's quantizer, or brevitas on the
-    torch model; returns the calibration bookkeeping (:func:`compress.ptq.ort_backend.quantize_to_file`)."""
-    if task.config.brevitas == "none":
-        from edgecompress.compress.ptq.ort_backend import quantize_to_file
+    """Write the quantized model of ``task.config`` to ``out``: onnxruntime's quantizer, on the model as
+    given or on the float model brevitas' algorithms made (:mod:`compress.ptq.brevitas_backend`, its
+    weights pinned to brevitas' int8 grid); returns the calibration bookkeeping
+    (:func:`compress.ptq.ort_backend.quantize_to_file`)."""
+    from edgecompress.compress.ptq.ort_backend import quantize_to_file
 
+    if task.config.brevitas == "none":
         return quantize_to_file(task.prepared, task.config, calib, out, task.calib_cache, nodes_to_exclude=list(task.exclude))
-    from edgecompress.compress.ptq.brevitas_backend import BrevitasError, quantize_to_onnx
+    import onnx
+
+    from edgecompress.compress.ptq import brevitas_backend as bb
+    from edgecompress.export.spec import ModelSpec
 
     if task.module is None:
-        raise BrevitasError("brevitas configurations need the torch model: give the checkpoint, not an ONNX file")
+        raise bb.BrevitasError("brevitas configurations need the torch model: give the checkpoint, not an ONNX file")
     t0 = time.perf_counter()
-    quantize_to_onnx(task.module, task.config, calib, task.prepared.input_names, out)
-    return {"calibration_seconds": time.perf_counter() - t0, "calibrated": True}
+    spec = ModelSpec.from_onnx(onnx.load(str(task.prepared.path), load_external_data=False))
+    prepared, stored = bb.brevitas_onnx(task.module, task.config, calib, spec, task.calib_cache.parent / "brevitas")
+    overrides = bb.override_options(stored)
+    info = quantize_to_file(prepared, task.config, calib, out, task.calib_cache, tensor_overrides=overrides)
+    bb.check_pinned_weights(out, prepared.path, overrides)
+    return {**info, "calibration_seconds": info["calibration_seconds"] + (time.perf_counter() - t0 - info["quantize_seconds"])}
 
 
 def _row_digests(feeds: dict[str, np.ndarray]) -> list[bytes]:

@@ -58,16 +58,14 @@ def _r(v: float | None) -> float | None:
 
 def ptq_algorithms(config: PTQConfig, float_layers: int = 0) -> list[str]:
     """The post-training steps a configuration applies, in words (for the JSON and the report)."""
+    brevitas: list[str] = []
     if config.brevitas != "none":
-        names = {"calibrate": "activation calibration (percentile 99.999)", "equalize": "cross-layer graph equalization",
-                 "bias_correction": "bias correction", "gptq": "GPTQ weight rounding", "gpfq": "GPFQ weight rounding"}  # fmt: skip
-        return ["brevitas (QCDQ export)", names["calibrate"],
-                *(names[a] for a in config.brevitas.split("+") if a != "calibrate"),
-                f"{config.calib_size} calibration samples",
-                "per-channel int8 weights" if config.per_channel else "per-tensor int8 weights"]  # fmt: skip
+        names = {"equalize": "cross-layer graph equalization", "bias_correction": "bias correction",
+                 "gptq": "GPTQ weight rounding", "gpfq": "GPFQ weight rounding"}  # fmt: skip
+        brevitas = [f"brevitas {names[a]}" for a in config.brevitas.split("+")]
     calib = f"{config.calibration} calibration ({config.calib_size} samples"
     calib += f", percentile {config.percentile})" if config.calibration == "percentile" else ")"
-    steps = ["onnxruntime quantize_static (QDQ)", calib,
+    steps = [*brevitas, "onnxruntime quantize_static (QDQ)", calib,
              "per-channel weights" if config.per_channel else "per-tensor weights",
              f"int{config.weight_bits} {'symmetric' if config.weight_symmetric else 'asymmetric'} weights",
              f"int8 {'symmetric' if config.activation_symmetric else 'asymmetric'} activations"]  # fmt: skip

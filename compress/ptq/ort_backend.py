@@ -234,8 +234,12 @@ def quantize_to_file(
     *,
     nodes_to_exclude: list[str] | None = None,
     nodes_to_quantize: list[str] | None = None,
+    tensor_overrides: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Quantize ``prepared`` with ``config`` (static, QDQ) into ``out_path``.
+
+    ``tensor_overrides`` pins tensors' scales (onnxruntime's ``TensorQuantOverrides``: brevitas'
+    rounded weights keep brevitas' scales).
 
     Calibration ranges are stored in ``calib_cache`` (a folder) and reused by later calls with the
     same calibration key; the file is written atomically so parallel workers never read half of it.
@@ -268,6 +272,8 @@ def quantize_to_file(
     }
     if config.calibration == "percentile":
         extra["CalibPercentile"] = config.percentile
+    if tensor_overrides:
+        extra["TensorQuantOverrides"] = tensor_overrides
     t0 = time.perf_counter()
     # onnxruntime's quantizer writes "<model>-inferred.onnx" beside its input and deletes it after:
     # concurrent trials on one model file would delete each other's, so each reads a private link.

@@ -308,7 +308,7 @@ def quantize_artifact(
     sens: list[dict[str, Any]] = []
     if config.sensitivity:
         scheme = (choice.trial or best).config  # each layer alone through onnxruntime's quantizer, with this scheme
-        scheme = SENSITIVITY_REFERENCE if scheme.brevitas != "none" else scheme
+        scheme = scheme.model_copy(update={"brevitas": "none"}) if scheme.brevitas != "none" else scheme
         sens = layer_sensitivity(prepared, scheme, calib_x, val_x, val_y, evaluator.fp32_outputs,
                                  evaluator.calib_cache, metric=metric)  # fmt: skip
     final = finalize(Path(source.model_path), prepared, choice, evaluator, calib_x, config, spec)

@@ -49,15 +49,18 @@ def point_of(config: PTQConfig) -> dict[str, Any]:
 
 def enumerate_space(space: SearchSpace, *, brevitas: bool = False) -> list[PTQConfig]:
     """Every configuration of ``space`` in grid order (first dimension = outermost loop); with
-    ``brevitas`` (a torch model is at hand) then the brevitas configurations, per algorithm set,
-    weight scheme and calibration size."""
+    ``brevitas`` (a torch model is at hand) then the brevitas configurations: each algorithm set with
+    each activation calibration, calibration size, weight granularity and activation scheme (weights
+    int8 symmetric, no float layers)."""
     dims = space.dimensions()
     names = list(dims)
     out = [_config_from_point(dict(zip(names, values, strict=True))) for values in itertools.product(*dims.values())]
     if brevitas:
-        out += [PTQConfig(brevitas=algos, calibration="percentile", percentile=99.999, calib_size=n, per_channel=pc,
-                          activation_symmetric=True, weight_symmetric=True)
-                for algos in space.brevitas for pc in space.per_channel for n in space.calib_size]  # fmt: skip
+        fixed = {"weight_symmetric": True, "reduce_range": False, "weight_bits": 8, "keep_float": "none"}
+        out += [_config_from_point({"calibration": cal, "calib_size": n, "per_channel": pc, "activation_symmetric": sym,
+                                    "brevitas": algos, **fixed})
+                for algos in space.brevitas for cal in space.calibration for n in space.calib_size
+                for pc in space.per_channel for sym in space.activation_symmetric]  # fmt: skip
     return out
 
 

@@ -206,7 +206,7 @@ class QuantuneSearch(SearchStrategy):
         self._relative = math.isfinite(fp32_accuracy)
         if not self._relative:
             self.prior = []
-        self._prior_x = [feature_vector(PTQConfig(**r.config), r.descriptors) for r in self.prior]
+        self._prior_x = [feature_vector(PTQConfig.from_canonical(r.config), r.descriptors) for r in self.prior]
         self._prior_y = [r.accuracy_delta for r in self.prior]
         self.predictions: dict[str, float] = {}
         self.objective, self.max_drop, self.fp32_latency_ms, self.min_score = objective, max_drop, fp32_latency_ms, min_score
