@@ -95,11 +95,12 @@ def _layer_for_call(graph_module: Any, node: Any) -> Any:
     if linear:
         layer: Any = nn.Linear(weight.shape[1], weight.shape[0], bias=bias_param is not None)
     else:
-        rest = {k: args[k] for k in ("stride", "padding", "dilation", "groups") if k in args}
+        rest: dict[str, Any] = {k: args[k] for k in ("stride", "padding", "dilation", "groups") if k in args}
         if not all(isinstance(v, int | tuple | list | str) for v in rest.values()):
             return None  # a computed stride or padding: leave the call alone
         groups = int(rest.pop("groups", 1))
-        layer = convs[node.target](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), groups=groups,
+        conv: Any = convs[node.target]
+        layer = conv(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), groups=groups,
                                    bias=bias_param is not None, **{k: tuple(v) if isinstance(v, list) else v
                                                                    for k, v in rest.items()})  # fmt: skip
     layer.weight = weight
@@ -261,7 +262,7 @@ def weight_overrides(onnx_model: Any, model: Any, scales: dict[str, Any]) -> dic
         axis = axes[name]
         if transposed != (axis == 1 and weight.ndim == 2):
             continue  # the stored layout does not put brevitas' output channels on the consumer's channel axis
-        entries = [{"scale": np.float32(s), "zero_point": np.int8(0)} for s in scale]
+        entries: list[dict[str, Any]] = [{"scale": np.float32(s), "zero_point": np.int8(0)} for s in scale]
         if len(entries) > 1:
             entries[0]["axis"] = axis
         overrides[name] = entries
