@@ -215,7 +215,8 @@ def test_space_round_trip_and_sizes() -> None:
     from edgecompress.compress.ptq.space import point_of
 
     space = enumerate_space(space_preset("full"))
-    assert len(space) == 6 * 3 * 2 * 2 * 2 * 2 * 2 * 4  # keep_float: none, first_last, depthwise, sensitive2
+    # calibrations x sizes x pc x aS x wS x reduce_range x int8/int4 x 6 float-layer choices x op sets x 4-bit MatMuls
+    assert len(space) == 6 * 3 * 2 * 2 * 2 * 2 * 2 * 6 * 2 * 2
     assert len({c.key() for c in space}) == len(space)
     assert len(enumerate_space(space_preset("bench"))) == 80
     c = next(c for c in space if c.keep_float == "sensitive" and c.calibration == "percentile")
@@ -356,3 +357,94 @@ def test_keep_float_depthwise_leaves_every_depthwise_conv_in_float(tmp_path: Pat
         assert convs[name].input[1] in floats and convs[name].input[1] not in dequantized, name
     others = [c for n, c in convs.items() if n not in prepared.depthwise_nodes]
     assert others and all(c.input[1] in dequantized for c in others)  # every other conv has int8 weights
+
+
+def _matmul_model(path: Path) -> Path:
+    """x -> MatMul(W1) -> Relu -> MatMul(W2) -> Sigmoid: two constant-weight MatMuls and an activation."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), "W1")
+    w2 = numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), "W2")
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["m"], name="mm2"), helper.make_node("Sigmoid", ["m"], ["y"], name="sigmoid")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])], initializer=[w1, w2])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path  # fmt: skip
+
+
+def test_operator_set_and_4bit_matmuls_change_the_graph_as_configured(tmp_path: Path) -> None:
+    """``op_types: weighted`` quantizes only Conv/MatMul/Gemm (the Sigmoid stays float); ``matmul_4bit``
+    turns the constant-weight MatMuls into 4-bit MatMulNBits; both outputs stay close to fp32."""
+    import onnx
+
+    from edgecompress.compress.ptq.ort_backend import model_outputs, prepare_model, quantize_to_file
+    from edgecompress.compress.ptq.space import applies_to
+
+    prepared = prepare_model(_matmul_model(tmp_path / "mlp.onnx"), tmp_path / "cache")
+    assert set(prepared.weight_matmuls) == {"mm1", "mm2"}
+    calib = {"x": np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)}
+    ref = model_outputs(prepared.path, calib)[0]
+
+    def build(**kw: object) -> tuple[set[str], set[str], float]:
+        out = tmp_path / f"q{len(kw)}{sorted(kw)}.onnx"
+        quantize_to_file(prepared, PTQConfig(calibration="minmax", calib_size=32, **kw), calib, out, tmp_path / "calib")
+        graph = onnx.load(str(out)).graph
+        quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+        fed = {n.op_type for n in graph.node if n.op_type != "DequantizeLinear" and n.output[0] in quantized}
+        got = model_outputs(out, calib)[0]
+        return {n.op_type for n in graph.node}, fed, float(10 * np.log10((ref**2).sum() / ((ref - got) ** 2).sum()))
+
+    _, fed_all, sqnr_all = build()
+    _, fed_weighted, sqnr_weighted = build(op_types="weighted")
+    # the ops whose output is quantized: the Sigmoid's only with op_types=all
+    assert "Sigmoid" in fed_all and "Sigmoid" not in fed_weighted
+    ops_4bit, _, sqnr_4bit = build(matmul_4bit=True, op_types="weighted")
+    assert "MatMulNBits" in ops_4bit and "MatMul" not in ops_4bit
+    assert min(sqnr_all, sqnr_weighted) > 25 and sqnr_4bit > 15
+    assert applies_to(PTQConfig(matmul_4bit=True), prepared)
+    assert not applies_to(PTQConfig(matmul_4bit=True), prepared.__class__(**{**prepared.__dict__, "weight_matmuls": ()}))
+    assert not applies_to(PTQConfig(keep_float="depthwise"), prepared)  # no depthwise conv: same as "none"
+
+
+def test_keep_float_slow_leaves_the_layers_timed_slower_in_int8_in_float(evaluator) -> None:
+    """The per-layer profile maps onnxruntime's fused node names back to layers, and ``keep_float: slow``
+    excludes exactly the layers found slower."""
+    import onnx
+
+    from edgecompress.compress.ptq.layer_speed import layer_aliases, layer_times
+
+    model = onnx.load(str(evaluator.prepared.path))
+    layers = evaluator.prepared.weighted_nodes
+    aliases = layer_aliases(model, layers)
+    first = next(n for n in model.graph.node if n.name == layers[0])
+    act = next((n for n in model.graph.node if first.output[0] in n.input), None)
+    profile = {f"{layers[0]}_token_7": 50.0, f"{first.output[0]}_nchwc": 20.0, "unrelated": 99.0}
+    if act is not None and act.op_type in ("Relu", "Clip"):
+        profile[f"{act.output[0]}_nchwc"] = 5.0  # a conv fused with its activation is named after the activation
+    times = layer_times(profile, aliases)
+    assert set(times) == {layers[0]} and times[layers[0]] == sum(v for k, v in profile.items() if k != "unrelated")
+    evaluator.set_slow_source([layers[1]])
+    task = evaluator.task(PTQConfig(calibration="minmax", calib_size=16, keep_float="slow"))
+    assert task.exclude == (layers[1],)
+    evaluator.set_slow_source(None)
+    with pytest.raises(ConfigError, match="slow"):
+        evaluator.task(PTQConfig(calibration="minmax", calib_size=16, keep_float="slow"))
+
+
+def test_slow_layers_profiles_both_models_on_the_runtime(evaluator) -> None:
+    """A real profile of the CNN: every weighted layer is timed in both models."""
+    from edgecompress.compress.ptq.evaluator import load_feeds
+    from edgecompress.compress.ptq.layer_speed import slow_layers
+    from edgecompress.compress.ptq.ort_backend import quantize_to_file
+
+    out = evaluator.workdir / "speed-int8.onnx"
+    quantize_to_file(evaluator.prepared, PTQConfig(calibration="minmax", calib_size=16), evaluator_calib(evaluator), out,
+                     evaluator.calib_cache)  # fmt: skip
+    one = {k: v[:1] for k, v in load_feeds(evaluator.arrays / "val.npz").items()}
+    slow, table = slow_layers(evaluator.prepared, out, one, ["CPUExecutionProvider"], 1)
+    assert {r["node"] for r in table} == set(evaluator.prepared.weighted_nodes)
+    assert all(r["float_us"] > 0 and r["int8_us"] > 0 for r in table)
+    assert set(slow) == {r["node"] for r in table if r["int8_us"] > 1.05 * r["float_us"]}

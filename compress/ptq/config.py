@@ -38,9 +38,11 @@ class PTQConfig(BaseModel):
         reduce_range: 7-bit weights, for CPUs without VNNI.
         weight_bits: 8, or 4 (``QInt4`` through QDQ; onnxruntime runs it, slowly on CPU convs).
         keep_float: nodes left in float: ``none``, ``first_last`` (first and last weighted layers),
-            ``sensitive`` (the ``keep_float_k`` most sensitive weighted layers) or ``depthwise`` (every
+            ``sensitive`` (the ``keep_float_k`` most sensitive weighted layers), ``depthwise`` (every
             depthwise convolution, for runtimes whose int8 depthwise kernels are slow; each trial's
-            measured latency says whether it pays: on onnxruntime's x86 CPU provider it does not).
+            measured latency says whether it pays: on onnxruntime's x86 CPU provider it does not) or
+            ``slow`` (the layers whose int8 kernel took longer than their float kernel in a per-node
+            profile of both models on this runtime: :mod:`compress.ptq.layer_speed`).
         keep_float_k: how many sensitive layers stay in float (``sensitive`` only).
         exclude_nodes: ONNX node names always left in float.
         brevitas: ``none`` (onnxruntime's ``quantize_static`` on the model as given) or brevitas'
@@ -49,6 +51,11 @@ class PTQConfig(BaseModel):
             ``bias_correction``, ``gptq``, ``gpfq`` or ``+``-joined sets of them. Their int8 symmetric
             weights (per channel or per tensor) are brevitas'; activations are calibrated by onnxruntime
             as the other fields say; no layer is kept in float.
+        op_types: ``all`` (every operator onnxruntime can quantize, its default) or ``weighted`` (only
+            Conv/MatMul/Gemm: the rest stays float, with Q/DQ pairs between).
+        matmul_4bit: MatMul weights in 4 bits (onnxruntime's ``MatMulNBits``, block 32, symmetric,
+            int8 activations inside the kernel: W4A8); the other layers as configured. Only for models
+            with constant-weight MatMuls (transformers); Conv and Gemm are not converted.
 
     Example:
         >>> PTQConfig(calibration="percentile", percentile=99.99, per_channel=True).key()[:8]  # doctest: +SKIP
@@ -64,10 +71,12 @@ class PTQConfig(BaseModel):
     weight_symmetric: bool = True
     reduce_range: bool = False
     weight_bits: Literal[8, 4] = 8
-    keep_float: Literal["none", "first_last", "sensitive", "depthwise"] = "none"
+    keep_float: Literal["none", "first_last", "sensitive", "depthwise", "slow"] = "none"
     keep_float_k: int = Field(0, ge=0)
     exclude_nodes: tuple[str, ...] = ()
     brevitas: str = "none"
+    op_types: Literal["all", "weighted"] = "all"
+    matmul_4bit: bool = False
 
     @model_validator(mode="after")
     def _cross_field(self) -> PTQConfig:
@@ -92,6 +101,9 @@ class PTQConfig(BaseModel):
         d = self.model_dump(mode="json")
         if self.calibration != "percentile":
             d.pop("percentile")
+        for name, default in (("op_types", "all"), ("matmul_4bit", False)):  # added later: old keys stay valid
+            if d[name] == default:
+                d.pop(name)
         if self.brevitas == "none":  # onnxruntime configurations keep the keys they had before brevitas
             d.pop("brevitas")
         else:  # brevitas' weights through onnxruntime's quantizer: trials of the retired QCDQ path never match
@@ -121,6 +133,8 @@ class PTQConfig(BaseModel):
         d: dict[str, Any] = {"calibration": self.calibration, "calib_size": self.calib_size}
         if self.calibration == "percentile":
             d["percentile"] = self.percentile
+        if self.matmul_4bit:  # calibrated on the model with 4-bit MatMuls
+            d["matmul_4bit"] = True
         return json.dumps(d, sort_keys=True)
 
     def label(self) -> str:
@@ -138,6 +152,10 @@ class PTQConfig(BaseModel):
             parts.append("rr")
         if self.keep_float != "none":
             parts.append(self.keep_float + (str(self.keep_float_k) if self.keep_float == "sensitive" else ""))
+        if self.op_types != "all":
+            parts.append(f"ops:{self.op_types}")
+        if self.matmul_4bit:
+            parts.append("matmul4")
         if self.brevitas != "none":
             parts.insert(0, f"brevitas:{self.brevitas}")
         return "/".join(parts)
@@ -165,6 +183,8 @@ class SearchSpace(BaseModel):
     reduce_range: tuple[bool, ...] = (False,)
     weight_bits: tuple[int, ...] = (8,)
     keep_float: tuple[str, ...] = ("none", "first_last")
+    op_types: tuple[str, ...] = ("all",)
+    matmul_4bit: tuple[bool, ...] = (False,)
     # brevitas algorithm sets, added (per weight scheme and calibration size) when the torch model is at hand
     brevitas: tuple[str, ...] = ()
 
@@ -180,8 +200,16 @@ class SearchSpace(BaseModel):
     @classmethod
     def _check_keep_float(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for item in v:
-            if item not in ("none", "first_last", "depthwise") and not re.fullmatch(r"sensitive[1-9]\d*", item):
-                raise ValueError(f"unknown keep_float {item!r}; valid: none, first_last, depthwise, sensitive<K>")
+            if item not in ("none", "first_last", "depthwise", "slow") and not re.fullmatch(r"sensitive[1-9]\d*", item):
+                raise ValueError(f"unknown keep_float {item!r}; valid: none, first_last, depthwise, slow, sensitive<K>")
+        return v
+
+    @field_validator("op_types")
+    @classmethod
+    def _check_op_types(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            if item not in ("all", "weighted"):
+                raise ValueError(f"unknown op_types {item!r}; valid: all, weighted")
         return v
 
     @model_validator(mode="after")
@@ -199,10 +227,15 @@ class SearchSpace(BaseModel):
 def space_preset(name: str) -> SearchSpace:
     """A named search space.
 
-    ``tiny`` (8 configs, tests), ``bench`` (80: the benchmark's trimmed space: 5 calibrations x 2 sizes x
-    per-channel x activation symmetry x first/last in float), ``default`` (240),
-    ``full`` (every dimension of ALGORITHMS.md section 4: 6 calibrations x 3 sizes x weight/activation
-    schemes x reduce_range x int8/int4 x float layers).
+    ``tiny`` (8 configs, tests), ``bench`` (80 onnxruntime configurations, the MNIST benchmark's trimmed
+    space: 5 calibrations x 2 sizes x per-channel x activation symmetry x first/last in float), ``default``
+    (640 onnxruntime configurations: 5 calibrations x 2 sizes x weight granularity x activation scheme x 4
+    float-layer choices x 2 operator sets x 4-bit MatMuls or not), ``full`` (every dimension of ALGORITHMS.md section 4 and more: 6
+    calibrations x 3 sizes x weight/activation schemes x reduce_range x int8/int4 x 6 float-layer choices x
+    operator sets x 4-bit MatMuls). Each preset but ``tiny`` adds the brevitas algorithm sets (with each
+    calibration, size, granularity and activation scheme) when the torch model is at hand; choices that
+    change nothing for a model (4-bit MatMuls without MatMul weights, depthwise convs in float without
+    depthwise convs) are dropped for it (:func:`compress.ptq.space.applies_to`).
 
     Raises:
         ConfigError: unknown preset (lists the valid ones).
@@ -215,12 +248,15 @@ def space_preset(name: str) -> SearchSpace:
     if name == "bench":
         return SearchSpace(calib_size=(1, 100), weight_symmetric=(True,), brevitas=ALGORITHM_SETS)
     if name == "default":
-        return SearchSpace(keep_float=("none", "first_last", "depthwise"), brevitas=ALGORITHM_SETS)
+        return SearchSpace(calib_size=(100, 500), weight_symmetric=(True,),
+                           keep_float=("none", "first_last", "depthwise", "slow"), op_types=("all", "weighted"),
+                           matmul_4bit=(False, True), brevitas=ALGORITHM_SETS)  # fmt: skip
     if name == "full":
         return SearchSpace(
             calibration=("minmax", "entropy", "percentile99.9", "percentile99.99", "percentile99.999", "distribution"),
             calib_size=(1, 100, 1000), reduce_range=(False, True), weight_bits=(8, 4),
-            keep_float=("none", "first_last", "depthwise", "sensitive2"), brevitas=ALGORITHM_SETS,
+            keep_float=("none", "first_last", "depthwise", "slow", "sensitive2", "sensitive4"),
+            op_types=("all", "weighted"), matmul_4bit=(False, True), brevitas=ALGORITHM_SETS,
         )  # fmt: skip
     raise ConfigError(f"unknown search space {name!r}; valid: {', '.join(SPACE_PRESETS)}")
 

@@ -293,6 +293,7 @@ class Evaluator:
         self.calib_cache = self.workdir / "calibration"
         self.threads = threads
         self._sensitive = sensitive_order
+        self._slow: list[str] | Callable[[], list[str]] | None = None
         save_feeds(self.arrays / "calib.npz", calib)
         save_feeds(self.arrays / "val.npz", val)
         (self.arrays / "val_y.npy").unlink(missing_ok=True)
@@ -342,11 +343,26 @@ class Evaluator:
             raise ConfigError("keep_float='sensitive' needs a layer sensitivity ranking; none was given")
         return list(self._sensitive)
 
+    def set_slow_source(self, source: list[str] | Callable[[], list[str]] | None) -> None:
+        """The layers slower in int8 than in float (``keep_float='slow'``), or a callable timing them on
+        first need (:func:`compress.ptq.layer_speed.slow_layers`)."""
+        self._slow = source
+
+    def slow_nodes(self) -> list[str]:
+        if callable(self._slow):
+            self._slow = self._slow()
+        if self._slow is None:
+            from edgecompress.compress.errors import ConfigError
+
+            raise ConfigError("keep_float='slow' needs the per-layer int8/float timing; none was given")
+        return list(self._slow)
+
     def task(self, config: PTQConfig) -> TrialTask:
         from edgecompress.compress.ptq.ort_backend import excluded_nodes
 
         order = self.sensitive_order() if config.keep_float == "sensitive" else None
-        exclude = tuple(excluded_nodes(self.prepared, config, order))
+        slow = self.slow_nodes() if config.keep_float == "slow" else None
+        exclude = tuple(excluded_nodes(self.prepared, config, order, slow))
         return TrialTask(self.prepared, config, exclude, self.arrays, self.calib_cache, self.threads, self.metric,
                          self.latency, self.module if config.brevitas != "none" else None)  # fmt: skip
 

@@ -71,6 +71,8 @@ class PreparedModel:
             and of the sensitivity report).
         node_types: op type of each weighted node.
         depthwise_nodes: the depthwise convolutions (one input channel per group, several groups).
+        weight_matmuls: the MatMul nodes whose second input is a constant 2-D weight (what 4-bit
+            ``MatMulNBits`` can take).
     """
 
     path: Path
@@ -79,6 +81,7 @@ class PreparedModel:
     weighted_nodes: tuple[str, ...]
     node_types: tuple[str, ...]
     depthwise_nodes: tuple[str, ...] = ()
+    weight_matmuls: tuple[str, ...] = ()
 
 
 def file_hash(path: Path) -> str:
@@ -138,7 +141,7 @@ def prepare_model(onnx_path: str | Path, cache_folder: Path) -> PreparedModel:
         raise ConfigError(f"{src} has no graph inputs to calibrate")
     weighted = [(n.name, n.op_type) for n in model.graph.node if n.op_type in WEIGHTED_OPS]
     return PreparedModel(dst, digest, tuple(inputs), tuple(n for n, _ in weighted), tuple(t for _, t in weighted),
-                         depthwise_convs(model))  # fmt: skip
+                         depthwise_convs(model), weight_matmuls(model))  # fmt: skip
 
 
 def depthwise_convs(model: Any) -> tuple[str, ...]:
@@ -153,6 +156,44 @@ def depthwise_convs(model: Any) -> tuple[str, ...]:
         if group > 1 and weight is not None and len(weight) > 1 and weight[1] == 1:
             out.append(node.name)
     return tuple(out)
+
+
+def weight_matmuls(model: Any) -> tuple[str, ...]:
+    """Names of the ``MatMul`` nodes whose second input is a 2-D initializer."""
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    return tuple(n.name for n in model.graph.node
+                 if n.op_type == "MatMul" and len(n.input) > 1 and len(dims.get(n.input[1], [])) == 2)  # fmt: skip
+
+
+#: 4-bit MatMul weights: block size and onnxruntime's accuracy level 4 (int8 activations inside the kernel)
+MATMUL_4BIT_BLOCK = 32
+MATMUL_4BIT_ACCURACY_LEVEL = 4
+
+
+def matmul_4bit_model(prepared: PreparedModel, folder: Path) -> Path:
+    """``prepared`` with its constant-weight MatMuls as 4-bit ``MatMulNBits`` (symmetric, block 32, W4A8),
+    cached in ``folder`` by the model's hash.
+
+    Raises:
+        ValueError: the model has no such MatMul (the configuration changes nothing).
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if not prepared.weight_matmuls:
+        raise ValueError("4-bit MatMul weights: the model has no MatMul with a constant weight")
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{prepared.model_hash[:24]}-b{MATMUL_4BIT_BLOCK}.onnx"
+    if not out.is_file():
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(prepared.path)), bits=4, block_size=MATMUL_4BIT_BLOCK,
+                                         is_symmetric=True, accuracy_level=MATMUL_4BIT_ACCURACY_LEVEL,
+                                         nodes_to_include=list(prepared.weight_matmuls), op_types_to_quantize=("MatMul",))  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantizer.process()
+        tmp = folder / f".{uuid.uuid4().hex}.onnx"
+        onnx.save(quantizer.model.model, str(tmp))
+        os.replace(tmp, out)
+    return out
 
 
 def calibration_batch_size(n: int, most: int = 64) -> int:
@@ -211,7 +252,8 @@ def feeds_hash(feeds: Feeds) -> str:
     return h.hexdigest()
 
 
-def excluded_nodes(prepared: PreparedModel, config: PTQConfig, sensitive_order: list[str] | None) -> list[str]:
+def excluded_nodes(prepared: PreparedModel, config: PTQConfig, sensitive_order: list[str] | None,
+                   slow_nodes: list[str] | None = None) -> list[str]:  # fmt: skip
     """Node names left in float by ``config`` (mixed precision)."""
     names = list(config.exclude_nodes)
     if config.keep_float == "first_last" and prepared.weighted_nodes:
@@ -222,6 +264,10 @@ def excluded_nodes(prepared: PreparedModel, config: PTQConfig, sensitive_order: 
         names += sensitive_order[: config.keep_float_k]
     elif config.keep_float == "depthwise":
         names += prepared.depthwise_nodes
+    elif config.keep_float == "slow":
+        if slow_nodes is None:
+            raise ConfigError("keep_float='slow' needs the per-layer int8/float timing of this model")
+        names += slow_nodes
     return sorted(set(names))
 
 
@@ -277,12 +323,13 @@ def quantize_to_file(
     t0 = time.perf_counter()
     # onnxruntime's quantizer writes "<model>-inferred.onnx" beside its input and deletes it after:
     # concurrent trials on one model file would delete each other's, so each reads a private link.
+    model_path = matmul_4bit_model(prepared, calib_cache.parent / "matmul4bit") if config.matmul_4bit else prepared.path
     private = Path(tempfile.mkdtemp(prefix="edgecompress-quantize-src-"))
-    source = private / prepared.path.name
+    source = private / model_path.name
     try:
-        source.symlink_to(prepared.path.resolve())
+        source.symlink_to(model_path.resolve())
     except OSError:
-        shutil.copyfile(prepared.path, source)
+        shutil.copyfile(model_path, source)
     # onnxruntime's calibrators print progress to stdout; keep library output clean.
     with contextlib.redirect_stdout(io.StringIO()), _removed_after(private):
         quantize_static(
@@ -296,6 +343,7 @@ def quantize_to_file(
             weight_type=QuantType.QInt4 if config.weight_bits == 4 else QuantType.QInt8,
             nodes_to_exclude=nodes_to_exclude or None,
             nodes_to_quantize=nodes_to_quantize or None,
+            op_types_to_quantize=list(WEIGHTED_OPS) if config.op_types == "weighted" else None,
             calibrate_method=method,
             calibration_cache_path=str(cache_arg),
             extra_options=extra,

@@ -19,7 +19,14 @@ from typing import Any
 from edgecompress.compress.errors import GateFailure, UnsupportedError
 from edgecompress.compress.progress import progress
 from edgecompress.compress.ptq.config import PTQConfig, QuantuneSearchConfig
-from edgecompress.compress.ptq.evaluator import LOST, Evaluator, LatencySpec, TrialResult, disjoint_validation
+from edgecompress.compress.ptq.evaluator import (
+    LOST,
+    Evaluator,
+    LatencySpec,
+    TrialResult,
+    disjoint_validation,
+    load_feeds,
+)
 from edgecompress.compress.ptq.executors import TrialExecutor, make_executor
 from edgecompress.compress.ptq.finalize import finalize, objective_max_drop, resolution_notes
 from edgecompress.compress.ptq.objective import better, choose, most_accurate
@@ -211,6 +218,30 @@ def _sensitivity_ranking(evaluator: Evaluator, calib: Any, val: Any, val_y: Any)
     return order
 
 
+def _slow_layers(evaluator: Evaluator, calib: Any) -> list[str]:
+    """The layers slower in int8 than in float here (cached per model, data and runtime context)."""
+    import hashlib
+    import tempfile
+
+    from edgecompress.compress.ptq.layer_speed import slow_layers
+    from edgecompress.compress.ptq.ort_backend import quantize_to_file
+    from edgecompress.export.spec import slice_feeds
+
+    spec = evaluator.latency or LatencySpec(threads=evaluator.threads)
+    context = hashlib.sha256(f"{spec.context}|{spec.providers}|{spec.threads}".encode()).hexdigest()[:16]
+    cache = evaluator.workdir / f"layer-speed-{evaluator.data_hash[:16]}-{context}.json"
+    if cache.is_file():
+        return list(json.loads(cache.read_text())["slow"])
+    with tempfile.TemporaryDirectory(prefix="quantune-speed-") as tmp:
+        int8 = Path(tmp) / "int8.onnx"
+        quantize_to_file(evaluator.prepared, SENSITIVITY_REFERENCE, calib, int8, evaluator.calib_cache)
+        one = evaluator.arrays / "latency.npz"
+        feeds = load_feeds(one) if one.is_file() else slice_feeds(load_feeds(evaluator.arrays / "val.npz"), 0, 1)
+        slow, table = slow_layers(evaluator.prepared, int8, feeds, list(spec.providers), spec.threads)
+    cache.write_text(json.dumps({"slow": slow, "reference": SENSITIVITY_REFERENCE.label(), "layers": table}))
+    return slow
+
+
 def quantize_artifact(
     source: Any,
     splits: Any,
@@ -245,7 +276,7 @@ def quantize_artifact(
     from edgecompress.compress.ptq.descriptors import model_descriptors
     from edgecompress.compress.ptq.ort_backend import prepare_model
     from edgecompress.compress.ptq.sensitivity import layer_sensitivity, sensitivity_markdown
-    from edgecompress.compress.ptq.space import enumerate_space
+    from edgecompress.compress.ptq.space import applies_to, enumerate_space
     from edgecompress.compress.ptq.strategies import make_strategy
     from edgecompress.export import StageRecord, write_onnx_artifact
 
@@ -270,6 +301,7 @@ def quantize_artifact(
     evaluator = Evaluator(prepared, calib_x, val_x, val_y, database=db, metric=metric, latency=spec, module=module,
                           workdir=cache_dir("quantune", "work", prepared.model_hash[:24]))  # fmt: skip
     evaluator.set_sensitivity_source(lambda: _sensitivity_ranking(evaluator, calib_x, val_x, val_y))
+    evaluator.set_slow_source(lambda: _slow_layers(evaluator, calib_x))
     max_drop = objective_max_drop(config, target)
     executor = make_executor(config.workers or (0 if config.executor == "ray" else 1), config.executor, config.ray_address)
     try:
@@ -280,7 +312,8 @@ def quantize_artifact(
         else:
             prior = load_prior(db, use_seed=config.use_seed_database, exclude_hashes={prepared.model_hash},
                                exclude_names=exclude_prior_names or set(), latency_context=spec.context)  # fmt: skip
-            space = enumerate_space(config.resolved_space(), brevitas=module is not None)
+            space = [c for c in enumerate_space(config.resolved_space(), brevitas=module is not None)
+                     if applies_to(c, prepared)]  # fmt: skip
             strategy = make_strategy(config.search, space, seed=config.seed,
                                      descriptors=descriptors, fp32_accuracy=evaluator.fp32_accuracy, prior=prior,
                                      rounds=config.xgb_rounds, eta=config.xgb_eta, gamma=config.xgb_gamma,

@@ -44,23 +44,36 @@ def point_of(config: PTQConfig) -> dict[str, Any]:
         "weight_bits": config.weight_bits,
         "keep_float": kf,
         "brevitas": config.brevitas,
+        "op_types": config.op_types,
+        "matmul_4bit": config.matmul_4bit,
     }
+
+
+def applies_to(config: PTQConfig, prepared: Any) -> bool:
+    """Whether ``config`` differs, for this model, from the same configuration without its model-specific
+    choices: 4-bit MatMuls need constant-weight MatMuls, depthwise convs in float need depthwise convs,
+    float first/last layers need two weighted layers (a ``PreparedModel`` says what the model has)."""
+    if config.matmul_4bit and not getattr(prepared, "weight_matmuls", ()):
+        return False
+    if config.keep_float == "depthwise" and not getattr(prepared, "depthwise_nodes", ()):
+        return False
+    return not (config.keep_float == "first_last" and len(getattr(prepared, "weighted_nodes", ())) < 2)
 
 
 def enumerate_space(space: SearchSpace, *, brevitas: bool = False) -> list[PTQConfig]:
     """Every configuration of ``space`` in grid order (first dimension = outermost loop); with
     ``brevitas`` (a torch model is at hand) then the brevitas configurations: each algorithm set with
-    each activation calibration, calibration size, weight granularity and activation scheme (weights
-    int8 symmetric, no float layers)."""
+    each activation calibration, calibration size, weight granularity, activation scheme and operator set
+    (weights int8 symmetric, no float layers)."""
     dims = space.dimensions()
     names = list(dims)
     out = [_config_from_point(dict(zip(names, values, strict=True))) for values in itertools.product(*dims.values())]
     if brevitas:
         fixed = {"weight_symmetric": True, "reduce_range": False, "weight_bits": 8, "keep_float": "none"}
         out += [_config_from_point({"calibration": cal, "calib_size": n, "per_channel": pc, "activation_symmetric": sym,
-                                    "brevitas": algos, **fixed})
+                                    "op_types": ops, "brevitas": algos, **fixed})
                 for algos in space.brevitas for cal in space.calibration for n in space.calib_size
-                for pc in space.per_channel for sym in space.activation_symmetric]  # fmt: skip
+                for pc in space.per_channel for sym in space.activation_symmetric for ops in space.op_types]  # fmt: skip
     return out
 
 
@@ -100,6 +113,8 @@ def config_features(config: PTQConfig) -> dict[str, float]:
         "weight_bits": config.weight_bits,
         "keep_float": config.keep_float,
         "brevitas": config.brevitas,
+        "op_types": config.op_types,
+        "matmul_4bit": config.matmul_4bit,
     }
     feats: dict[str, float] = {}
     for name, vocab in ONE_HOT_VOCABULARY.items():
