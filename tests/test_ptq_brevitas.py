@@ -141,3 +141,24 @@ def test_a_graph_built_for_batch_1_runs_any_batch_in_slices(tmp_path: Path) -> N
     x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
     assert sess.fixed_batch == 1
     np.testing.assert_allclose(sess.run(x), x @ numpy_helper.to_array(w), rtol=1e-5)
+
+
+def test_a_diverged_rounding_is_a_named_failed_trial(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An algorithm whose weights blow up (brevitas' GPFQ did, 0.23 -> 893, on the CNN's classifier) fails
+    the trial with the layer named instead of being measured as a model."""
+    import torch
+    from torch import nn
+
+    from edgecompress.compress.ptq import brevitas_backend as bb
+
+    def blow_up(model, name, calib, names, n) -> None:  # noqa: ANN001
+        for layer in model.modules():
+            if hasattr(layer, "weight_orig") or isinstance(layer, nn.Linear):
+                layer.weight.data *= 100.0
+
+    monkeypatch.setattr(bb, "_round_weights", blow_up)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        model = bb.float_model(net, {"gpfq"})
+        with pytest.raises(bb.BrevitasError, match="diverged on layer"):
+            bb.quantize_weights(model, PTQConfig(brevitas="gpfq", calib_size=4), {"x": np.ones((4, 8), np.float32)}, ("x",))

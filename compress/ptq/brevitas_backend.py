@@ -45,6 +45,8 @@ ALGORITHM_SETS = ("equalize", "bias_correction", "equalize+bias_correction", "gp
 WEIGHT_ALGORITHMS = ("bias_correction", "gptq", "gpfq")
 EQUALIZE_ITERS = 20
 BATCH = 16
+#: a rounded weight may not grow past this multiple of the layer's float weights (else the algorithm diverged)
+MAX_WEIGHT_GROWTH = 2.0
 
 
 class BrevitasError(RuntimeError):
@@ -182,6 +184,10 @@ def quantize_weights(model: Any, config: Any, calib: dict[str, np.ndarray], name
     Returns:
         ``{layer name: scale}``: brevitas' weight scale of every layer it quantized (per output channel,
         or one value), which the ONNX graph's int8 weights must use.
+
+    Raises:
+        BrevitasError: an algorithm diverged (a rounded weight grew past :data:`MAX_WEIGHT_GROWTH` times
+            the layer's largest float weight: seen with brevitas' GPFQ on small Linear layers).
     """
     import torch
     from brevitas.graph.calibrate import bias_correction_mode
@@ -203,6 +209,10 @@ def quantize_weights(model: Any, config: Any, calib: dict[str, np.ndarray], name
             continue
         qw = layer.quant_weight()
         target = model.get_submodule(layer_name)
+        before, after = float(target.weight.abs().max()), float(qw.value.abs().max())
+        if after > MAX_WEIGHT_GROWTH * max(before, 1e-12):
+            raise BrevitasError(f"brevitas {config.brevitas} diverged on layer {layer_name!r}: its largest weight went "
+                                f"from {before:.3g} to {after:.3g}")  # fmt: skip
         target.weight.data = qw.value.detach().clone().to(target.weight.dtype)
         if layer.bias is not None:
             target.bias = torch.nn.Parameter(layer.bias.detach().clone())
