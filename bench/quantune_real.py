@@ -124,26 +124,17 @@ def replay(strategy: Any, ev: Any, found: Any, limit: int) -> int | None:
 
 def run_peers(m: dict[str, Any], work: Path, peers_python: str | None) -> dict[str, Path]:
     """The peers' int8 models: onnxruntime quantize_static (defaults, per-channel) and NNCF (two settings)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from edgecompress.compress.ptq.ort_backend import calibration_reader
 
     calib = m["roles"]["calib"][0]
-    n = len(next(iter(calib.values())))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.i = 0
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            if self.i >= n:
-                return None
-            self.i += 1
-            return {k: v[self.i - 1 : self.i] for k, v in calib.items()}
 
     out: dict[str, Path] = {}
     for label, kw in (("ort-default", {}), ("ort-per-channel", {"per_channel": True})):
         p = work / f"{m['name']}-{label}.onnx"
         if not p.exists():
-            quantize_static(str(m["fp32"]), str(p), Reader(), quant_format=QuantFormat.QDQ, **kw)
+            quantize_static(str(m["fp32"]), str(p), calibration_reader(calib), quant_format=QuantFormat.QDQ, **kw)
         out[label] = p
     if peers_python:
         np.savez(work / f"{m['name']}-calib.npz", **calib)  # type: ignore[arg-type]

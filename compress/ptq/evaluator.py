@@ -292,8 +292,7 @@ class Evaluator:
         self.arrays.mkdir(parents=True, exist_ok=True)
         self.calib_cache = self.workdir / "calibration"
         self.threads = threads
-        self._sensitive = sensitive_order
-        self._slow: list[str] | Callable[[], list[str]] | None = None
+        self._layer_sources: dict[str, list[str] | Callable[[], list[str]] | None] = {"sensitive": sensitive_order}
         save_feeds(self.arrays / "calib.npz", calib)
         save_feeds(self.arrays / "val.npz", val)
         (self.arrays / "val_y.npy").unlink(missing_ok=True)
@@ -330,38 +329,39 @@ class Evaluator:
         self._memory: dict[str, TrialResult] = {}
         self.measured = 0
 
+    #: what each layer-list kind of ``keep_float`` is computed from (named when it is missing)
+    LAYER_SOURCES = {"sensitive": "a layer sensitivity ranking", "slow": "the per-layer int8/float timing"}
+
     def set_sensitivity_source(self, source: list[str] | Callable[[], list[str]] | None) -> None:
         """The weighted-node ranking (most sensitive first) or a callable computing it on first need."""
-        self._sensitive = source
-
-    def sensitive_order(self) -> list[str]:
-        if callable(self._sensitive):
-            self._sensitive = self._sensitive()
-        if self._sensitive is None:
-            from edgecompress.compress.errors import ConfigError
-
-            raise ConfigError("keep_float='sensitive' needs a layer sensitivity ranking; none was given")
-        return list(self._sensitive)
+        self._layer_sources["sensitive"] = source
 
     def set_slow_source(self, source: list[str] | Callable[[], list[str]] | None) -> None:
         """The layers slower in int8 than in float (``keep_float='slow'``), or a callable timing them on
         first need (:func:`compress.ptq.layer_speed.slow_layers`)."""
-        self._slow = source
+        self._layer_sources["slow"] = source
 
-    def slow_nodes(self) -> list[str]:
-        if callable(self._slow):
-            self._slow = self._slow()
-        if self._slow is None:
+    def layers_for(self, kind: str) -> list[str]:
+        """The layer list of ``keep_float=kind`` (``sensitive``: most sensitive first; ``slow``), computed
+        on first need.
+
+        Raises:
+            ConfigError: no source was given for it.
+        """
+        source = self._layer_sources.get(kind)
+        if callable(source):
+            source = self._layer_sources[kind] = source()
+        if source is None:
             from edgecompress.compress.errors import ConfigError
 
-            raise ConfigError("keep_float='slow' needs the per-layer int8/float timing; none was given")
-        return list(self._slow)
+            raise ConfigError(f"keep_float={kind!r} needs {self.LAYER_SOURCES[kind]}; none was given")
+        return list(source)
 
     def task(self, config: PTQConfig) -> TrialTask:
         from edgecompress.compress.ptq.ort_backend import excluded_nodes
 
-        order = self.sensitive_order() if config.keep_float == "sensitive" else None
-        slow = self.slow_nodes() if config.keep_float == "slow" else None
+        order = self.layers_for("sensitive") if config.keep_float == "sensitive" else None
+        slow = self.layers_for("slow") if config.keep_float == "slow" else None
         exclude = tuple(excluded_nodes(self.prepared, config, order, slow))
         return TrialTask(self.prepared, config, exclude, self.arrays, self.calib_cache, self.threads, self.metric,
                          self.latency, self.module if config.brevitas != "none" else None)  # fmt: skip

@@ -206,7 +206,8 @@ def calibration_batch_size(n: int, most: int = 64) -> int:
     return max(b for b in range(1, min(n, most) + 1) if n % b == 0)
 
 
-def _reader(feeds: Feeds) -> Any:
+def calibration_reader(feeds: Feeds) -> Any:
+    """onnxruntime's ``CalibrationDataReader`` over ``feeds``, in equal batches (:func:`calibration_batch_size`)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     n = batch_size_of(feeds)
@@ -335,7 +336,7 @@ def quantize_to_file(
         quantize_static(
             str(source),
             str(out_path),
-            None if cached else _reader(samples),
+            None if cached else calibration_reader(samples),
             quant_format=QuantFormat.QDQ,
             per_channel=config.per_channel,
             reduce_range=config.reduce_range,
