@@ -448,3 +448,24 @@ def test_slow_layers_profiles_both_models_on_the_runtime(evaluator) -> None:
     assert {r["node"] for r in table} == set(evaluator.prepared.weighted_nodes)
     assert all(r["float_us"] > 0 and r["int8_us"] > 0 for r in table)
     assert set(slow) == {r["node"] for r in table if r["int8_us"] > 1.05 * r["float_us"]}
+
+
+def test_a_configuration_that_builds_the_same_model_is_not_measured_twice(evaluator) -> None:
+    """``keep_float='slow'`` with no layer slower in int8 quantizes exactly what ``keep_float='none'`` does:
+    the second is served from the first's result, marked as such."""
+    from edgecompress.compress.ptq.search import run_search
+    from edgecompress.compress.ptq.strategies import GridSearch
+
+    base = PTQConfig(calibration="percentile", percentile=99.95, calib_size=16, per_channel=True)  # used nowhere else
+    slow = base.model_copy(update={"keep_float": "slow"})
+    first_last = base.model_copy(update={"keep_float": "first_last"})
+    evaluator.set_slow_source([])
+    before = evaluator.measured
+    res = run_search(GridSearch([base, slow, first_last]), evaluator)
+    by_label = {t.config.label(): t for t in res.trials}
+    twin = by_label[slow.label()]
+    assert twin.cached and twin.extra.get("same_model_as") == base.label()
+    assert twin.accuracy == by_label[base.label()].accuracy
+    assert not by_label[first_last.label()].extra.get("same_model_as")  # a different model is measured
+    assert evaluator.measured - before == 2
+    evaluator.set_slow_source(None)

@@ -327,6 +327,7 @@ class Evaluator:
                 if self.database is not None:
                     self.database.put_latency(prepared.model_hash, FP32_KEY, latency.context, self.fp32_latency_ms)
         self._memory: dict[str, TrialResult] = {}
+        self._same_model: dict[str, TrialResult] = {}  # model signature -> the first result measured for it
         self.measured = 0
 
     #: what each layer-list kind of ``keep_float`` is computed from (named when it is missing)
@@ -367,21 +368,30 @@ class Evaluator:
                          self.latency, self.module if config.brevitas != "none" else None)  # fmt: skip
 
     def lookup(self, config: PTQConfig) -> TrialResult | None:
+        """The result of ``config`` if it was measured: in this run, in the tuning database, or as a
+        configuration that builds the same model (e.g. ``keep_float='slow'`` when no layer is slower in
+        int8 is ``keep_float='none'``), which is returned as a cache hit for ``config``."""
         key = config.key()
         if key in self._memory:
             return self._memory[key]
-        if self.database is None:
-            return None
-        row = self.database.get_trial(self.prepared.model_hash, self.data_hash, key)
+        row = None if self.database is None else self.database.get_trial(self.prepared.model_hash, self.data_hash, key)
         if row is None:
-            return None
+            twin = self._same_model.get(self._model_signature(config))
+            if twin is None or twin.extra.get(LOST):
+                return None
+            return TrialResult(config, twin.accuracy, twin.sqnr_db, twin.error, twin.seconds, twin.calibration_seconds,
+                               twin.calibrated, cached=True, extra={"same_model_as": twin.config.label()},
+                               latency_ms=twin.latency_ms)  # fmt: skip
         latency = None
         if self.latency is not None and row.accuracy is not None:
             latency = self._stored_latency(key)
             if latency is None:  # measured before without timing (or on another machine): measure again
                 return None
-        return TrialResult(config, row.accuracy, row.sqnr_db, row.error, row.seconds, row.calibration_seconds,
-                           row.calibrated, cached=True, latency_ms=latency)  # fmt: skip
+        hit = TrialResult(config, row.accuracy, row.sqnr_db, row.error, row.seconds, row.calibration_seconds,
+                          row.calibrated, cached=True, latency_ms=latency)  # fmt: skip
+        if config.keep_float not in self._layer_sources or not callable(self._layer_sources[config.keep_float]):
+            self._same_model.setdefault(self._model_signature(config), hit)  # (its float layers are known: cheap)
+        return hit
 
     def _stored_latency(self, key: str) -> float | None:
         if self.database is None or self.latency is None:
@@ -405,10 +415,21 @@ class Evaluator:
     def evaluate(self, config: PTQConfig) -> TrialResult:
         return self.evaluate_many([config])[0]
 
+    def _model_signature(self, config: PTQConfig) -> str:
+        """What the quantized model depends on: the configuration with its float layers as the node list."""
+        import json
+
+        d = config.canonical()
+        for name in ("keep_float", "keep_float_k", "exclude_nodes"):
+            d.pop(name, None)
+        d["float_nodes"] = sorted(self.task(config).exclude)
+        return json.dumps(d, sort_keys=True)
+
     def record(self, config: PTQConfig, r: TrialResult) -> None:
         """Keep a measured result: in memory, and in the tuning database unless its worker was lost."""
         self.measured += 1
         self._memory[config.key()] = r
+        self._same_model.setdefault(self._model_signature(config), r)
         if self.database is None or r.extra.get(LOST):
             return
         self.database.put_trial(StoredTrial(
