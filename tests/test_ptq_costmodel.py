@@ -108,3 +108,24 @@ def test_shipped_seed_database_is_readable_when_present() -> None:
     assert len(models) >= 3
     assert len(db.trials()) >= 3 * 10
     assert all(t.model_hash in models for t in db.trials())
+
+
+def test_every_dimension_of_the_space_is_a_feature_of_the_cost_model() -> None:
+    """A configuration choice the cost model cannot see is one it cannot learn (op_types, 4-bit MatMuls and
+    keep_float=slow were once missing from the features): changing any dimension changes the features."""
+    from edgecompress.compress.ptq.config import PTQConfig, space_preset
+    from edgecompress.compress.ptq.space import config_features
+
+    base = PTQConfig(calibration="minmax", calib_size=100)
+    for name, values in space_preset("full").dimensions().items():
+        for value in values:
+            if name in ("calibration", "keep_float"):
+                continue  # strings with parameters: covered below
+            other = base.model_copy(update={name: value})
+            if other == base:
+                continue
+            assert config_features(other) != config_features(base), (name, value)
+    for kf, k in (("first_last", 0), ("depthwise", 0), ("slow", 0), ("sensitive", 2)):
+        assert config_features(base.model_copy(update={"keep_float": kf, "keep_float_k": k})) != config_features(base), kf
+    for brevitas in ("equalize", "gptq"):
+        assert config_features(base.model_copy(update={"brevitas": brevitas})) != config_features(base)

@@ -53,6 +53,9 @@ class PTQConfig(BaseModel):
             as the other fields say; no layer is kept in float.
         op_types: ``all`` (every operator onnxruntime can quantize, its default) or ``weighted`` (only
             Conv/MatMul/Gemm: the rest stays float, with Q/DQ pairs between).
+        activation_bits: 8 (uint8/int8 activations) or 16 (uint16/int16: A16W8, closer to fp32; onnxruntime's
+            CPU provider has no 16-bit kernels, so it runs dequantized and is slower: for accuracy-bound
+            targets and runtimes with 16-bit kernels).
         matmul_4bit: MatMul weights in 4 bits (onnxruntime's ``MatMulNBits``, block 32, symmetric,
             int8 activations inside the kernel: W4A8); the other layers as configured. Only for models
             with constant-weight MatMuls (transformers); Conv and Gemm are not converted.
@@ -77,6 +80,7 @@ class PTQConfig(BaseModel):
     brevitas: str = "none"
     op_types: Literal["all", "weighted"] = "all"
     matmul_4bit: bool = False
+    activation_bits: Literal[8, 16] = 8
 
     @model_validator(mode="after")
     def _cross_field(self) -> PTQConfig:
@@ -101,7 +105,7 @@ class PTQConfig(BaseModel):
         d = self.model_dump(mode="json")
         if self.calibration != "percentile":
             d.pop("percentile")
-        for name, default in (("op_types", "all"), ("matmul_4bit", False)):  # added later: old keys stay valid
+        for name, default in (("op_types", "all"), ("matmul_4bit", False), ("activation_bits", 8)):  # added later
             if d[name] == default:
                 d.pop(name)
         if self.brevitas == "none":  # onnxruntime configurations keep the keys they had before brevitas
@@ -156,6 +160,8 @@ class PTQConfig(BaseModel):
             parts.append(f"ops:{self.op_types}")
         if self.matmul_4bit:
             parts.append("matmul4")
+        if self.activation_bits != 8:
+            parts.append(f"a{self.activation_bits}")
         if self.brevitas != "none":
             parts.insert(0, f"brevitas:{self.brevitas}")
         return "/".join(parts)
@@ -185,6 +191,7 @@ class SearchSpace(BaseModel):
     keep_float: tuple[str, ...] = ("none", "first_last")
     op_types: tuple[str, ...] = ("all",)
     matmul_4bit: tuple[bool, ...] = (False,)
+    activation_bits: tuple[int, ...] = (8,)
     # brevitas algorithm sets, added (per weight scheme and calibration size) when the torch model is at hand
     brevitas: tuple[str, ...] = ()
 
@@ -232,7 +239,7 @@ def space_preset(name: str) -> SearchSpace:
     (640 onnxruntime configurations: 5 calibrations x 2 sizes x weight granularity x activation scheme x 4
     float-layer choices x 2 operator sets x 4-bit MatMuls or not), ``full`` (every dimension of ALGORITHMS.md section 4 and more: 6
     calibrations x 3 sizes x weight/activation schemes x reduce_range x int8/int4 x 6 float-layer choices x
-    operator sets x 4-bit MatMuls). Each preset but ``tiny`` adds the brevitas algorithm sets (with each
+    operator sets x 4-bit MatMuls x 8/16-bit activations). Each preset but ``tiny`` adds the brevitas algorithm sets (with each
     calibration, size, granularity and activation scheme) when the torch model is at hand; choices that
     change nothing for a model (4-bit MatMuls without MatMul weights, depthwise convs in float without
     depthwise convs) are dropped for it (:func:`compress.ptq.space.applies_to`).
@@ -256,7 +263,7 @@ def space_preset(name: str) -> SearchSpace:
             calibration=("minmax", "entropy", "percentile99.9", "percentile99.99", "percentile99.999", "distribution"),
             calib_size=(1, 100, 1000), reduce_range=(False, True), weight_bits=(8, 4),
             keep_float=("none", "first_last", "depthwise", "slow", "sensitive2", "sensitive4"),
-            op_types=("all", "weighted"), matmul_4bit=(False, True), brevitas=ALGORITHM_SETS,
+            op_types=("all", "weighted"), matmul_4bit=(False, True), activation_bits=(8, 16), brevitas=ALGORITHM_SETS,
         )  # fmt: skip
     raise ConfigError(f"unknown search space {name!r}; valid: {', '.join(SPACE_PRESETS)}")
 

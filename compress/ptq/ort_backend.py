@@ -340,7 +340,7 @@ def quantize_to_file(
             quant_format=QuantFormat.QDQ,
             per_channel=config.per_channel,
             reduce_range=config.reduce_range,
-            activation_type=QuantType.QInt8 if config.activation_symmetric else QuantType.QUInt8,
+            activation_type=_activation_type(config),
             weight_type=QuantType.QInt4 if config.weight_bits == 4 else QuantType.QInt8,
             nodes_to_exclude=nodes_to_exclude or None,
             nodes_to_quantize=nodes_to_quantize or None,
@@ -357,6 +357,14 @@ def quantize_to_file(
     meta.write_text(json.dumps({"seconds": seconds, "samples": batch_size_of(samples), "key": config.calibration_key()}))
     os.replace(cache_arg, final)
     return {"calibration_seconds": seconds, "calibrated": True, "quantize_seconds": seconds}
+
+
+def _activation_type(config: PTQConfig) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    if config.activation_bits == 16:
+        return QuantType.QInt16 if config.activation_symmetric else QuantType.QUInt16
+    return QuantType.QInt8 if config.activation_symmetric else QuantType.QUInt8
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ def point_of(config: PTQConfig) -> dict[str, Any]:
         "brevitas": config.brevitas,
         "op_types": config.op_types,
         "matmul_4bit": config.matmul_4bit,
+        "activation_bits": config.activation_bits,
     }
 
 
@@ -87,8 +88,11 @@ ONE_HOT_VOCABULARY: dict[str, tuple[Any, ...]] = {
     "weight_symmetric": (False, True),
     "reduce_range": (False, True),
     "weight_bits": (8, 4),
-    "keep_float": ("none", "first_last", "sensitive", "depthwise"),
+    "keep_float": ("none", "first_last", "sensitive", "depthwise", "slow"),
     "brevitas": ("none", *ALGORITHM_SETS),
+    "op_types": ("all", "weighted"),
+    "matmul_4bit": (False, True),
+    "activation_bits": (8, 16),
 }
 
 
@@ -115,6 +119,7 @@ def config_features(config: PTQConfig) -> dict[str, float]:
         "brevitas": config.brevitas,
         "op_types": config.op_types,
         "matmul_4bit": config.matmul_4bit,
+        "activation_bits": config.activation_bits,
     }
     feats: dict[str, float] = {}
     for name, vocab in ONE_HOT_VOCABULARY.items():
