@@ -38,9 +38,6 @@ import numpy as np
 
 from edgecompress.compress.errors import first_line
 
-#: the brevitas algorithm sets the search space offers (``PTQConfig.brevitas``)
-ALGORITHM_SETS = ("equalize", "bias_correction", "equalize+bias_correction", "gptq", "equalize+gptq", "gpfq",
-                  "equalize+gpfq")  # fmt: skip
 #: the algorithms that round or correct quantized weights (the others only transform the float model)
 WEIGHT_ALGORITHMS = ("bias_correction", "gptq", "gpfq")
 EQUALIZE_ITERS = 20

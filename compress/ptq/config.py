@@ -20,6 +20,9 @@ SpacePreset = Literal["tiny", "bench", "default", "full"]
 SPACE_PRESETS: tuple[str, ...] = get_args(SpacePreset)
 
 
+#: the brevitas algorithm sets the search space offers (``PTQConfig.brevitas``)
+ALGORITHM_SETS = ("equalize", "bias_correction", "equalize+bias_correction", "gptq", "equalize+gptq", "gpfq",
+                  "equalize+gpfq")  # fmt: skip
 #: the version of how brevitas configurations are built (2: brevitas' weights, onnxruntime's QDQ graph)
 BREVITAS_FLOW = 2
 
@@ -85,8 +88,6 @@ class PTQConfig(BaseModel):
     @model_validator(mode="after")
     def _cross_field(self) -> PTQConfig:
         if self.brevitas != "none":
-            from edgecompress.compress.ptq.brevitas_backend import ALGORITHM_SETS
-
             if self.brevitas not in ALGORITHM_SETS:
                 raise ValueError(f"unknown brevitas algorithms {self.brevitas!r}; valid: none, {', '.join(ALGORITHM_SETS)}")
             fixed = {"weight_symmetric": True, "reduce_range": False, "weight_bits": 8, "keep_float": "none"}
@@ -250,8 +251,6 @@ def space_preset(name: str) -> SearchSpace:
     if name == "tiny":
         return SearchSpace(calibration=("minmax", "distribution"), calib_size=(16,), per_channel=(False, True),
                            activation_symmetric=(False, True), weight_symmetric=(True,), keep_float=("none",))  # fmt: skip
-    from edgecompress.compress.ptq.brevitas_backend import ALGORITHM_SETS
-
     if name == "bench":
         return SearchSpace(calib_size=(1, 100), weight_symmetric=(True,), brevitas=ALGORITHM_SETS)
     if name == "default":

@@ -10,8 +10,7 @@ import itertools
 import math
 from typing import Any
 
-from edgecompress.compress.ptq.brevitas_backend import ALGORITHM_SETS
-from edgecompress.compress.ptq.config import PTQConfig, SearchSpace
+from edgecompress.compress.ptq.config import ALGORITHM_SETS, PTQConfig, SearchSpace
 
 
 def _config_from_point(point: dict[str, Any]) -> PTQConfig:
