@@ -40,7 +40,7 @@ def export(model: Any, config: Any = None, *, format: str = "onnx", target: Any 
         allow_failed: take an input whose accuracy guard failed.
         progress: TVM tuning: a callable that gets one line per task and round.
         options: more options of the format (TVM: ``trials_per_task``, ``database_dir``, ``batch``,
-            ``verify``; a recipe entry's ``options``).
+            ``verify``, ``int8_kernels``; a recipe entry's ``options``).
 
     Example:
         >>> art = ec.export("ex/cnn.pt", format="tvm", target="x86-64", workdir="art-tvm/").artifact  # doctest: +SKIP

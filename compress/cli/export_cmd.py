@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -42,6 +43,9 @@ def register(app: typer.Typer) -> None:
         no_tuned_records: bool = typer.Option(
             False, "--no-tuned-records", help="TVM: build without any tuning record (untuned, slow, always as TVM computes it)."
         ),
+        no_int8_kernels: bool = typer.Option(
+            False, "--no-int8-kernels", help="TVM: compute a QDQ int8 graph's convs/matmuls in float as written, not on 8-bit integers."
+        ),
         executor: str | None = ExecutorOption,
         ray_address: str | None = RayAddressOption,
         model_factory: str | None = ModelFactoryOption,
@@ -57,11 +61,13 @@ def register(app: typer.Typer) -> None:
         """
         from edgecompress.compress.api import export
 
+        int8_options: dict[str, Any] = {"int8_kernels": False} if no_int8_kernels and fmt == "tvm" else {}
         with cli_progress(not json_out):
             res = export(model, format=fmt, target=target, workdir=out, opset=opset, tune=tune, rpc=rpc, tracker=tracker,
                          key=key, timeout=timeout, use_tuned_records=not no_tuned_records, executor=executor,
                          ray_address=ray_address, allow_failed=allow_failed,
                          progress=lambda line: typer.echo(line, err=True),
+                         **int8_options,
                          **model_options(model_factory, trust_pickle, input_shape, inputs))  # fmt: skip
         art, result = res.artifact, res.summary
         m = art.manifest

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,14 @@ def library_plan(target: Any) -> LibraryPlan:
 
 
 def import_onnx(
-    onnx_model: Any, shapes: dict[str, list[int]], target_name: str, dtypes: dict[str, str] | None = None
+    onnx_model: Any, shapes: dict[str, list[int]], target_name: str, dtypes: dict[str, str] | None = None, *,
+    graph_rewrite: Callable[[Any, list[Any]], tuple[Any, list[Any]]] | None = None,
 ) -> tuple[Any, list[Any]]:
     """Import an ONNX model into Relax with static input shapes (``{input: [batch, ...]}``) and
     dtypes (default float32); returns (module, params).
+
+    ``graph_rewrite`` gets ``(module, weights)`` right after the import, before anything is derived
+    from the weights, and returns them rewritten (the integer kernels of :mod:`export.tvm.int8`).
 
     Raises:
         UnsupportedExportError: the frontend has no converter for an operator (named in the message).
@@ -133,7 +138,10 @@ def import_onnx(
             f"TVM cannot import{op} of this ONNX graph for target {target_name!r}: {detail}"
         ) from None
     mod, params = relax.frontend.detach_params(mod)
-    return fold_param_transforms(mod, list(params.get("main", [])))
+    weights = list(params.get("main", []))
+    if graph_rewrite is not None:
+        mod, weights = graph_rewrite(mod, weights)
+    return fold_param_transforms(mod, weights)
 
 
 _captured: dict[str, str] = {}

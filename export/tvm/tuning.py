@@ -377,7 +377,10 @@ def _import_tensor_intrinsics() -> None:
     import inspect
     import sys
 
+    from edgecompress.export.tvm.int8_x86 import register_vnni_intrinsic
+
     if "tvm.s_tir.tensor_intrin" in sys.modules:
+        register_vnni_intrinsic()  # TVM's own VNNI intrinsic does not build with its LLVM
         return
     original = inspect.stack
 
@@ -400,6 +403,7 @@ def _import_tensor_intrinsics() -> None:
         import tvm.s_tir.tensor_intrin  # noqa: F401
     finally:
         inspect.stack = original  # type: ignore[assignment]
+    register_vnni_intrinsic()
 
 
 def _strategy(*, evolve: bool) -> Any:

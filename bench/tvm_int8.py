@@ -1,0 +1,220 @@
+"""TVM integer kernels for QDQ int8 graphs: EfficientNet-Lite on onnxruntime and TVM, untuned, side by side.
+
+For each model: the ImageNet-pretrained checkpoint exported to ONNX (fp32), quantized by the Quantune
+backend (onnxruntime static QDQ: MinMax calibration on 16 crops of scikit-image's photographs,
+per-channel int8 weights, uint8 activations), then
+
+* onnxruntime fp32 and int8 (the QDQ graph; onnxruntime fuses it into QLinearConv etc.);
+* TVM fp32, TVM int8 as the graph is written (``int8_kernels=False``: dequantize -> float conv ->
+  quantize) and TVM int8 with integer kernels (the default, ``export/tvm/int8.py``; on a VNNI CPU
+  the 1x1 and stem convolutions in the blocked VNNI layouts), all untuned (``--no-tuned-records``).
+
+Latency: batch 1, medians of interleaved rounds in one process (``runtimes.measure_interleaved``).
+Accuracy on further photo crops: SQNR and top-1 agreement of each runtime against onnxruntime int8
+(the reference the TVM int8 artifact is verified against) and top-1 agreement with onnxruntime fp32.
+
+``--conv-trials N`` also tunes one convolution (the 1x1 head conv, 320 -> 1280 channels at 8x8 in
+Lite1) N MetaSchedule trials in the int8 (VNNI layout) and the fp32 model and reports the best times
+and whether the int8 schedule uses ``vpdpbusd``; that takes about a minute per 32 trials.
+
+    python bench/tvm_int8.py                                    # efficientnet-lite1, 1 thread
+    python bench/tvm_int8.py --models efficientnet-lite1,efficientnet-lite2 --threads 2 --eval 64
+    python bench/tvm_int8.py --conv-trials 32                   # plus the one-conv tuning comparison
+
+Writes ``bench/results/tvm_int8.md`` and ``.json`` (``--output`` names another stem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine_info, markdown_table, write_results  # noqa: E402
+
+CALIB = 16
+
+
+def _models(name: str, folder: Path, n_eval: int) -> tuple[Any, Any, Any]:
+    """(fp32 ONNX artifact, QDQ ONNX artifact, evaluation images) for a pretrained example."""
+    import onnx
+
+    from edgecompress.compress.checkpoint import load_checkpoint
+    from edgecompress.compress.data import _normalize
+    from edgecompress.compress.examples import example_checkpoint
+    from edgecompress.compress.exporting import export_torch_onnx
+    from edgecompress.compress.ptq.config import PTQConfig
+    from edgecompress.compress.ptq.ort_backend import prepare_model, quantize_to_file
+    from edgecompress.compress.realdata import photo_crops
+    from edgecompress.export import write_onnx_artifact
+    from edgecompress.targets import get_target
+
+    bundle = load_checkpoint(example_checkpoint(name))
+    fp32 = export_torch_onnx(bundle, folder / "onnx", target=get_target("x86-64"))
+    images = _normalize(photo_crops(bundle.input_shape[-1], CALIB + n_eval, seed=0), bundle.preprocessing)
+    input_name = fp32.manifest.inputs[0].name
+    prepared = prepare_model(fp32.model_path, folder / "prep")
+    quantize_to_file(prepared, PTQConfig(calibration="minmax", calib_size=CALIB, per_channel=True),
+                     {input_name: images[:CALIB]}, folder / "int8.onnx", folder / "calib")  # fmt: skip
+    qdq = write_onnx_artifact(onnx.load(str(folder / "int8.onnx")), folder / "qdq", fmt="onnx-qdq", model_name=name,
+                              inputs=fp32.manifest.inputs, preprocessing=fp32.manifest.preprocessing)  # fmt: skip
+    return fp32, qdq, images[CALIB:]
+
+
+def run_model(name: str, folder: Path, *, threads: int, n_eval: int, min_seconds: float, rounds: int) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.export.verify import sqnr_db
+    from edgecompress.runtimes import measure_interleaved, runtime_for
+    from edgecompress.runtimes.measure import run_batched
+    from edgecompress.targets import get_target
+
+    host = get_target("x86-64")
+    t0 = time.perf_counter()
+    fp32, qdq, x_eval = _models(name, folder, n_eval)
+    builds = [("tvm fp32", fp32, {}), ("tvm int8, float path (--no-int8-kernels)", qdq, {"int8_kernels": False}),
+              ("tvm int8, integer kernels", qdq, {})]  # fmt: skip
+    arts = {label: export_tvm_from_onnx(src, host, folder / f"tvm{i}", use_database=False, **opts)
+            for i, (label, src, opts) in enumerate(builds)}  # fmt: skip
+    print(f"{name}: exported and compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    sessions = [("onnxruntime fp32", runtime_for(fp32).prepare(fp32, host, threads=threads)),
+                ("onnxruntime int8 (QDQ)", runtime_for(qdq).prepare(qdq, host, threads=threads))]  # fmt: skip
+    sessions += [(label, runtime_for(art).prepare(art, host, threads=threads)) for label, art in arts.items()]
+    outputs = {label: run_batched(sess, x_eval, batch_size=1) for label, sess in sessions}
+    ref_int8, ref_fp32 = outputs["onnxruntime int8 (QDQ)"], outputs["onnxruntime fp32"]
+    stats = measure_interleaved([s for _, s in sessions], x_eval[:1], min_seconds=min_seconds, rounds=rounds)
+    by = dict(zip([label for label, _ in sessions], stats, strict=True))
+    rows = []
+    for label, sess in sessions:
+        st, out = by[label], outputs[label]
+        art = arts.get(label)
+        kernels = art.manifest.extra.get("int8_kernels") if art is not None else None
+        sqnr = sqnr_db(ref_int8, out)
+        rows.append({
+            "model": name, "runtime": label, "p50_ms": st.p50_ms, "p90_ms": st.p90_ms, "runs": st.runs,
+            "threads": sess.threads, "vs_ort_fp32": st.p50_ms / by["onnxruntime fp32"].p50_ms,
+            "vs_tvm_fp32": st.p50_ms / by["tvm fp32"].p50_ms,
+            "sqnr_vs_ort_int8_db": None if sqnr == float("inf") else sqnr,
+            "max_abs_vs_ort_int8": float(np.max(np.abs(out - ref_int8))),
+            "top1_vs_ort_int8": float(np.mean(out.argmax(1) == ref_int8.argmax(1))) * 100,
+            "top1_vs_ort_fp32": float(np.mean(out.argmax(1) == ref_fp32.argmax(1))) * 100,
+            "int8_kernels": kernels, "eval_images": len(x_eval),
+        })  # fmt: skip
+    return rows
+
+
+def tune_one_conv(folder: Path, name: str, trials: int) -> list[dict[str, Any]]:
+    """The head 1x1 conv tuned ``trials`` MetaSchedule trials in the int8 (VNNI layout) and fp32 models."""
+    import onnx
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgecompress.export.tvm import compile as tc
+    from edgecompress.export.tvm import records
+    from edgecompress.export.tvm.int8 import lower_qdq_to_integer
+    from edgecompress.export.tvm.tuning import (
+        TuneBudget,
+        _best_seconds,
+        _Clock,
+        _flops,
+        _import_tensor_intrinsics,
+        _tune_task,
+    )
+    from edgecompress.export.tvm.workers import in_process_workers
+    from edgecompress.targets import get_target
+
+    _import_tensor_intrinsics()
+    spec = dict(get_target("x86-64").tvm)
+    tgt = tvm.target.Target(spec)
+    graph_input = onnx.load(str(folder / "onnx" / "model.onnx")).graph.input[0]
+    shape = {graph_input.name: [1] + [int(d.dim_value) for d in list(graph_input.type.tensor_type.shape.dim)[1:]]}
+    rows = []
+    for label, path, rewrite in (("int8, integer kernels (VNNI layout)", folder / "int8.onnx",
+                                  lambda m, p: lower_qdq_to_integer(m, p, vnni_layout=True)[:2]),
+                                 ("fp32", folder / "onnx" / "model.onnx", None)):  # fmt: skip
+        mod, _ = tc.import_onnx(onnx.load(str(path)), shape, "x86-64", graph_rewrite=rewrite)
+        tasks = ms.relax_integration.extract_tasks(tc.fuse_for_cpu(mod, tgt), tgt)
+        convs = [t for t in tasks if "conv2d" in t.task_name]
+        task = min(convs, key=lambda t: abs(_flops(t.dispatched[0]) - 52.8e6))  # Lite1's head conv; the nearest elsewhere
+        with tempfile.TemporaryDirectory() as tmp:
+            db = records.open_json_database(Path(tmp), create=True, target_spec=spec)
+            t0 = time.perf_counter()
+            _tune_task(task, db, in_process_workers(), spec, trials, None, _Clock(TuneBudget(trials=trials, trials_per_task=trials)),
+                       task.task_name, lambda line: print(line, file=sys.stderr, flush=True), 0)  # fmt: skip
+            best = _best_seconds(db, task.dispatched[0])
+            top = db.get_top_k(db.commit_workload(task.dispatched[0]), 1)
+            vnni = False
+            if top:
+                sch = tvm.s_tir.Schedule(task.dispatched[0])
+                top[0].trace.apply_to_schedule(sch, remove_postproc=False)
+                vnni = "vpdpbusd" in sch.mod.script()
+        rows.append({"model": name, "model_precision": label, "task": task.task_name,
+                     "mflop": _flops(task.dispatched[0]) / 1e6, "trials": trials,
+                     "best_ms": None if best is None else best * 1e3, "uses_vpdpbusd": vnni,
+                     "tune_seconds": time.perf_counter() - t0})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="efficientnet-lite1")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval", type=int, default=64, help="photo crops scored (after the 16 calibration crops)")
+    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--conv-trials", type=int, default=0, help="also tune the head conv N trials, int8 and fp32")
+    parser.add_argument("--output", default="tvm_int8")
+    args = parser.parse_args()
+
+    import os
+
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # TVM's thread pool reads it once, at first use
+    import torch
+
+    torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    rows: list[dict[str, Any]] = []
+    conv_rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-tvm-int8-") as tmp:
+        for name in models:
+            folder = Path(tmp) / name
+            rows += run_model(name, folder, threads=args.threads, n_eval=args.eval, min_seconds=args.min_seconds,
+                              rounds=args.rounds)  # fmt: skip
+            if args.conv_trials > 0:
+                conv_rows += tune_one_conv(folder, name, args.conv_trials)
+    info = machine_info()
+
+    def cell(v: Any, fmt: str = "{:.1f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    table = markdown_table(
+        ["model", "runtime", "p50 ms", "p90 ms", "x ort fp32", "x tvm fp32", "SQNR vs ort int8 (dB)",
+         "top-1 = ort int8 %", "top-1 = fp32 %", "int8 kernels (integer/float)"],
+        [[r["model"], r["runtime"], r["p50_ms"], r["p90_ms"], r["vs_ort_fp32"], r["vs_tvm_fp32"],
+          cell(r["sqnr_vs_ort_int8_db"]) if r["max_abs_vs_ort_int8"] > 0 else "exact", r["top1_vs_ort_int8"],
+          r["top1_vs_ort_fp32"],
+          f"{r['int8_kernels']['integer']}/{r['int8_kernels']['float']}" if r["int8_kernels"] and r["int8_kernels"]["enabled"]
+          else ("off" if r["int8_kernels"] else "-")] for r in rows],
+    )  # fmt: skip
+    md = [f"# TVM integer kernels for QDQ int8 graphs (untuned, batch 1, {args.threads} thread(s))", "",
+          f"Machine: {info['cpu']} ({', '.join(info['cpu_features'])}), {info['cores']} cores, "
+          f"load {info['load_average']}; {info['date']}. Command: `python bench/tvm_int8.py --models {args.models} "
+          f"--threads {args.threads} --eval {args.eval}{f' --conv-trials {args.conv_trials}' if args.conv_trials else ''}`.",
+          "", f"Accuracy on {args.eval} photo crops not used for calibration; 'exact' = bit-identical to onnxruntime int8.",
+          "", table]  # fmt: skip
+    if conv_rows:
+        md += ["", f"One convolution tuned ({args.conv_trials} MetaSchedule trials each, in-process, 1 task):", "",
+               markdown_table(["model", "precision", "task", "MFLOP", "best ms", "uses vpdpbusd"],
+                              [[r["model"], r["model_precision"], r["task"][:60], r["mflop"], cell(r["best_ms"], "{:.3f}"),
+                                r["uses_vpdpbusd"]] for r in conv_rows])]  # fmt: skip
+    write_results(args.output, {"machine": info, "args": vars(args), "rows": rows, "tuned_conv": conv_rows}, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
