@@ -2,12 +2,14 @@
 --emulate arm64` serves it under qemu, and `compress profile/check --rpc` run ARM64 code on it.
 
 The fast tests cover the parts that need no qemu (the clear error without a root, the build's
-stamp and atomic rename, the wrapper that makes the RPC worker start through qemu). The slow test
-runs the real thing end to end and compares the ARM64 outputs with onnxruntime's on this machine.
+stamp and atomic rename, the wrapper that makes the RPC worker start through qemu). The slow tests
+run the real thing end to end and compare the ARM64 outputs with onnxruntime's on this machine: the
+fp32 CNN through the CLI, and the int8 CNN on integer kernels in the ARM dot-product layouts.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -264,3 +267,91 @@ def test_emulated_arm64_end_to_end(cli, untrained_cnn_checkpoint, tmp_path: Path
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def _sdot_database(qdq: Any, root: Path, trials: int = 4) -> int:
+    """A throwaway arm64-linux database in ``root`` whose records schedule every blocked int8 kernel
+    of ``qdq`` with a sampled MetaSchedule candidate that tensorizes with sdot (compiled, not timed:
+    the records' times are a constant). Returns how many kernels got one."""
+    import onnx
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgecompress.export.tvm import compile as tc
+    from edgecompress.export.tvm import records
+    from edgecompress.export.tvm.int8 import Int8Kernels
+    from edgecompress.export.tvm.int8_arm import sample_candidates
+    from edgecompress.targets import get_target
+
+    arm = get_target("arm64-linux")
+    tgt = tc.tvm_target(arm)
+    shape = {i.name: [1, *i.shape[1:]] for i in qdq.manifest.inputs}
+    mod, _ = tc.import_onnx(onnx.load(str(qdq.model_path)), shape, arm.name,
+                            graph_rewrite=Int8Kernels.for_target(tgt, enabled=True).rewrite)  # fmt: skip
+    db = records.open_json_database(records.sources(dict(arm.tvm), root)[0].folder, create=True, target_spec=dict(arm.tvm))
+    applied = 0
+    for task in ms.relax_integration.extract_tasks(tc.fuse_for_cpu(mod, tgt), tgt):
+        if "nchwc_int8" not in task.task_name and "matmul_blocked_int8" not in task.task_name:
+            continue
+        chosen = next(c for c in sample_candidates(task.dispatched[0], tgt, trials=trials) if c.tensorized and c.sdot > 0)
+        args = ms.arg_info.ArgInfo.from_prim_func(next(iter(task.dispatched[0].functions.values())))
+        db.commit_tuning_record(ms.database.TuningRecord(chosen.trace, db.commit_workload(task.dispatched[0]), [1.0],
+                                                         tgt, args))  # fmt: skip
+        applied += 1
+    return applied
+
+
+@pytest.mark.slow
+@pytest.mark.device
+@pytest.mark.timeout(2400)  # may build the root first; then about 2 minutes
+def test_int8_cnn_on_emulated_arm64_matches_onnxruntime(cnn_onnx: Path, mnist_splits, tmp_path: Path) -> None:
+    """The trained example CNN's int8 QDQ graph cross-compiled for arm64-linux with integer kernels in
+    the ARM dot-product layouts runs on the emulated ARM64 device and computes what onnxruntime
+    computes on this machine (SQNR >= 30 dB, top-1 agreement >= 99 % on 64 MNIST test digits): the
+    untuned build, and a build whose blocked kernels are scheduled with ``sdot`` (so the dot-product
+    instructions themselves run, on qemu's implementation of them)."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgecompress.compress.ptq.config import PTQConfig
+    from edgecompress.compress.ptq.ort_backend import prepare_model, quantize_to_file
+    from edgecompress.export import write_onnx_artifact
+    from edgecompress.export.artifact import TensorSpec
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.export.verify import sqnr_db
+    from edgecompress.runtimes.measure import run_batched
+    from edgecompress.runtimes.tvm_rpc import remote_session
+    from edgecompress.targets import get_target
+
+    dev = _emulator_or_skip()
+    prepared = prepare_model(cnn_onnx, tmp_path / "prep")
+    quantize_to_file(prepared, PTQConfig(calibration="minmax", calib_size=16, per_channel=True),
+                     {"input": mnist_splits.calib.x[:16]}, tmp_path / "int8.onnx", tmp_path / "calib")  # fmt: skip
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    qdq = write_onnx_artifact(model, tmp_path / "qdq", fmt="onnx-qdq", model_name="cnn-int8",
+                              inputs=[TensorSpec(name="input", shape=["batch", 1, 28, 28], dtype="float32")])  # fmt: skip
+    arm = get_target("arm64-linux")
+    untuned = export_tvm_from_onnx(qdq, arm, tmp_path / "arm64", use_database=False)
+    info = untuned.manifest.extra["int8_kernels"]
+    assert info["float"] == 0 and info["integer"] == info["requantized"] == info["dotprod_layout"] == 4, info
+    assert _sdot_database(qdq, tmp_path / "db") == 4
+    with_sdot = export_tvm_from_onnx(qdq, arm, tmp_path / "arm64-sdot", database_dir=tmp_path / "db")
+    assert with_sdot.manifest.extra["tuned_tasks"] == 4
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump:
+        dump = subprocess.run([objdump, "-d", str(with_sdot.model_path)], capture_output=True, text=True, check=True).stdout
+        assert "\tsdot\t" in dump
+
+    x = mnist_splits.test.x[:64].astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"])
+    ref = np.concatenate([sess.run(None, {"input": x[i : i + 1]})[0] for i in range(len(x))])
+    with dev.server(_free_port(), key=KEY) as server:
+        for art in (untuned, with_sdot):
+            remote = remote_session(art, server.address, key=KEY, target=arm, timeout=600)
+            try:
+                out = run_batched(remote, x, batch_size=1)
+            finally:
+                remote.close()
+                del remote
+                gc.collect()  # the RPC session ends with its last reference; the server serves one at a time
+            assert sqnr_db(ref, out) >= 30.0, art.path
+            assert float(np.mean(out.argmax(1) == ref.argmax(1))) >= 0.99, art.path

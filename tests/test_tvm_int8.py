@@ -4,6 +4,10 @@ The models are tiny convolution nets written with onnx.helper (a stem conv with 
 depthwise conv, a 1x1 conv with 24 output channels, global pooling and a Gemm) quantized by
 onnxruntime's ``quantize_static``: per channel and per tensor, uint8 (asymmetric) and int8
 (symmetric) activations. TVM's outputs are compared with onnxruntime's on random inputs.
+
+The blocked layouts of the ARM64 dot-product form (export/tvm/int8_arm.py: int8 activations shifted
+from uint8, 4x4 blocks) are compiled for this machine here, which checks their arithmetic; the
+``sdot`` code itself runs on the emulated ARM64 device (tests/test_device_emu.py).
 """
 
 from __future__ import annotations
@@ -115,17 +119,24 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("vnni_layout", [False, True], ids=["nchw", "vnni-layout"])
+#: The layouts of the integer kernels: plain NCHW, x86 VNNI's blocks, ARM64 dot product's blocks.
+LAYOUTS: dict[str, dict[str, bool]] = {"nchw": {}, "vnni-layout": {"vnni_layout": True},
+                                       "dotprod-layout": {"dotprod_layout": True}}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_integer_kernels_match_onnxruntime(case: str, vnni_layout: bool, tmp_path: Path) -> None:
+def test_integer_kernels_match_onnxruntime(case: str, layout: str, tmp_path: Path) -> None:
     """Every conv (stem, depthwise, 1x1) and the Gemm run as int8 x int8 -> int32 kernels with the
     requantization folded, and the outputs are onnxruntime's."""
     path = _quantize(tmp_path, **CASES[case])
     x = _inputs(24, seed=2)
     ref = _ort_outputs(path, x)
-    out, report = _tvm_outputs(path, x, vnni_layout=vnni_layout)
+    out, report = _tvm_outputs(path, x, **LAYOUTS[layout])
     assert (report.integer, report.requantized, report.float_ops) == (4, 4, 0), report
-    assert report.blocked == (2 if vnni_layout else 0)  # stem and 1x1 conv; depthwise stays NCHW
+    # VNNI blocks the stem and the 1x1 conv, ARM dot product those and the Gemm; depthwise stays NCHW
+    assert report.blocked == {"nchw": 0, "vnni-layout": 2, "dotprod-layout": 3}[layout]
+    assert report.layout == {"nchw": "nchw", "vnni-layout": "x86-vnni", "dotprod-layout": "arm-dotprod"}[layout]
     assert _sqnr_db(out, ref) >= 30.0
     assert float(np.mean(out.argmax(1) == ref.argmax(1))) >= 0.99
 
@@ -211,13 +222,14 @@ def _hand_written_qdq(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("vnni_layout", [False, True], ids=["nchw", "vnni-layout"])
-def test_integer_conv_with_float_requantization(vnni_layout: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_integer_conv_with_float_requantization(layout: str, tmp_path: Path) -> None:
     """A convolution whose result passes through an activation before its quantize is still an
-    integer kernel (zero point 10 padded and corrected), with the scale applied in float."""
+    integer kernel (zero point 10 padded and corrected; -118 after the shift into int8 of the ARM
+    dot-product layout), with the scale applied in float."""
     path = _hand_written_qdq(tmp_path / "hand.onnx")
     x = np.random.default_rng(5).standard_normal((6, 4, 6, 6)).astype(np.float32) * 3
-    out, report = _tvm_outputs(path, x, vnni_layout=vnni_layout)
+    out, report = _tvm_outputs(path, x, **LAYOUTS[layout])
     assert (report.integer, report.requantized, report.float_ops) == (1, 0, 0), report
     ref = _ort_outputs(path, x)
     assert _sqnr_db(out, ref) >= 30.0
@@ -317,6 +329,121 @@ def test_fixed_vnni_intrinsic_builds_and_computes() -> None:
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(wt), out)
     expected = np.einsum("nchwi,ocabki->nohwk", x.astype(np.int64), wt.astype(np.int64))
     np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def _hand_written_matmul_qdq(path: Path) -> Path:
+    """DQ -> MatMul -> Q on a [1, 5, 10] uint8 activation (zero point 131) and a [10, 6] int8 weight
+    per output column: leading dimensions, and K and N that are not multiples of the 4x4 blocks."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(6)
+    inits = [
+        numpy_helper.from_array(np.array(0.04, np.float32), "sx"), numpy_helper.from_array(np.array(131, np.uint8), "zx"),
+        numpy_helper.from_array(rng.integers(-127, 128, (10, 6)).astype(np.int8), "wq"),
+        numpy_helper.from_array(rng.uniform(0.002, 0.02, 6).astype(np.float32), "sw"),
+        numpy_helper.from_array(np.zeros(6, np.int8), "zw"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "sy"), numpy_helper.from_array(np.array(120, np.uint8), "zy"),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("QuantizeLinear", ["input", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["x"]),
+        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w"], axis=1),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+        helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["output"]),
+    ]
+    graph = helper.make_graph(nodes, "matmul", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 5, 10])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 5, 6])], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_dotprod_layout_computes_what_nchw_integer_kernels_compute(tmp_path: Path) -> None:
+    """The ARM dot-product form (uint8 activations shifted into int8, zero point moved with them;
+    blocks padded with the zero point and zero weights) is the same integer arithmetic as the plain
+    kernels: equal outputs, element for element, on the tiny CNN and on a 3-D MatMul whose K and N
+    are not multiples of 4."""
+    x = _inputs(8, seed=7)
+    path = _quantize(tmp_path)
+    out, report = _tvm_outputs(path, x, dotprod_layout=True)
+    plain, _ = _tvm_outputs(path, x)
+    assert report.blocked == 3
+    np.testing.assert_array_equal(out, plain)
+
+    matmul = _hand_written_matmul_qdq(tmp_path / "matmul.onnx")
+    xm = np.random.default_rng(8).standard_normal((6, 5, 10)).astype(np.float32) * 2
+    out, report = _tvm_outputs(matmul, xm, dotprod_layout=True)
+    plain, _ = _tvm_outputs(matmul, xm)
+    assert (report.integer, report.requantized, report.blocked) == (1, 1, 1), report
+    np.testing.assert_array_equal(out, plain)
+    ref = _ort_outputs(matmul, xm)
+    assert _sqnr_db(out, ref) >= 30.0 and np.abs(out - ref).max() <= 0.05 + 1e-6  # at most one output step
+
+
+def test_dotprod_layout_follows_the_target() -> None:
+    """ARM64 targets whose CPU has the dot-product extension (``+dotprod``, or an ``mcpu`` such as
+    cortex-a76 that implies it) get the blocked layouts; a Cortex-A53 and x86 do not."""
+    import tvm
+
+    from edgecompress.export.tvm import compile as tc
+    from edgecompress.export.tvm.int8 import Int8Kernels
+    from edgecompress.targets import get_target
+
+    def kernels(spec: dict[str, Any], enabled: bool = True) -> Int8Kernels:
+        return Int8Kernels.for_target(tvm.target.Target(spec), enabled=enabled)
+
+    for name in ("arm64-linux", "arm64-android"):  # cortex-a76 without and with +dotprod in mattr
+        k = Int8Kernels.for_target(tc.tvm_target(get_target(name)), enabled=True)
+        assert k.dotprod_layout and not k.vnni_layout, name
+    a53 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53", "mattr": ["+neon"]}
+    assert not kernels(a53).dotprod_layout
+    assert kernels({**a53, "mattr": ["+neon", "+v8.2a", "+dotprod"]}).dotprod_layout
+    assert not kernels({"kind": "llvm", "mcpu": "cascadelake"}).dotprod_layout
+    assert not kernels({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}, enabled=False).dotprod_layout
+
+
+def test_arm64_sdot_intrinsic_builds_and_tensorizes_the_blocked_conv() -> None:
+    """TVM 0.27's ``dot_4x4_i8i8s32_sdot`` compiles to ``sdot`` with the bundled LLVM, and every
+    MetaSchedule candidate of a blocked int8 convolution for arm64-linux tensorizes with it; for a
+    Cortex-A53 (no dot product) no candidate contains ``sdot``."""
+    import tvm
+
+    from edgecompress.export.tvm import compile as tc
+    from edgecompress.export.tvm.int8_arm import (
+        IC_BLOCK,
+        OC_BLOCK,
+        dotprod_intrinsic_builds,
+        sample_candidates,
+    )
+    from edgecompress.export.tvm.int8_blocked import conv2d_nchwc_int8
+    from edgecompress.targets import get_target
+
+    conv = conv2d_nchwc_int8([1, 4, 6, 6, IC_BLOCK], [4, 4, 3, 3, OC_BLOCK, IC_BLOCK], [1, 4, 4, 4, OC_BLOCK],
+                             [1, 1], [1, 1], x_dtype="int8")  # fmt: skip
+    candidates = sample_candidates(conv, tc.tvm_target(get_target("arm64-linux")), trials=3)
+    assert dotprod_intrinsic_builds()
+    assert len(candidates) == 3 and all(c.error is None for c in candidates), candidates
+    assert all(c.tensorized and c.sdot > 0 for c in candidates), candidates
+    a53 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53", "mattr": ["+neon"],
+                             "num-cores": 4})  # MetaSchedule needs the core count
+    assert all(c.sdot == 0 and c.error is None for c in sample_candidates(conv, a53, trials=2))
+
+
+def test_arm64_export_writes_the_dotprod_layout(tmp_path: Path) -> None:
+    """``export_tvm_from_onnx`` for arm64-linux lowers the QDQ graph into the dot-product layouts
+    and says so in the manifest (the code runs on the device: tests/test_device_emu.py)."""
+    from edgecompress.export.tvm import export_tvm_from_onnx
+    from edgecompress.targets import get_target
+
+    src = _artifact(_quantize(tmp_path), tmp_path / "onnx")
+    art = export_tvm_from_onnx(src, get_target("arm64-linux"), tmp_path / "arm64", use_database=False)
+    info = art.manifest.extra["int8_kernels"]
+    assert (info["integer"], info["requantized"], info["float"], info["dotprod_layout"], info["vnni_layout"]) == (4, 4, 0, 3, 0)
+    assert any("3 in ARM dot-product layouts" in n for n in art.manifest.extra["notes"])
+    assert art.model_path.suffix in (".so", ".tar")
 
 
 def test_example_cnn_int8_matches_onnxruntime(cnn_onnx: Path, mnist_splits: Any, tmp_path: Path) -> None:

@@ -29,7 +29,11 @@ constants (known when compiling). Everything else stays on the float path, so ev
 compiles; :class:`Int8KernelReport` counts the operators of each kind and says why some stayed float.
 
 With ``unsigned_activations``, int8 activations are shifted by 128 into uint8 (exact: the zero point
-moves with them): x86's VNNI instruction ``vpdpbusd`` multiplies uint8 by int8.
+moves with them): x86's VNNI instruction ``vpdpbusd`` multiplies uint8 by int8. Blocked layouts for
+CPU dot-product instructions (:mod:`edgecompress.export.tvm.int8_blocked`) are chosen per target:
+x86 VNNI (``vnni_layout``, :mod:`~edgecompress.export.tvm.int8_x86`) for convolutions, ARM64's
+``sdot`` (``dotprod_layout``, :mod:`~edgecompress.export.tvm.int8_arm`) for convolutions and matrix
+products, whose uint8 activations are shifted into int8 the same exact way.
 
 Example:
     >>> mod, params, report = lower_qdq_to_integer(mod, params)  # doctest: +SKIP
@@ -47,12 +51,21 @@ from typing import Any
 
 import numpy as np
 
+from edgecompress.export.errors import UnsupportedExportError
+from edgecompress.export.tvm.int8_blocked import (
+    BLOCKED_CONV_PREFIX,
+    BLOCKED_MATMUL_PREFIX,
+    BlockLayout,
+    blocked_conv,
+    blocked_matmul,
+)
+
 log = logging.getLogger(__name__)
 
 #: The operators that are counted as integer or float kernels.
 KERNEL_OPS = ("relax.nn.conv2d", "relax.matmul")
-#: Name prefix of the TIR functions of blocked (x86 VNNI layout) convolutions.
-BLOCKED_CONV_PREFIX = "conv2d_nchwc_int8"
+#: Name prefixes of the TIR functions of blocked (dot-product layout) kernels.
+BLOCKED_PREFIXES = (BLOCKED_CONV_PREFIX, BLOCKED_MATMUL_PREFIX)
 _ACTIVATION_DTYPES = ("uint8", "int8")
 _QUANT_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 
@@ -69,7 +82,9 @@ class Int8KernelReport:
         reasons: why operators stayed float (reason -> count); those whose inputs are not
             dequantized 8-bit tensors at all (layers left unquantized) count as "not quantized".
         unsigned_activations: int8 activations were shifted into uint8.
-        blocked: convolutions written in the x86 VNNI layouts (``vnni_layout``).
+        layout: the blocked layout of the target's dot-product instruction (``x86-vnni``,
+            ``arm-dotprod``), or ``nchw`` when there is none.
+        blocked: convolutions and matrix products written in that blocked layout.
         unfolded_reasons: why integer kernels kept a float requantization (reason -> count).
     """
 
@@ -78,6 +93,7 @@ class Int8KernelReport:
     float_ops: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     unsigned_activations: bool = False
+    layout: str = "nchw"
     blocked: int = 0
     unfolded_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -85,11 +101,14 @@ class Int8KernelReport:
         """The manifest's record: ``{"integer", "requantized", "float", "float_reasons", ...}``."""
         return {"integer": self.integer, "requantized": self.requantized, "float": self.float_ops,
                 "float_reasons": dict(sorted(self.reasons.items())), "unsigned_activations": self.unsigned_activations,
-                "vnni_layout": self.blocked, "not_requantized_reasons": dict(sorted(self.unfolded_reasons.items()))}  # fmt: skip
+                "vnni_layout": self.blocked if self.layout == "x86-vnni" else 0,
+                "dotprod_layout": self.blocked if self.layout == "arm-dotprod" else 0,
+                "not_requantized_reasons": dict(sorted(self.unfolded_reasons.items()))}  # fmt: skip
 
 
 def lower_qdq_to_integer(
-    mod: Any, params: list[Any], *, unsigned_activations: bool = False, vnni_layout: bool = False
+    mod: Any, params: list[Any], *, unsigned_activations: bool = False, vnni_layout: bool = False,
+    dotprod_layout: bool = False,
 ) -> tuple[Any, list[Any], Int8KernelReport]:
     """Rewrite ``dequantize -> conv2d/matmul [-> + bias -> quantize]`` in ``mod["main"]`` into integer kernels.
 
@@ -101,19 +120,31 @@ def lower_qdq_to_integer(
         vnni_layout: write convolutions with ``groups == 1`` in the blocked layouts that MetaSchedule
             tensorizes with x86 VNNI (:mod:`edgecompress.export.tvm.int8_x86`); implies
             ``unsigned_activations``.
+        dotprod_layout: write convolutions with ``groups == 1`` and matrix products in the blocked
+            layouts that MetaSchedule tensorizes with ARM64's ``sdot``
+            (:mod:`edgecompress.export.tvm.int8_arm`), their activations shifted into int8.
 
     Returns:
         (module, weights, report): ``main`` takes its inputs, then the original weights it still
         uses (in their order), then the per-channel constants the rewrite computed (zero-point
         corrections, multipliers); ``weights`` are their values in that order.
+
+    Raises:
+        UnsupportedExportError: both ``vnni_layout`` and ``dotprod_layout`` (one target has one).
     """
     import tvm
     from tvm import relax
     from tvm.relax.dpl import rewrite_call
 
+    from edgecompress.export.tvm.int8_arm import DOTPROD_LAYOUT
+    from edgecompress.export.tvm.int8_x86 import VNNI_LAYOUT
+
+    if vnni_layout and dotprod_layout:
+        raise UnsupportedExportError("one blocked layout per target: x86 VNNI or ARM dot product, not both")
     main = mod["main"]
     unsigned_activations = unsigned_activations or vnni_layout
-    lowering = _Lowering(main, params, unsigned_activations, vnni_layout)
+    layout = VNNI_LAYOUT if vnni_layout else DOTPROD_LAYOUT if dotprod_layout else None
+    lowering = _Lowering(main, params, unsigned_activations, layout)
     p = _Patterns()
     func = main
     for kind in ("conv2d", "matmul"):
@@ -135,7 +166,7 @@ def lower_qdq_to_integer(
     for gv, prim in lowering.functions.items():
         out[gv] = prim
     out = relax.transform.DeadCodeElimination(["main"])(out)  # TIR functions of convs dropped after all
-    report = Int8KernelReport(unsigned_activations=unsigned_activations)
+    report = Int8KernelReport(unsigned_activations=unsigned_activations, layout=layout.name if layout else "nchw")
     report.integer, report.float_ops = count_kernels(out["main"])
     report.requantized = lowering.requantized
     report.blocked = sum(getattr(c.op, "name", "") == "relax.call_tir" for c in _kernel_calls(out["main"], blocked=True))
@@ -151,7 +182,7 @@ def lower_qdq_to_integer(
 
 def count_kernels(func: Any) -> tuple[int, int]:
     """(integer, float) counts of the convolutions and matrix products in a Relax function (the
-    blocked x86 convolutions, TIR functions called with ``call_tir``, count as integer)."""
+    blocked kernels, TIR functions called with ``call_tir``, count as integer)."""
     counts = Counter("float" if _dtype(call).startswith("float") else "integer" for call in _kernel_calls(func, blocked=True))
     return counts["integer"], counts["float"]
 
@@ -166,7 +197,7 @@ def _kernel_calls(func: Any, *, blocked: bool = False) -> list[Any]:
             return
         name = getattr(expr.op, "name", "")
         if name in KERNEL_OPS or (blocked and name == "relax.call_tir"
-                                  and expr.args[0].name_hint.startswith(BLOCKED_CONV_PREFIX)):  # fmt: skip
+                                  and expr.args[0].name_hint.startswith(BLOCKED_PREFIXES)):  # fmt: skip
             calls.append(expr)
 
     relax.analysis.post_order_visit(func.body, visit)
@@ -236,10 +267,10 @@ class _Refused(Exception):
 class _Lowering:
     """The state of one rewrite: the known weight values, the vectors it adds, why ops stayed float."""
 
-    def __init__(self, main: Any, params: list[Any], unsigned_activations: bool, blocked: bool) -> None:
+    def __init__(self, main: Any, params: list[Any], unsigned_activations: bool, layout: BlockLayout | None) -> None:
         self.values: dict[Any, Any] = dict(zip(list(main.params[len(main.params) - len(params):]), params, strict=True))
         self.unsigned = unsigned_activations
-        self.blocked = blocked
+        self.layout = layout
         self.new_vars: list[Any] = []
         self.new_values: list[Any] = []
         self.builder: Any = None
@@ -346,30 +377,36 @@ class _Lowering:
         to subtract from it (int64, per output channel)."""
         from tvm import relax
 
-        x, zero = m["xq"], ops.zx
-        if self.unsigned and _dtype(x) == "int8":
-            x = relax.op.astype(relax.op.add(relax.op.astype(x, "int16"), relax.const(128, "int16")), "uint8")
-            zero += 128
+        x = _Activation(m["xq"], _dtype(m["xq"]), ops.zx)
+        if self.unsigned:
+            x = x.shifted("uint8")
         wq = ops.wq.astype(np.int64)
+        layout, shape = self.layout, _static_shape(m["xq"])
         if kind == "matmul":
+            correction_per_column = wq.sum(axis=1 - ops.out_axis)
+            if layout is not None and layout.matmul and shape is not None:
+                x = x.shifted(layout.x_dtype)
+                w_nk = ops.wq if ops.out_axis == 0 else ops.wq.T
+                mm = blocked_matmul(x.expr, shape, x.zero, w_nk, self.add, self.add_function, layout)
+                return _Accumulator(mm.accumulator, x.zero * correction_per_column, mm.vector_shape, mm.to_rows,
+                                    mm.pad_vector)  # fmt: skip
             weight = m["wq"] if ops.out_axis == 1 else relax.op.permute_dims(m["wq"], [1, 0])
-            correction = zero * wq.sum(axis=1 - ops.out_axis)
-            return _Accumulator(relax.op.matmul(x, weight, out_dtype="int32"), correction, [ops.channels])
+            acc = relax.op.matmul(x.expr, weight, out_dtype="int32")
+            return _Accumulator(acc, x.zero * correction_per_column, [ops.channels])
         a = ops.kernel.attrs
-        correction = zero * wq.reshape(ops.channels, -1).sum(axis=1)
-        x_dtype = "uint8" if self.unsigned else _dtype(m["xq"])
-        if self.blocked and int(a.groups) == 1 and x_dtype == "uint8":
-            from edgecompress.export.tvm.int8_x86 import blocked_conv
-
-            shape = [int(v) for v in m["xq"].ty.shape.values]
-            conv = blocked_conv(x, shape, zero, ops.wq, a, self.add, self.add_function)
+        if layout is not None and int(a.groups) == 1 and shape is not None:
+            x = x.shifted(layout.x_dtype)
+            conv = blocked_conv(x.expr, shape, x.zero, ops.wq, a, self.add, self.add_function, layout)
+            correction = x.zero * wq.reshape(ops.channels, -1).sum(axis=1)
             return _Accumulator(conv.accumulator, correction, conv.vector_shape, conv.to_nchw, conv.pad_vector)
+        correction = x.zero * wq.reshape(ops.channels, -1).sum(axis=1)
+        zero, data = x.zero, x.expr
         padding = [int(v) for v in a.padding]
         if zero != 0 and any(padding):  # pad with the zero point: 0.0 in the float graph
             top, left, bottom, right = padding
-            x = relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero))
+            data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero))
             padding = [0, 0, 0, 0]
-        acc = relax.op.nn.conv2d(x, m["wq"], strides=[int(v) for v in a.strides], padding=padding,
+        acc = relax.op.nn.conv2d(data, m["wq"], strides=[int(v) for v in a.strides], padding=padding,
                                  dilation=[int(v) for v in a.dilation], groups=int(a.groups), data_layout="NCHW",
                                  kernel_layout="OIHW", out_layout="NCHW", out_dtype="int32")  # fmt: skip
         return _Accumulator(acc, correction, [1, ops.channels, 1, 1])
@@ -436,6 +473,38 @@ def _per_channel_shape(bias: Any, kernel: Any, kind: str, channels: int) -> bool
     return dims[axis] == channels and all(d == 1 for i, d in enumerate(dims) if i != axis)
 
 
+@dataclass(frozen=True)
+class _Activation:
+    """An 8-bit activation expression, its type and its zero point."""
+
+    expr: Any
+    dtype: str
+    zero: int
+
+    def shifted(self, dtype: str) -> _Activation:
+        """The activation moved by 128 into ``dtype`` (uint8 <-> int8), its zero point moved with it:
+        the differences ``x - zero`` the kernel computes with are unchanged, so the shift is exact."""
+        from tvm import relax
+
+        if self.dtype == dtype:
+            return self
+        step = 128 if dtype == "uint8" else -128
+        wide = relax.op.add(relax.op.astype(self.expr, "int16"), relax.const(step, "int16"))
+        return _Activation(relax.op.astype(wide, dtype), dtype, self.zero + step)
+
+
+def _static_shape(expr: Any) -> list[int] | None:
+    """The static shape of a tensor expression (None when a dimension is symbolic)."""
+    shape = getattr(expr.ty, "shape", None)
+    values = getattr(shape, "values", None)
+    if values is None:
+        return None
+    try:
+        return [int(v) for v in values]
+    except TypeError:  # a symbolic dimension
+        return None
+
+
 def _int32(values: np.ndarray) -> np.ndarray:
     if np.abs(values).max(initial=0) >= 2**31:
         raise _Refused("zero-point correction overflows int32")
@@ -449,25 +518,32 @@ class Int8Kernels:
     Attributes:
         enabled: rewrite QDQ graphs into integer kernels.
         vnni_layout: blocked layouts for x86 VNNI (see :func:`lower_qdq_to_integer`).
+        dotprod_layout: blocked layouts for ARM64's dot-product instructions.
         off_reason: why the rewrite is off, for the manifest (``--no-int8-kernels``, a fallback).
         report: what the rewrite did, once it ran.
     """
 
     enabled: bool
     vnni_layout: bool = False
+    dotprod_layout: bool = False
     off_reason: str = ""
     report: Int8KernelReport | None = None
 
     @classmethod
     def for_target(cls, tvm_target: Any, *, enabled: bool, off_reason: str = "") -> Int8Kernels:
-        """The rewrite for a TVM target: blocked VNNI layouts when its CPU has VNNI."""
+        """The rewrite for a TVM target: blocked VNNI layouts when its CPU has VNNI, blocked
+        dot-product layouts when it is an ARM64 CPU with the dot-product extension, else NCHW."""
+        from edgecompress.export.tvm.int8_arm import target_has_dotprod
         from edgecompress.export.tvm.int8_x86 import target_has_vnni
 
-        return cls(enabled=enabled, vnni_layout=enabled and target_has_vnni(tvm_target), off_reason=off_reason)
+        vnni = enabled and target_has_vnni(tvm_target)
+        dotprod = enabled and not vnni and target_has_dotprod(tvm_target)
+        return cls(enabled=enabled, vnni_layout=vnni, dotprod_layout=dotprod, off_reason=off_reason)
 
     def rewrite(self, mod: Any, params: list[Any]) -> tuple[Any, list[Any]]:
         """The ``graph_rewrite`` hook of :func:`export.tvm.compile.import_onnx`."""
-        mod, params, self.report = lower_qdq_to_integer(mod, params, vnni_layout=self.vnni_layout)
+        mod, params, self.report = lower_qdq_to_integer(mod, params, vnni_layout=self.vnni_layout,
+                                                        dotprod_layout=self.dotprod_layout)  # fmt: skip
         return mod, params
 
     @property
@@ -496,7 +572,8 @@ class Int8Kernels:
         note = f"int8 kernels: {r.integer} of {total} convolutions/matrix products run on 8-bit integers"
         if r.integer:
             note += f" ({r.requantized} with integer requantization"
-            note += f", {r.blocked} in x86 VNNI layouts)" if r.blocked else ")"
+            where = {"x86-vnni": "x86 VNNI", "arm-dotprod": "ARM dot-product"}.get(r.layout, r.layout)
+            note += f", {r.blocked} in {where} layouts)" if r.blocked else ")"
         if r.reasons:
             note += "; float: " + ", ".join(f"{n} {reason}" for reason, n in sorted(r.reasons.items()))
         return [note]

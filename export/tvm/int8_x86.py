@@ -12,6 +12,8 @@ This module writes such a convolution (``groups == 1``) in blocked layouts:
   once (channels padded with zero weights to multiples of 16 and 4);
 * output ``NCHW16c`` int32, returned to NCHW after the requantization epilogue.
 
+The layouts themselves are shared with the ARM form (:mod:`edgecompress.export.tvm.int8_blocked`).
+
 Untuned, this form is already faster than the NCHW one (EfficientNet-Lite1 int8, one core: 165 ms
 against 229 ms); tuned, its convolutions use ``vpdpbusd`` (Lite1's 1x1 head convolution after 32
 trials: 0.15 ms, against 0.59 ms for the same convolution in fp32, ``bench/tvm_int8.py --conv-trials
@@ -21,15 +23,22 @@ VPDPBUSD; TVM's ``tvm.s_tir.tensor_intrin.x86``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from edgecompress.export.tvm.int8_blocked import BlockedConv, BlockLayout, conv2d_nchwc_int8
+from edgecompress.export.tvm.int8_blocked import blocked_conv as _blocked_conv
+
+__all__ = ["IC_BLOCK", "OC_BLOCK", "VNNI_INTRIN", "VNNI_LAYOUT", "BlockedConv", "blocked_conv", "conv2d_nchwc_int8",
+           "register_vnni_intrinsic", "target_has_vnni"]  # fmt: skip
 
 #: int32 lanes of one 512-bit ``vpdpbusd`` (output channels per weight block).
 OC_BLOCK = 16
 #: uint8 values multiplied into one lane (input channels per activation block).
 IC_BLOCK = 4
+#: The TVM tensor intrinsic MetaSchedule's x86 VNNI rules tensorize with (``ScheduleRule::DefaultX86``).
+VNNI_INTRIN = "dot_16x4_vnni"
+#: The x86 VNNI blocks: convolutions only (matrix products stay plain integer kernels).
+VNNI_LAYOUT = BlockLayout("x86-vnni", OC_BLOCK, IC_BLOCK, "uint8", VNNI_INTRIN)
 
 
 def target_has_vnni(target: Any) -> bool:
@@ -47,120 +56,13 @@ def target_has_vnni(target: Any) -> bool:
         return False
 
 
-@dataclass
-class BlockedConv:
-    """A convolution in the blocked layouts: its Relax expression and how to undo the layout.
-
-    Attributes:
-        accumulator: the int32 ``NCHW16c`` result of the convolution.
-        shape: its shape.
-        channels: the padded number of output channels (a multiple of 16).
-        out_channels: the convolution's own number of output channels.
-    """
-
-    accumulator: Any
-    shape: list[int]
-    channels: int
-    out_channels: int
-
-    @property
-    def vector_shape(self) -> list[int]:
-        """The shape a per-output-channel vector takes to broadcast over the accumulator."""
-        return [1, self.shape[1], 1, 1, OC_BLOCK]
-
-    def pad_vector(self, values: np.ndarray) -> np.ndarray:
-        """A per-channel vector padded to the blocked channel count (padded channels get zeros)."""
-        if values.size == 1:
-            values = np.broadcast_to(values.reshape(()), (self.out_channels,))
-        padded = np.zeros(self.channels, values.dtype)
-        padded[: self.out_channels] = values.reshape(-1)
-        return padded
-
-    def to_nchw(self, expr: Any) -> Any:
-        """``expr`` (blocked like the accumulator) back in NCHW, without the padded channels."""
-        from tvm import relax
-
-        n, blocks, h, w, _ = self.shape
-        out = relax.op.reshape(relax.op.permute_dims(expr, [0, 1, 4, 2, 3]), [n, blocks * OC_BLOCK, h, w])
-        if self.channels != self.out_channels:
-            out = relax.op.strided_slice(out, axes=[1], begin=[0], end=[self.out_channels])
-        return out
-
-
-def blocked_conv(x: Any, x_shape: list[int], zero: int, wq: np.ndarray, attrs: Any, add_param: Any,
+def blocked_conv(x: Any, x_shape: list[int], zero: int, wq: Any, attrs: Any, add_param: Any,
                  add_function: Any) -> BlockedConv:  # fmt: skip
     """The uint8 x int8 convolution of ``x`` (NCHW, uint8, zero point ``zero``) with ``wq`` (OIHW int8)
-    in the blocked layouts.
-
-    Args:
-        x: the activation expression.
-        x_shape: its shape (NCHW).
-        zero: its zero point (the value of padding, spatial and channel).
-        wq: the weights.
-        attrs: the float ``conv2d``'s attributes (strides, padding, dilation; ``groups`` must be 1).
-        add_param: ``(name, array) -> Var``, a new weight parameter.
-        add_function: ``(name, PrimFunc) -> GlobalVar``, a new TIR function of the module.
-    """
-    from tvm import relax
-
-    out_channels, in_channels, kh, kw = (int(v) for v in wq.shape)
-    channels = -(-out_channels // OC_BLOCK) * OC_BLOCK
-    in_padded = -(-in_channels // IC_BLOCK) * IC_BLOCK
-    top, left, bottom, right = (int(v) for v in attrs.padding)
-    if any((top, left, bottom, right, in_padded - in_channels)):
-        x = relax.op.nn.pad(x, [0, 0, 0, in_padded - in_channels, top, bottom, left, right], pad_value=float(zero))
-    n, _, h, w = x_shape
-    h, w = h + top + bottom, w + left + right
-    blocks = in_padded // IC_BLOCK
-    blocked_x = relax.op.permute_dims(relax.op.reshape(x, [n, blocks, IC_BLOCK, h, w]), [0, 1, 3, 4, 2])
-    packed = np.zeros((channels, in_padded, kh, kw), np.int8)
-    packed[:out_channels, :in_channels] = wq
-    packed = packed.reshape(channels // OC_BLOCK, OC_BLOCK, in_padded // IC_BLOCK, IC_BLOCK, kh, kw)
-    packed = np.ascontiguousarray(packed.transpose(0, 2, 4, 5, 1, 3))  # [O/16, I/4, KH, KW, 16, 4]
-    weight = add_param("wpacked", packed)
-    x_shape = [n, blocks, h, w, IC_BLOCK]
-    strides = [int(v) for v in attrs.strides]
-    dilation = [int(v) for v in attrs.dilation]
-    height = (x_shape[2] - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-    width = (x_shape[3] - (kw - 1) * dilation[1] - 1) // strides[1] + 1
-    out_shape = [x_shape[0], channels // OC_BLOCK, height, width, OC_BLOCK]
-    func = conv2d_nchwc_int8(x_shape, list(packed.shape), out_shape, strides, dilation)
-    gv = add_function("conv2d_nchwc_int8", func)
-    acc = relax.call_tir(gv, [blocked_x, weight], relax.TensorType(out_shape, "int32"))
-    return BlockedConv(acc, out_shape, channels, out_channels)
+    in the x86 VNNI layouts (see :func:`export.tvm.int8_blocked.blocked_conv`)."""
+    return _blocked_conv(x, x_shape, zero, wq, attrs, add_param, add_function, VNNI_LAYOUT)
 
 
-def conv2d_nchwc_int8(x_shape: list[int], w_shape: list[int], out_shape: list[int], strides: list[int],
-                      dilation: list[int]) -> Any:  # fmt: skip
-    """The TIR function ``out[n, o, h, w, ob] = sum x[n, i, h*s+kh*d, w*s+kw*d, ib] * w[o, i, kh, kw, ob, ib]``
-    (uint8 x int8 -> int32, the input already padded); the 4 input channels of a block are the
-    innermost reduction, as ``dot_16x4_vnni`` needs."""
-    from tvm import te, tirx
-
-    def i64(dims: list[int]) -> list[Any]:  # Relax shapes are int64: the buffers must match them
-        return [tirx.IntImm("int64", int(d)) for d in dims]
-
-    x = te.placeholder(i64(x_shape), "uint8", name="x")
-    w = te.placeholder(i64(w_shape), "int8", name="w")
-    ic = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", w_shape[1])), name="ic")
-    rh = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", w_shape[2])), name="kh")
-    rw = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", w_shape[3])), name="kw")
-    ib = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", IC_BLOCK)), name="ib")
-    sh, sw = strides
-    dh, dw = dilation
-    out = te.compute(
-        i64(out_shape),
-        lambda n, o, h, wo, ob: te.sum(
-            x[n, ic, h * sh + rh * dh, wo * sw + rw * dw, ib].astype("int32") * w[o, ic, rh, rw, ob, ib].astype("int32"),
-            axis=[ic, rh, rw, ib],
-        ),
-        name="conv2d_nchwc_int8",
-    )
-    return te.create_prim_func([x, w, out])
-
-
-#: The TVM tensor intrinsic MetaSchedule's x86 VNNI rules tensorize with (``ScheduleRule::DefaultX86``).
-VNNI_INTRIN = "dot_16x4_vnni"
 _registered: list[bool] = []
 
 
@@ -173,7 +75,7 @@ def register_vnni_intrinsic() -> None:
     signature"), so every tensorized candidate failed to build and MetaSchedule silently kept scalar
     code. The description (what the intrinsic computes) is TVM's own; only the implementation's
     operand types change, and only when LLVM accepts them (a probe compile). Idempotent; needs
-    :func:`export.tvm.tuning._import_tensor_intrinsics` to have run.
+    :func:`export.tvm.intrinsics.import_tensor_intrinsics` to have run.
     """
     if _registered:
         return

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgecompress.export.errors import ExportError
 from edgecompress.export.tvm import records
+from edgecompress.export.tvm.intrinsics import import_tensor_intrinsics as _import_tensor_intrinsics
 from edgecompress.export.tvm.records import (  # noqa: F401  (the database helpers' old home: re-exported)
     RECORD_FILE,
     SHIPPED_DIR,
@@ -189,9 +190,12 @@ def tune(
     """
     from tvm.s_tir import meta_schedule as ms
 
+    from edgecompress.export.tvm.int8_arm import dotprod_intrinsic_builds, target_has_dotprod
     from edgecompress.export.tvm.rpc_measure import TuningDeviceError, candidate_packager
 
     _import_tensor_intrinsics()
+    if target_has_dotprod(tgt):
+        dotprod_intrinsic_builds()  # logs a warning when sdot candidates cannot build (scalar code only)
     say = progress or (lambda line: log.info("%s", line))
     user_dir = records.sources(target_spec, root)[0].folder
     user = records.open_json_database(user_dir, create=True, target_spec=target_spec)
@@ -364,46 +368,6 @@ def _remeasure(choice: Any, tgt: Any, workers: tuple[Any, Any], user: Any) -> No
     if not res.error_msg and res.run_secs:
         user.commit_tuning_record(ms.database.TuningRecord(choice.record.trace, user.commit_workload(choice.mod),
                                                            res.run_secs, tgt, args))  # fmt: skip
-
-
-def _import_tensor_intrinsics() -> None:
-    """Import TVM's tensor intrinsics (needed by MetaSchedule) with a cheap ``inspect.stack``.
-
-    Each of the hundreds of TVMScript functions in ``tvm.s_tir.tensor_intrin`` calls
-    ``inspect.stack()``, which looks up a module for every frame by scanning ``sys.modules``;
-    with torch loaded that import takes minutes on a busy machine. TVMScript reads only the
-    source line of the decorator's caller (the third frame), so the others are built without it.
-    """
-    import inspect
-    import sys
-
-    from edgecompress.export.tvm.int8_x86 import register_vnni_intrinsic
-
-    if "tvm.s_tir.tensor_intrin" in sys.modules:
-        register_vnni_intrinsic()  # TVM's own VNNI intrinsic does not build with its LLVM
-        return
-    original = inspect.stack
-
-    def cheap_stack(context: int = 1) -> list[inspect.FrameInfo]:
-        frames: list[inspect.FrameInfo] = []
-        frame: Any = sys._getframe(1)
-        while frame is not None:
-            if len(frames) < 3:
-                info = inspect.getframeinfo(frame, context)
-                frames.append(inspect.FrameInfo(frame, *info, positions=info.positions))
-            else:
-                code = frame.f_code
-                frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, None, None,
-                                                positions=None))  # fmt: skip
-            frame = frame.f_back
-        return frames
-
-    inspect.stack = cheap_stack  # type: ignore[assignment]
-    try:
-        import tvm.s_tir.tensor_intrin  # noqa: F401
-    finally:
-        inspect.stack = original  # type: ignore[assignment]
-    register_vnni_intrinsic()
 
 
 def _strategy(*, evolve: bool) -> Any:
