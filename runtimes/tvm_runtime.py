@@ -123,7 +123,15 @@ class TvmSession:
         self._inputs = None
         self._host_views = []
         self._params = []
-        self._keepalive = None
+        remote, self._keepalive = self._keepalive, None
+        if remote is not None:
+            # A device server serves one client at a time, and TVM ends an RPC session only when its
+            # objects are collected: the VM, module and arrays above form cycles with it, so collect
+            # now or the next connection waits (seen: a third session hung 600 s on the emulated device).
+            del remote
+            import gc
+
+            gc.collect()
 
 
 def _device(kind: str, index: int = 0, remote: Any = None) -> Any:
