@@ -108,7 +108,7 @@ def test_checkpoint_search_measures_brevitas_configs_and_onnx_input_has_none(cnn
     from edgecompress.compress.ptq.space import enumerate_space
 
     space = SearchSpace(calibration=("minmax",), calib_size=(32,), per_channel=(True,), activation_symmetric=(False,),
-                        weight_symmetric=(True,), keep_float=("none",), brevitas=("equalize", "gpfq"))  # fmt: skip
+                        weight_symmetric=(True,), keep_float=("none",), brevitas=("equalize", "gptq"))  # fmt: skip
     assert len(enumerate_space(space)) == 1 and len(enumerate_space(space, brevitas=True)) == 3
     bundle = load_checkpoint(cnn_checkpoint)
     src = export_model(bundle, "onnx", None, tmp_path / "src")

@@ -216,7 +216,8 @@ def test_space_round_trip_and_sizes() -> None:
 
     space = enumerate_space(space_preset("full"))
     # calibrations x sizes x pc x aS x wS x reduce_range x int8/int4 x 6 float-layer choices x op sets x 4-bit MatMuls
-    assert len(space) == 6 * 3 * 2 * 2 * 2 * 2 * 2 * 6 * 2 * 2
+    # x 8/16-bit activations
+    assert len(space) == 6 * 3 * 2 * 2 * 2 * 2 * 2 * 6 * 2 * 2 * 2
     assert len({c.key() for c in space}) == len(space)
     assert len(enumerate_space(space_preset("bench"))) == 80
     c = next(c for c in space if c.keep_float == "sensitive" and c.calibration == "percentile")
