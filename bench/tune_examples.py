@@ -69,11 +69,13 @@ def fused_module_from_onnx(artifact: Any, host: Any) -> Any:
     import onnx
 
     from edgecompress.export import load_artifact
+    from edgecompress.export.spec import ModelSpec
     from edgecompress.export.tvm import compile as tc
 
     art = load_artifact(artifact) if isinstance(artifact, (str, Path)) else artifact
-    spec = art.manifest.inputs[0]
-    mod, _params = tc.import_onnx(onnx.load(str(art.model_path)), {spec.name: [1, *spec.shape[1:]]}, host.name)
+    spec = ModelSpec(list(art.manifest.inputs))  # every input at batch 1 with its dtype (token ids are int64)
+    mod, _params = tc.import_onnx(onnx.load(str(art.model_path)), spec.shape_dict(1), host.name,
+                                  {i.name: i.dtype for i in spec.inputs})  # fmt: skip
     return tc.fuse_for_cpu(mod, tc.tvm_target(host))
 
 
