@@ -36,6 +36,9 @@ test: lint browser
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
+# NNCF conflicts with our pins: give its own venv for the peer rows of quantune_real, e.g.
+#   python3 -m venv /work/nncf-venv && /work/nncf-venv/bin/pip install nncf onnxruntime==1.32.0 onnx==1.23.2
+#   make bench NNCF_PYTHON=/work/nncf-venv/bin/python
 bench: install
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/runtimes.py
@@ -46,6 +49,9 @@ bench: install
 	$(BIN)/python bench/tune_rpc.py
 	$(BIN)/python bench/regression_noise.py
 	$(BIN)/python bench/quantune_cluster.py
+	$(BIN)/python bench/quantune_real.py --threads 1 $(if $(NNCF_PYTHON),--peers-python $(NNCF_PYTHON))
+	$(BIN)/python bench/tvm_int8.py
+	$(BIN)/python bench/tvm_lite.py --threads 1 --tune 20m
 
 # An emulated ARM64 device for CI (no phone): a Debian arm64 root run under qemu user mode, built
 # once into the cache (apt-get installs qemu-user-static, debootstrap and the aarch64 cross compiler
