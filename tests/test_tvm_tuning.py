@@ -88,3 +88,31 @@ def test_default_database_root_respects_cache_env(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setenv("EDGECOMPRESS_CACHE", str(tmp_path))
     assert default_database_root() == tmp_path / "tvm-tuning"
+
+
+def test_a_gather_of_token_ids_is_tuned_without_crashing(tmp_path: Path) -> None:
+    """MetaSchedule's random int64 arguments index a token embedding out of bounds and TVM's take
+    segfaulted the whole tune (the text encoder); candidates now run on zero indices."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgecompress.export import TensorSpec, write_onnx_artifact
+    from edgecompress.export.tvm import TuneBudget, export_tvm_from_onnx
+    from edgecompress.export.tvm.records import safe_arguments
+    from edgecompress.targets import get_target
+
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((260, 16)).astype(np.float32), "E")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["output"], axis=0)], "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 8, 16])], initializer=[table],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    src = write_onnx_artifact(model, tmp_path / "src", fmt="onnx", model_name="embed",
+                              inputs=[TensorSpec(name="ids", shape=["batch", 8], dtype="int64", range=[0, 260])])  # fmt: skip
+    art = export_tvm_from_onnx(src, get_target("x86-64"), tmp_path / "t", tune=TuneBudget(trials=8, trials_per_task=4),
+                               database_dir=tmp_path / "db")  # fmt: skip
+    report = art.manifest.extra["tuning"]
+    assert report["trials"] > 0 and report["tasks_tuned"] == report["tasks"] >= 1, report
+    ints, floats = safe_arguments([["TENSOR", "int64", [1, 8]], ["TENSOR", "float32", [4]]], seed=1)
+    assert not ints.any() and floats.std() > 0

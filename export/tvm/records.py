@@ -216,18 +216,25 @@ class RecordChecks:
 
 def _random_arrays(mod: Any, seed: int) -> list[Any]:
     """Random float values (integers: zeros, always valid as indices) for every buffer of a task."""
-    import numpy as np
     from tvm.s_tir import meta_schedule as ms
+
+    return safe_arguments([info.as_json() for info in ms.arg_info.ArgInfo.from_prim_func(mod["main"])], seed)
+
+
+def safe_arguments(args_info: list[Any], seed: int = 0) -> list[Any]:
+    """numpy arrays for MetaSchedule argument infos (``["TENSOR", dtype, shape]``): floats random, integers
+    zeros. MetaSchedule's own random integers index out of bounds in a gather (a token embedding's
+    ``take``), and TVM's fast take then segfaults the process; zero is a valid index everywhere."""
+    import numpy as np
 
     rng = np.random.default_rng(seed)
     arrays = []
-    for info in ms.arg_info.ArgInfo.from_prim_func(mod["main"]):
-        _, dtype, shape = info.as_json()
-        shape = [int(s) for s in shape]
+    for _, dtype, shape in args_info:
+        dims = [int(d) for d in shape]
         if str(dtype).startswith(("float", "bfloat")):
-            arrays.append(rng.standard_normal(shape).astype(str(dtype)))
+            arrays.append(rng.standard_normal(dims).astype(str(dtype)))
         else:
-            arrays.append(np.zeros(shape, dtype=str(dtype)))
+            arrays.append(np.zeros(dims, dtype=str(dtype)))
     return arrays
 
 

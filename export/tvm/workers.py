@@ -93,7 +93,9 @@ def in_process_workers() -> tuple[Any, Any]:
     """A MetaSchedule builder and runner that work in this process (no worker pools)."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner
-    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument, default_run_evaluator
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_run_evaluator
+
+    from edgecompress.export.tvm.records import safe_arguments
 
     config = EvaluatorConfig(enable_cpu_cache_flush=False, **EVALUATOR)
 
@@ -107,7 +109,8 @@ def in_process_workers() -> tuple[Any, Any]:
                 try:
                     lib = tvm.runtime.load_module(str(ri.artifact_path))
                     dev = tvm.runtime.device(str(ri.device_type), 0)
-                    args = default_alloc_argument(dev, tuple(a.as_json() for a in ri.args_info), 1)
+                    # zeros for integer buffers (indices stay in bounds), random floats: see safe_arguments
+                    args = [[tvm.runtime.tensor(a, dev) for a in safe_arguments([i.as_json() for i in ri.args_info])]]
                     futures.append(done_future(list(default_run_evaluator(lib, dev, config, args)), None))
                 except Exception as exc:  # a candidate that crashes at run time: a failed trial
                     futures.append(done_future(None, f"in-process run failed: {exc}"))
