@@ -93,7 +93,6 @@ def test_default_database_root_respects_cache_env(tmp_path: Path, monkeypatch: p
 def test_a_gather_of_token_ids_is_tuned_without_crashing(tmp_path: Path) -> None:
     """MetaSchedule's random int64 arguments index a token embedding out of bounds and TVM's take
     segfaulted the whole tune (the text encoder); candidates now run on zero indices."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from edgecompress.export import TensorSpec, write_onnx_artifact
