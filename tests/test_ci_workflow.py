@@ -117,9 +117,12 @@ def test_workflow_flags_a_regression_and_not_noise(tmp_path):
 
     # A pull request that costs accuracy (a one-shot 2:4 stage before PTQ; the absolute accuracy gate
     # relaxed so that only the regression gate can catch it): exit 4, and the job summary still written.
+    # The sparse model's search may pick another configuration that is really slower, which the latency
+    # regression gate rightly flags (it did in one CI run); it is relaxed so this checks accuracy alone.
     def worse(r: dict) -> None:
         r["stages"].insert(0, {"sparsify": {"pattern": "2:4", "method": "oneshot"}})
         r["gates"]["x86-64"]["max_accuracy_drop"] = 50.0
+        r["gates"]["x86-64"]["max_latency_regression"] = "1000%"
 
     _edit_recipe(work, worse)
     (work / "step-summary.md").unlink()
