@@ -70,11 +70,15 @@ class TuningDevice:
         ``.tar`` the device links) and runner (timing on ``device_type``: cpu, cuda or opencl)."""
         from tvm.ir.utils import derived_object
         from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner
-        from tvm.s_tir.meta_schedule.runner.rpc_runner import default_alloc_argument
         from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
 
         from edgecompress.export.tvm.rpc_measure import candidate_packager
-        from edgecompress.export.tvm.workers import EVALUATOR, done_future, in_process_builder
+        from edgecompress.export.tvm.workers import (
+            EVALUATOR,
+            done_future,
+            in_process_builder,
+            measurement_arguments,
+        )
 
         device = self
         link = self.link
@@ -86,7 +90,7 @@ class TuningDevice:
             try:
                 lib = sess.load_module(name)
                 dev = sess.device(device_type, 0)
-                args = default_alloc_argument(sess, dev, tuple(a.as_json() for a in ri.args_info), 1)
+                args = measurement_arguments(ri.args_info, dev)
                 return [float(c) for c in run_evaluator_common(lib, dev, config, args)]
             finally:
                 for leftover in (name, name + ".so"):  # a .tar is linked into NAME.so on the device

@@ -89,13 +89,22 @@ def in_process_builder(export: Callable[[Any], str] | None = None) -> Any:
     return InProcessBuilder()
 
 
+def measurement_arguments(args_info: Any, dev: Any) -> list[list[Any]]:
+    """One set of a candidate's arguments on ``dev`` (here or over RPC), in the shape MetaSchedule's
+    evaluators take: random floats and zero integers (:func:`export.tvm.records.safe_arguments`; its
+    own random integers index a gather out of bounds and crash the process that runs it)."""
+    import tvm
+
+    from edgecompress.export.tvm.records import safe_arguments
+
+    return [[tvm.runtime.tensor(a, dev) for a in safe_arguments([info.as_json() for info in args_info])]]
+
+
 def in_process_workers() -> tuple[Any, Any]:
     """A MetaSchedule builder and runner that work in this process (no worker pools)."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner
     from tvm.s_tir.meta_schedule.runner.local_runner import default_run_evaluator
-
-    from edgecompress.export.tvm.records import safe_arguments
 
     config = EvaluatorConfig(enable_cpu_cache_flush=False, **EVALUATOR)
 
@@ -109,8 +118,7 @@ def in_process_workers() -> tuple[Any, Any]:
                 try:
                     lib = tvm.runtime.load_module(str(ri.artifact_path))
                     dev = tvm.runtime.device(str(ri.device_type), 0)
-                    # zeros for integer buffers (indices stay in bounds), random floats: see safe_arguments
-                    args = [[tvm.runtime.tensor(a, dev) for a in safe_arguments([i.as_json() for i in ri.args_info])]]
+                    args = measurement_arguments(ri.args_info, dev)
                     futures.append(done_future(list(default_run_evaluator(lib, dev, config, args)), None))
                 except Exception as exc:  # a candidate that crashes at run time: a failed trial
                     futures.append(done_future(None, f"in-process run failed: {exc}"))
