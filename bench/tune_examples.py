@@ -135,8 +135,9 @@ def refine(modules: dict[str, Any], tgt: Any, target_spec: dict[str, Any], root:
     from tvm.s_tir import meta_schedule as ms
 
     from edgecompress.export.tvm import records, tuning
+    from edgecompress.export.tvm.intrinsics import import_tensor_intrinsics
 
-    tuning._import_tensor_intrinsics()
+    import_tensor_intrinsics()
     folder = root / records.database_key(target_spec)
     user = records.open_json_database(folder, create=True, target_spec=target_spec)
     ledger_path = folder / "refined.json"

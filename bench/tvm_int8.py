@@ -139,18 +139,18 @@ def tune_one_conv(folder: Path, name: str, trials: int) -> list[dict[str, Any]]:
     from edgecompress.export.tvm import compile as tc
     from edgecompress.export.tvm import records
     from edgecompress.export.tvm.int8 import lower_qdq_to_integer
+    from edgecompress.export.tvm.intrinsics import import_tensor_intrinsics
     from edgecompress.export.tvm.tuning import (
         TuneBudget,
         _best_seconds,
         _Clock,
         _flops,
-        _import_tensor_intrinsics,
         _tune_task,
     )
     from edgecompress.export.tvm.workers import in_process_workers
     from edgecompress.targets import get_target
 
-    _import_tensor_intrinsics()
+    import_tensor_intrinsics()
     spec = dict(get_target("x86-64").tvm)
     tgt = tvm.target.Target(spec)
     graph_input = onnx.load(str(folder / "onnx" / "model.onnx")).graph.input[0]
@@ -256,14 +256,15 @@ def arm64_tensorized(folder: Path, name: str, trials: int, *, address: str, key:
     from edgecompress.export.tvm import export_tvm_from_onnx, records
     from edgecompress.export.tvm.int8 import Int8Kernels
     from edgecompress.export.tvm.int8_arm import dotprod_intrinsic_builds, sample_candidates
-    from edgecompress.export.tvm.tuning import _flops, _import_tensor_intrinsics
+    from edgecompress.export.tvm.intrinsics import import_tensor_intrinsics
+    from edgecompress.export.tvm.tuning import _flops
     from edgecompress.export.verify import sqnr_db
     from edgecompress.runtimes import runtime_for
     from edgecompress.runtimes.measure import run_batched
     from edgecompress.runtimes.tvm_rpc import remote_session
     from edgecompress.targets import get_target
 
-    _import_tensor_intrinsics()
+    import_tensor_intrinsics()
     arm = get_target("arm64-linux")
     tgt = tc.tvm_target(arm)
     qdq = load_artifact(folder / "qdq")

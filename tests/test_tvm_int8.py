@@ -306,10 +306,10 @@ def test_fixed_vnni_intrinsic_builds_and_computes() -> None:
     import tvm
 
     from edgecompress.export.tvm.int8_x86 import IC_BLOCK, OC_BLOCK, VNNI_INTRIN, conv2d_nchwc_int8
-    from edgecompress.export.tvm.tuning import _import_tensor_intrinsics
+    from edgecompress.export.tvm.intrinsics import import_tensor_intrinsics
     from edgecompress.targets.host import detect_host
 
-    _import_tensor_intrinsics()
+    import_tensor_intrinsics()
     x_shape, w_shape, out_shape = [1, 2, 3, 3, IC_BLOCK], [2, 2, 1, 1, OC_BLOCK, IC_BLOCK], [1, 2, 3, 3, OC_BLOCK]
     func = conv2d_nchwc_int8(x_shape, w_shape, out_shape, [1, 1], [1, 1])
     sch = tvm.s_tir.Schedule(func)

@@ -55,6 +55,7 @@ def test_fixture_records_are_refused_and_quarantined(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from edgecompress.export.tvm import compile as tc
+    from edgecompress.export.tvm.intrinsics import import_tensor_intrinsics
     from edgecompress.export.tvm.records import (
         QUARANTINE_FILE,
         open_json_database,
@@ -62,10 +63,9 @@ def test_fixture_records_are_refused_and_quarantined(tmp_path: Path) -> None:
         select_records,
         workload_hash,
     )
-    from edgecompress.export.tvm.tuning import _import_tensor_intrinsics
     from edgecompress.targets import get_target
 
-    _import_tensor_intrinsics()
+    import_tensor_intrinsics()
     host = get_target("x86-64")
     own = _own_database_with_fixture(tmp_path, dict(host.tvm))
     records = open_json_database(own).get_all_tuning_records()

@@ -40,9 +40,9 @@ def choose_records(fused: Any, tgt: Any, target: Any, root: Path | None) -> Sele
     """The verified records for every task of a fused module (verified only when the code runs here)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from edgecompress.export.tvm.tuning import _import_tensor_intrinsics
+    from edgecompress.export.tvm.intrinsics import import_tensor_intrinsics
 
-    _import_tensor_intrinsics()
+    import_tensor_intrinsics()
     tasks = ms.relax_integration.extract_tasks(fused, tgt)
     return select_records(tasks, tgt, dict(target.tvm), root, verify=not tc.is_cross(target))
 

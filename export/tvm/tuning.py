@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgecompress.export.errors import ExportError
 from edgecompress.export.tvm import records
-from edgecompress.export.tvm.intrinsics import import_tensor_intrinsics as _import_tensor_intrinsics
+from edgecompress.export.tvm.intrinsics import import_tensor_intrinsics
 from edgecompress.export.tvm.records import (  # noqa: F401  (the database helpers' old home: re-exported)
     RECORD_FILE,
     SHIPPED_DIR,
@@ -193,7 +193,7 @@ def tune(
     from edgecompress.export.tvm.int8_arm import dotprod_intrinsic_builds, target_has_dotprod
     from edgecompress.export.tvm.rpc_measure import TuningDeviceError, candidate_packager
 
-    _import_tensor_intrinsics()
+    import_tensor_intrinsics()
     if target_has_dotprod(tgt):
         dotprod_intrinsic_builds()  # logs a warning when sdot candidates cannot build (scalar code only)
     say = progress or (lambda line: log.info("%s", line))
