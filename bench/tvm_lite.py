@@ -1,8 +1,8 @@
 """EfficientNet-Lite (or the text encoder) on TVM after a budgeted tune, fp32 and int8, against onnxruntime: side by side in one run.
 
 For one pretrained example (default EfficientNet-Lite1): the fp32 ONNX model and its int8 QDQ model
-(Quantune's backend: percentile 99.999 calibration on 128 photo crops, per-channel int8 weights,
-uint8 activations), then these artifacts, all built by ``compress export`` (the library calls it
+(Quantune's backend: percentile 99.999 calibration on 128 photo crops, or standard-library text
+snippets for the encoder, per-channel int8 weights, uint8 activations), then these artifacts, all built by ``compress export`` (the library calls it
 makes), and timed interleaved at batch 1 (``runtimes.measure_interleaved``):
 
 * onnxruntime fp32 and int8;
