@@ -102,8 +102,9 @@ def test_workflow_flags_a_regression_and_not_noise(tmp_path):
 
     # A pull request that changes nothing the model depends on: only noise moves, nothing is flagged.
     _edit_recipe(work, lambda r: r.__setitem__("name", "ci-renamed"))
-    assert _run_workflow(work, main=False) == [0, 0]
+    codes = _run_workflow(work, main=False)
     noise = json.loads((work / "ci-summary.json").read_text())
+    assert codes == [0, 0], json.dumps(noise.get("comparison", noise), indent=1)[:4000]  # what was flagged
     comp = noise["comparison"]
     assert noise["passed"] and comp["passed"] and not comp["failures"]
     rows = {(r["target"], r["measure"]): r for r in comp["rows"]}
