@@ -89,6 +89,22 @@ def test_the_side_by_side_timing_is_used_only_against_its_own_baseline() -> None
     assert not compare_runs(base, cur)["passed"]
 
 
+def test_one_artifact_timed_twice_side_by_side_is_never_a_regression() -> None:
+    """Byte-identical artifacts timed side by side run the same bytes on the same runtime: a gap
+    between the two sessions is the measurement's. Recorded in separate runs it stays gated (a runtime
+    or machine change can slow the same bytes)."""
+    gates = {"max_latency_regression": 10.0}
+    base = _summary(samples=_drifting(400, 1.0, 1))
+    cur = _summary(samples=_drifting(400, 1.3, 2), gates=gates)  # same hash as the baseline
+    assert not compare_runs(base, cur)["passed"]  # timed in each run: gated
+    side = _drifting(400, 1.0, 3)
+    cur["results"][0]["baseline_latency"] = {"artifact_hash": "a" * 64, "latency_p50_ms": float(np.median(side)),
+                                             "latency_p90_ms": float(np.quantile(side, 0.9)), "latency_samples_ms": side}  # fmt: skip
+    res = compare_runs(base, cur)
+    p50 = next(r for r in res["rows"] if r["measure"] == "p50 ms")
+    assert res["passed"] and p50["verdict"].endswith("(not the change's)") and p50["value"] > 10.0
+
+
 def test_rows_that_cannot_be_compared_say_so() -> None:
     res = compare_runs(_summary(metric="agreement"), _summary(metric="top1"))
     assert next(r for r in res["rows"] if r["measure"] == "top1")["verdict"].startswith("not comparable")
